@@ -1,0 +1,172 @@
+"""Configuration: one frozen object, built once from the environment, `.env.local` and `.env`."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from dotenv import dotenv_values
+
+log = logging.getLogger("openai_proxy.config")
+
+MIB = 1024 * 1024
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Effective settings of one proxy process. Never read `os.environ` elsewhere."""
+
+    port: int = 3002
+    openai_api_key: str | None = None
+    openai_project: str | None = None
+    openai_organization: str | None = None
+    openai_base_url: str = DEFAULT_BASE_URL
+    security_key: str | None = None
+    access_token: str | None = None
+    default_model: str = "gpt-4o-mini"
+    upstream_timeout_ms: int = 600_000
+    upstream_max_timeout_ms: int = 900_000
+    max_parallel_requests: int = 32
+    sse_keepalive_interval_ms: int = 15_000
+    max_body_bytes: int = 20 * MIB
+    max_audio_bytes: int = 25 * MIB
+    runtime_dir: str | None = None
+    outbound_proxy: str | None = None
+    workers: int = 0
+    graceful_timeout_s: int = 60
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def effective_max_timeout_ms(self) -> int:
+        """The cap for caller timeouts: a max below the default would make the default unreachable."""
+        return max(self.upstream_max_timeout_ms, self.upstream_timeout_ms)
+
+    def public_view(self) -> dict[str, object]:
+        """Settings safe to show on a page: secrets only say whether they are set."""
+        secret = {"openai_api_key", "security_key", "access_token"}
+        out: dict[str, object] = {}
+        for f in dataclasses.fields(self):
+            if f.name == "warnings":
+                continue
+            value = getattr(self, f.name)
+            if f.name in secret:
+                value = "set" if value else "unset"
+            elif f.name == "outbound_proxy" and value:
+                value = _without_userinfo(value)
+            out[f.name] = value
+        out["effective_max_timeout_ms"] = self.effective_max_timeout_ms
+        return out
+
+
+def _without_userinfo(url: str) -> str:
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+# Variable name -> (field, kind). Kinds: str (empty means unset), int (must be > 0).
+_INT_VARS = {
+    "PORT": "port",
+    "OPENAI_PROXY_UPSTREAM_TIMEOUT_MS": "upstream_timeout_ms",
+    "OPENAI_PROXY_UPSTREAM_MAX_TIMEOUT_MS": "upstream_max_timeout_ms",
+    "OPENAI_PROXY_MAX_PARALLEL_REQUESTS": "max_parallel_requests",
+    "OPENAI_PROXY_SSE_KEEPALIVE_INTERVAL_MS": "sse_keepalive_interval_ms",
+    "OPENAI_PROXY_MAX_BODY_BYTES": "max_body_bytes",
+    "OPENAI_PROXY_MAX_AUDIO_BYTES": "max_audio_bytes",
+    "OPENAI_PROXY_WORKERS": "workers",
+    "OPENAI_PROXY_GRACEFUL_TIMEOUT_S": "graceful_timeout_s",
+}
+# The first name present wins, so the SDK's own variable names work as aliases.
+_STR_VARS = {
+    "openai_api_key": ("OPENAI_API_KEY",),
+    "openai_project": ("OPENAI_PROJECT_KEY", "OPENAI_PROJECT_ID"),
+    "openai_organization": ("OPENAI_ORG_ID", "OPENAI_ORGANIZATION"),
+    "openai_base_url": ("OPENAI_BASE_URL",),
+    "security_key": ("SECURITY_KEY",),
+    "access_token": ("ACCESS_TOKEN",),
+    "default_model": ("DEFAULT_MODEL",),
+    "runtime_dir": ("OPENAI_PROXY_RUNTIME_DIR",),
+    "outbound_proxy": ("OPENAI_PROXY_OUTBOUND_PROXY", "HTTPS_PROXY", "https_proxy"),
+}
+
+
+def read_environment(
+    environ: Mapping[str, str] | None = None, directory: str | os.PathLike[str] | None = None
+) -> dict[str, str]:
+    """Merge `.env`, then `.env.local`, then the real environment (later wins)."""
+    base = Path(directory) if directory is not None else Path.cwd()
+    merged: dict[str, str] = {}
+    for name in (".env", ".env.local"):
+        path = base / name
+        if path.is_file():
+            merged.update({k: v for k, v in dotenv_values(path).items() if v is not None})
+    merged.update(os.environ if environ is None else environ)
+    return merged
+
+
+def _parse_positive_int(name: str, raw: str, default: int, warnings: list[str]) -> int:
+    text = raw.strip()
+    try:
+        value = int(text)
+    except ValueError:
+        try:
+            as_float = float(text)
+        except ValueError:
+            as_float = float("nan")
+        value = int(as_float) if as_float.is_integer() else 0
+    if value > 0:
+        return value
+    warnings.append(f"{name}={raw!r} is not an integer > 0; using the default {default}")
+    return default
+
+
+def build_config(values: Mapping[str, str]) -> Config:
+    """Build a validated Config from a flat mapping of variables (see `read_environment`)."""
+    defaults = Config()
+    warnings: list[str] = []
+    kwargs: dict[str, object] = {}
+    for var, attr in _INT_VARS.items():
+        raw = values.get(var)
+        if raw is not None and raw.strip() != "":
+            kwargs[attr] = _parse_positive_int(var, raw, getattr(defaults, attr), warnings)
+    for attr, names in _STR_VARS.items():
+        for name in names:
+            raw = values.get(name)
+            if raw is not None and raw.strip() != "":
+                kwargs[attr] = raw.strip()
+                break
+    kwargs["openai_base_url"] = str(kwargs.get("openai_base_url", DEFAULT_BASE_URL)).rstrip("/")
+
+    config = Config(**kwargs)  # type: ignore[arg-type]
+    if config.upstream_max_timeout_ms < config.upstream_timeout_ms:
+        warnings.append(
+            f"OPENAI_PROXY_UPSTREAM_MAX_TIMEOUT_MS ({config.upstream_max_timeout_ms}) is below the default "
+            f"timeout ({config.upstream_timeout_ms}); the effective max is {config.effective_max_timeout_ms}"
+        )
+    if not config.security_key:
+        warnings.append(
+            "SECURITY_KEY is not set: every API route answers 403 until it is configured (never open)"
+        )
+    if not config.openai_api_key:
+        warnings.append(
+            "OPENAI_API_KEY is not set: upstream calls only work with a per-request openai_api_key"
+        )
+    if not config.access_token:
+        warnings.append("ACCESS_TOKEN is not set: the health, log, metrics and debug pages answer 403")
+    return dataclasses.replace(config, warnings=tuple(warnings))
+
+
+def load_config(directory: str | os.PathLike[str] | None = None, *, warn: bool = True) -> Config:
+    """Read the process environment and the dotenv files once, and log what needs attention."""
+    config = build_config(read_environment(directory=directory))
+    if warn:
+        for message in config.warnings:
+            log.warning("CONFIG WARNING: %s", message)
+    return config
