@@ -1,0 +1,73 @@
+"""The per-request record: ids, timeout decision, retries, usage and outcome of one API request."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import g, has_request_context
+
+
+@dataclass
+class TimeoutDecision:
+    """The effective per-attempt wait for upstream response headers, and why it is that value."""
+
+    ms: float
+    source: str  # default | provided | clamped | invalid
+
+    @property
+    def seconds(self) -> float:
+        return self.ms / 1000.0
+
+
+@dataclass
+class RequestRecord:
+    """Everything the completion record needs, filled in as the request goes through the pipeline."""
+
+    endpoint: str
+    method: str
+    request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    incoming_request_id: str | None = None
+    started_at: float = field(default_factory=time.time)
+    started: float = field(default_factory=time.perf_counter)
+    model: str | None = None
+    stream: bool = False
+    timeout: TimeoutDecision | None = None
+    upstream_request_id: str | None = None
+    upstream_started: float | None = None
+    upstream_headers_at: float | None = None
+    upstream_done_at: float | None = None
+    response_started: float | None = None
+    retries: int = 0
+    overloaded: bool = False
+    cancelled: bool = False
+    usage: dict[str, int] | None = None
+    status: int | None = None
+    result: str | None = None
+    error: dict[str, Any] | None = None
+    finished: bool = False
+
+    def upstream_ms(self) -> float | None:
+        """Time until upstream response headers (streams) or until its whole answer (JSON)."""
+        if self.upstream_started is None:
+            return None
+        end = self.upstream_done_at or self.upstream_headers_at
+        return None if end is None else (end - self.upstream_started) * 1000.0
+
+    def server_timing(self) -> str:
+        """`Server-Timing` value: upstream wait, and the proxy's own time until our headers."""
+        now = self.response_started or time.perf_counter()
+        total = (now - self.started) * 1000.0
+        upstream = self.upstream_ms()
+        if upstream is None:
+            return f"proxy;dur={total:.1f}"
+        return f"upstream;dur={upstream:.1f}, proxy;dur={max(total - upstream, 0.0):.1f}"
+
+
+def current_record() -> RequestRecord | None:
+    """The record of the request being served, if this is an API request."""
+    if not has_request_context():
+        return None
+    return g.get("record")
