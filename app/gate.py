@@ -1,0 +1,106 @@
+"""The concurrency gate: at most N upstream calls in flight across every worker of the server.
+
+Each slot is one byte of a shared file, held with a POSIX record lock (`fcntl`). The kernel drops a
+process's locks when it dies, so a SIGKILLed worker can never leak a slot. POSIX locks belong to the
+process, not the greenlet: a worker re-locking a byte it already holds would "succeed", so each
+worker remembers the slots its own greenlets hold and never offers them twice. Taking a slot never
+blocks or queues: either a slot is free now, or the caller answers 503.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import random
+import struct
+import threading
+
+# struct flock on Linux: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid (+pad).
+_FLOCK = struct.Struct("hhqqi4x")
+
+
+class Gate:
+    """Server-wide, non-blocking slot allocator backed by byte-range locks on one file."""
+
+    def __init__(self, path: str, limit: int) -> None:
+        self.path = path
+        self.limit = limit
+        self._fd: int | None = None
+        self._pid: int | None = None
+        self._held: set[int] = set()
+        # Greenlets never preempt inside acquire/release, but a plain thread (e.g. a dev server) could.
+        self._lock = threading.Lock()
+
+    def _file(self) -> int:
+        # Opened lazily per process: a descriptor inherited over fork carries no locks, and closing
+        # any descriptor of the file would drop all of this process's locks on it.
+        pid = os.getpid()
+        if self._fd is None or self._pid != pid:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            self._pid = pid
+            self._held = set()
+        return self._fd
+
+    def try_acquire(self) -> int | None:
+        """Take a free slot and return its number, or None when all `limit` slots are in use."""
+        with self._lock:
+            fd = self._file()
+            if len(self._held) >= self.limit:
+                return None
+            start = random.randrange(self.limit)
+            for i in range(self.limit):
+                slot = (start + i) % self.limit
+                if slot in self._held:
+                    continue
+                try:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, slot, os.SEEK_SET)
+                except OSError:
+                    continue
+                self._held.add(slot)
+                return slot
+            return None
+
+    def release(self, slot: int) -> None:
+        """Give a slot back; releasing a slot twice is harmless."""
+        with self._lock:
+            if slot not in self._held or self._pid != os.getpid():
+                return
+            self._held.discard(slot)
+            fcntl.lockf(self._file(), fcntl.LOCK_UN, 1, slot, os.SEEK_SET)
+
+    def held_here(self) -> int:
+        """Slots held by this worker."""
+        return len(self._held) if self._pid == os.getpid() else 0
+
+    def in_use(self) -> int:
+        """Slots held by every worker together (own slots plus those other processes lock)."""
+        with self._lock:
+            fd = self._file()
+            busy = len(self._held)
+            for slot in range(self.limit):
+                if slot in self._held:
+                    continue
+                probe = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, slot, 1, 0)
+                l_type = _FLOCK.unpack(fcntl.fcntl(fd, fcntl.F_GETLK, probe))[0]
+                if l_type != fcntl.F_UNLCK:
+                    busy += 1
+            return busy
+
+
+class SlotGuard:
+    """A slot taken for one request; `release()` is idempotent so every exit path can call it."""
+
+    __slots__ = ("_gate", "_slot")
+
+    def __init__(self, gate: Gate, slot: int) -> None:
+        self._gate = gate
+        self._slot: int | None = slot
+
+    def release(self) -> None:
+        slot, self._slot = self._slot, None
+        if slot is not None:
+            self._gate.release(slot)
+
+    @property
+    def held(self) -> bool:
+        return self._slot is not None
