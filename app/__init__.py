@@ -1,0 +1,21 @@
+"""openai-proxy: a Flask app in front of the OpenAI API (see README.md and the HTTP contract)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+    from app.config import Config
+
+__version__ = "1.0.0"
+
+
+def create_app(config: Config | None = None) -> Flask:
+    """Build the Flask app; `config` defaults to the environment, `.env.local` and `.env`."""
+    # Imported here so that `import app.config` (gunicorn's master reads it for the bind address)
+    # does not pull in ssl, httpx and the SDK before each gevent worker has monkey-patched.
+    from app.factory import build_app
+
+    return build_app(config)

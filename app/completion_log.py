@@ -1,0 +1,75 @@
+"""The completion record: one redacted JSON line per API request, on stdout and to every sink."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from app.context import RequestRecord
+from app.jsonio import dumps_text
+from app.redact import redact
+
+log = logging.getLogger("openai_proxy.completion")
+
+Sink = Callable[[dict[str, Any]], None]
+
+
+def build_entry(record: RequestRecord) -> dict[str, Any]:
+    """The record as a flat, redacted dict (the shape stored and printed)."""
+    timeout = record.timeout
+    upstream_ms = record.upstream_ms()
+    entry: dict[str, Any] = {
+        "event": "completion",
+        "requestId": record.request_id,
+        "incomingRequestId": record.incoming_request_id,
+        "upstreamRequestId": record.upstream_request_id,
+        "endpoint": record.endpoint,
+        "method": record.method,
+        "model": record.model,
+        "stream": record.stream,
+        "timeoutMs": timeout.ms if timeout else None,
+        "timeoutSource": timeout.source if timeout else None,
+        "start": datetime.fromtimestamp(record.started_at, UTC).isoformat(timespec="milliseconds"),
+        "durationMs": round((time.perf_counter() - record.started) * 1000.0, 1),
+        "upstreamMs": round(upstream_ms, 1) if upstream_ms is not None else None,
+        "result": record.result,
+        "status": record.status,
+        "retries": record.retries,
+        "overloaded": record.overloaded,
+        "cancelled": record.cancelled,
+        "usage": record.usage,
+        "error": record.error,
+        "pid": os.getpid(),
+    }
+    return redact(entry)
+
+
+class CompletionLog:
+    """Emits each finished request once: a stdout line, then the registered sinks (store, metrics)."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self._stream = stream
+        self.sinks: list[Sink] = []
+
+    def emit(self, record: RequestRecord) -> dict[str, Any] | None:
+        if record.finished:
+            return None
+        record.finished = True
+        entry = build_entry(record)
+        out = self._stream or sys.stdout
+        try:
+            out.write(dumps_text(entry) + "\n")
+            out.flush()
+        except (OSError, ValueError):  # a closed stdout must not fail the request
+            pass
+        for sink in self.sinks:
+            try:
+                sink(entry)
+            except Exception:
+                log.exception("completion sink %r failed", sink)
+        return entry

@@ -1,0 +1,190 @@
+"""The Flask app: state, hooks, error handlers, CORS and blueprints."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+import time
+import uuid
+
+from flask import Flask, Response, g, request
+from flask_cors import CORS
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.routing import BaseConverter
+
+from app import jsonio
+from app.completion_log import CompletionLog
+from app.config import Config, load_config
+from app.context import RequestRecord
+from app.errors import (
+    BadRequest,
+    ClientCancelled,
+    Internal,
+    NotFound,
+    PayloadTooLarge,
+    ProxyError,
+)
+from app.gate import Gate
+from app.redact import redact_text
+from app.state import ProxyState
+from app.upstream import Upstream
+
+log = logging.getLogger("openai_proxy")
+
+CORS_METHODS = "GET, POST, DELETE, OPTIONS"
+CORS_ALLOW_HEADERS = (
+    "Origin, X-Requested-With, Content-Type, Accept, X-Request-Id, Authorization, X-Security-Key"
+)
+CORS_EXPOSE_HEADERS = "X-Proxy-Request-Id, X-Incoming-Request-Id, Retry-After"
+MAX_INCOMING_ID = 200
+_CONVERTER = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
+
+
+class ResponseIdConverter(BaseConverter):
+    """A path segment that may be empty, so `/openai2/` answers `Missing response_id` instead of 404."""
+
+    regex = "[^/]*"
+
+
+def _runtime_dir(config: Config) -> str:
+    # Under gunicorn the master creates one directory before forking and exports it, so every
+    # worker shares the gate file. A lone process (tests, dev server) gets a private one.
+    path = config.runtime_dir or tempfile.mkdtemp(prefix="openai-proxy-")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def build_app(config: Config | None = None) -> Flask:
+    """Build the Flask app; `config` defaults to the environment and dotenv files."""
+    _configure_logging()
+    # Under gunicorn the master has already said what is missing; workers need not repeat it.
+    config = config or load_config(warn=not os.environ.get("OPENAI_PROXY_CONFIG_REPORTED"))
+    app = Flask(__name__)
+    app.url_map.converters["rid"] = ResponseIdConverter
+    app.url_map.merge_slashes = False
+    app.url_map.redirect_defaults = False
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+
+    runtime_dir = _runtime_dir(config)
+    app.extensions["openai_proxy"] = ProxyState(
+        config=config,
+        upstream=Upstream(config),
+        gate=Gate(os.path.join(runtime_dir, "gate.slots"), config.max_parallel_requests),
+        completion_log=CompletionLog(),
+        runtime_dir=runtime_dir,
+    )
+
+    _register_hooks(app)
+    # Registered after our hooks so flask-cors runs first (after_request runs in reverse) and ours
+    # then pins the contract's exact method/header lists on every response, not only preflights.
+    CORS(
+        app,
+        origins="*",
+        send_wildcard=True,
+        expose_headers=CORS_EXPOSE_HEADERS,
+        methods=CORS_METHODS.split(", "),
+    )
+
+    from app.routes import register_blueprints
+
+    register_blueprints(app)
+    return app
+
+
+class RedactingFormatter(logging.Formatter):
+    """Log lines (tracebacks included) pass through redaction before they leave the process."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_text(super().format(record))
+
+
+def _configure_logging() -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+    # One line per upstream call is the completion record's job; the SDK's own retry notice is
+    # replaced by ours, which carries the request id.
+    for name in ("httpx2", "httpcore2", "openai"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def error_response(err: ProxyError) -> Response:
+    """The one JSON error shape; also settles the request's completion record."""
+    rec: RequestRecord | None = g.get("record")
+    request_id = g.get("request_id") or str(uuid.uuid4())
+    incoming = rec.incoming_request_id if rec else g.get("incoming_request_id")
+    body = err.body(request_id, incoming)
+    if rec is not None:
+        rec.status = err.status
+        rec.result = err.result
+        rec.cancelled = rec.cancelled or isinstance(err, ClientCancelled)
+        rec.error = {k: v for k, v in body["error"].items() if k not in ("requestId", "incomingRequestId")}
+    response = Response(jsonio.dumps(body), status=err.status, mimetype="application/json")
+    for name, value in err.headers.items():
+        response.headers[name] = value
+    return response
+
+
+def _register_hooks(app: Flask) -> None:
+    api_blueprints = {"chat", "responses", "embeddings", "audio", "v1"}
+
+    @app.before_request
+    def start_request() -> Response | None:
+        g.request_id = str(uuid.uuid4())
+        incoming = request.headers.get("X-Request-Id")
+        g.incoming_request_id = incoming[:MAX_INCOMING_ID] if incoming else None
+        if request.method == "OPTIONS":
+            return Response(status=200)
+        if request.blueprint in api_blueprints and request.url_rule is not None:
+            g.record = RequestRecord(
+                endpoint=_CONVERTER.sub(r"<\1>", request.url_rule.rule),
+                method=request.method,
+                request_id=g.request_id,
+                incoming_request_id=g.incoming_request_id,
+            )
+        return None
+
+    @app.after_request
+    def finish_request(response: Response) -> Response:
+        headers = response.headers
+        headers["X-Proxy-Request-Id"] = g.get("request_id") or str(uuid.uuid4())
+        if g.get("incoming_request_id"):
+            headers["X-Incoming-Request-Id"] = g.incoming_request_id
+        headers["Access-Control-Allow-Methods"] = CORS_METHODS
+        headers["Access-Control-Allow-Headers"] = CORS_ALLOW_HEADERS
+        rec: RequestRecord | None = g.get("record")
+        if rec is not None:
+            rec.response_started = time.perf_counter()
+            headers["Server-Timing"] = rec.server_timing()
+            if rec.status is None:
+                rec.status = response.status_code
+            if rec.result is None and response.status_code < 400:
+                rec.result = "ok"
+            completion_log = app.extensions["openai_proxy"].completion_log
+            response.call_on_close(lambda: completion_log.emit(rec))
+        return response
+
+    @app.errorhandler(ProxyError)
+    def handle_proxy_error(err: ProxyError) -> Response:
+        return error_response(err)
+
+    @app.errorhandler(HTTPException)
+    def handle_http_error(err: HTTPException) -> Response:
+        if isinstance(err, RequestEntityTooLarge):
+            limit = g.get("body_limit") or request.max_content_length
+            return error_response(PayloadTooLarge(f"Request body exceeds the {limit}-byte limit"))
+        if err.code in (404, 405):
+            return error_response(NotFound("Not Found"))
+        if err.code == 400:
+            return error_response(BadRequest(err.description or "Bad request"))
+        return error_response(ProxyError(err.description or err.name, status=err.code))
+
+    @app.errorhandler(Exception)
+    def handle_bug(err: Exception) -> Response:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return error_response(Internal("Internal proxy error"))

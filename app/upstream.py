@@ -1,0 +1,197 @@
+"""The upstream OpenAI API: one SDK client and connection pool per worker, timeouts, retries.
+
+The per-call `timeout` bounds the wait for response *headers*, per attempt. httpx timeouts are per
+socket operation, so the read timeout stays long (streams may pause) and the header wait is bounded
+by a `gevent.Timeout` around the transport's `handle_request`, which returns as soon as headers
+arrive. The transport is also where every attempt is seen, so retries are counted and logged there.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import gevent
+import httpx2
+import openai
+
+from app.config import Config
+from app.context import RequestRecord, TimeoutDecision
+from app.jsonio import dumps_text
+from app.redact import redact_text
+
+log = logging.getLogger("openai_proxy.upstream")
+
+RETRIES_IDEMPOTENT = 2
+# Reads may pause for as long as a caller is allowed to wait, plus a margin.
+READ_MARGIN_S = 60.0
+CONNECT_TIMEOUT_S = 10.0
+WRITE_TIMEOUT_S = 120.0
+
+JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Who the upstream call is made as: overrides from the request, else the configured values."""
+
+    api_key: str | None
+    project: str | None
+    organization: str | None
+
+    def headers(self) -> dict[str, Any]:
+        """Explicit per-call headers: a value, or `Omit` so nothing the SDK infers leaks through."""
+        return {
+            "Authorization": f"Bearer {self.api_key}" if self.api_key else openai.omit,
+            "OpenAI-Project": self.project or openai.omit,
+            "OpenAI-Organization": self.organization or openai.omit,
+        }
+
+
+@dataclass
+class _Call:
+    """State of one logical upstream call, visible to the transport across its attempts."""
+
+    record: RequestRecord
+    header_timeout_s: float
+    attempts: int = 0
+    last_failure: str | None = None
+
+
+_current_call: ContextVar[_Call | None] = ContextVar("openai_proxy_upstream_call", default=None)
+
+
+class HeaderTimeoutTransport(httpx2.HTTPTransport):
+    """Bounds each attempt's wait for response headers, and counts and logs retries."""
+
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        call = _current_call.get()
+        if call is None:
+            return super().handle_request(request)
+        call.attempts += 1
+        if call.attempts > 1:
+            _log_retry(call, request)
+        timer = gevent.Timeout(call.header_timeout_s)
+        timer.start()
+        try:
+            response = super().handle_request(request)
+        except gevent.Timeout as exc:
+            if exc is not timer:
+                raise
+            call.last_failure = f"no response headers within {call.header_timeout_s * 1000:.0f} ms"
+            raise httpx2.ReadTimeout(call.last_failure, request=request) from None
+        except httpx2.TransportError as exc:
+            call.last_failure = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            timer.close()
+        record = call.record
+        record.upstream_headers_at = time.perf_counter()
+        record.upstream_request_id = response.headers.get("x-request-id") or record.upstream_request_id
+        if response.status_code >= 400:
+            call.last_failure = f"HTTP {response.status_code}"
+        return response
+
+
+def _log_retry(call: _Call, request: httpx2.Request) -> None:
+    record = call.record
+    record.retries += 1
+    log.warning(
+        dumps_text(
+            {
+                "event": "upstream_retry",
+                "requestId": record.request_id,
+                "endpoint": record.endpoint,
+                "attempt": call.attempts,
+                "retry": record.retries,
+                "upstreamPath": request.url.path,
+                "reason": redact_text(call.last_failure or "unknown"),
+            }
+        )
+    )
+
+
+class Upstream:
+    """One worker's access to the OpenAI API: a shared connection pool, two retry policies."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        max_wait_s = config.effective_max_timeout_ms / 1000.0
+        self.http = httpx2.Client(
+            transport=HeaderTimeoutTransport(proxy=config.outbound_proxy),
+            timeout=httpx2.Timeout(
+                connect=CONNECT_TIMEOUT_S, read=max_wait_s + READ_MARGIN_S, write=WRITE_TIMEOUT_S, pool=None
+            ),
+            trust_env=False,
+        )
+        # The constructor key is never what upstream sees: every call sends explicit credentials.
+        base = openai.OpenAI(
+            api_key=config.openai_api_key or "unset",
+            base_url=config.openai_base_url,
+            http_client=self.http,
+            max_retries=0,
+        )
+        self._clients = {0: base, RETRIES_IDEMPOTENT: base.with_options(max_retries=RETRIES_IDEMPOTENT)}
+
+    def credentials(self, api_key: str | None, project: str | None, organization: str | None) -> Credentials:
+        """Request overrides win; empty means unset, which falls back to the configuration."""
+        return Credentials(
+            api_key=api_key or self.config.openai_api_key,
+            project=project or self.config.openai_project,
+            organization=organization or self.config.openai_organization,
+        )
+
+    def send(
+        self,
+        method: str,
+        path: str,
+        *,
+        record: RequestRecord,
+        credentials: Credentials,
+        timeout: TimeoutDecision,
+        retries: int = 0,
+        content: bytes | None = None,
+        params: Mapping[str, Any] | None = None,
+        body: Mapping[str, Any] | None = None,
+        files: Any = None,
+        headers: Mapping[str, Any] | None = None,
+        stream: bool = False,
+    ) -> httpx2.Response:
+        """Call upstream and return its raw response (body read unless `stream`); SDK errors propagate."""
+        client = self._clients[retries]
+        options: dict[str, Any] = {"headers": {**credentials.headers(), **(headers or {})}}
+        if params:
+            options["params"] = params
+        call = _Call(record=record, header_timeout_s=timeout.seconds)
+        token = _current_call.set(call)
+        record.upstream_started = time.perf_counter()
+        try:
+            verb = method.upper()
+            if verb == "GET":
+                response = client.get(path, cast_to=httpx2.Response, options=options, stream=stream)
+            elif verb == "POST":
+                response = client.post(
+                    path,
+                    cast_to=httpx2.Response,
+                    body=body,
+                    content=content,
+                    files=files,
+                    options=options,
+                    stream=stream,
+                )
+            elif verb == "DELETE":
+                response = client.delete(path, cast_to=httpx2.Response, options=options)
+            else:
+                raise ValueError(f"unsupported upstream method {method}")
+        finally:
+            _current_call.reset(token)
+        if not stream:
+            record.upstream_done_at = time.perf_counter()
+        return response
+
+    def close(self) -> None:
+        self.http.close()
