@@ -1,0 +1,12 @@
+"""One blueprint per OpenAI resource, plus the operator pages."""
+
+from __future__ import annotations
+
+from flask import Flask
+
+
+def register_blueprints(app: Flask) -> None:
+    from app.routes import chat, embeddings, pages, responses
+
+    for module in (pages, chat, responses, embeddings):
+        app.register_blueprint(module.bp)
