@@ -1,0 +1,60 @@
+"""gunicorn settings: gevent workers, bind from PORT, long requests, a runtime dir shared by workers.
+
+Settings come from the same place as the app's (environment, `.env.local`, `.env`).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import tempfile
+
+from app.config import load_config
+
+_config = load_config(warn=False)
+
+# One directory per server, shared by its workers (gate slots, the control socket). Created here,
+# in the master, so every worker inherits the path; removed when the server exits.
+_owned_runtime_dir = None if _config.runtime_dir else tempfile.mkdtemp(prefix="openai-proxy-")
+_runtime_dir = _config.runtime_dir or _owned_runtime_dir
+os.makedirs(_runtime_dir, exist_ok=True)
+os.environ["OPENAI_PROXY_RUNTIME_DIR"] = _runtime_dir
+
+bind = f"0.0.0.0:{_config.port}"
+worker_class = "gevent"
+workers = _config.workers or multiprocessing.cpu_count()
+# Concurrent connections per worker (streams included); the gate bounds upstream work separately.
+worker_connections = 2000
+# gevent workers heartbeat from their own greenlet, so this only fires for a truly stuck worker;
+# long upstream calls and 15-minute streams are not affected by it.
+timeout = 30
+# On SIGTERM, in-flight requests and streams get this long to finish before workers are killed.
+graceful_timeout = _config.graceful_timeout_s
+keepalive = 75
+accesslog = None
+errorlog = "-"
+loglevel = "info"
+# Monkey-patching happens in each worker before the app is imported; preloading would import
+# ssl/threading in the master first.
+preload_app = False
+# Per server, not the shared default in $HOME: two servers on one host must not collide.
+control_socket = os.path.join(_runtime_dir, "gunicorn.ctl")
+
+
+def on_starting(server):
+    for message in _config.warnings:
+        server.log.warning("CONFIG WARNING: %s", message)
+    os.environ["OPENAI_PROXY_CONFIG_REPORTED"] = "1"
+    server.log.info(
+        "openai-proxy on %s: %d gevent workers, max %d parallel upstream requests server-wide (runtime dir %s)",
+        bind,
+        workers,
+        _config.max_parallel_requests,
+        _runtime_dir,
+    )
+
+
+def on_exit(server):
+    if _owned_runtime_dir:
+        shutil.rmtree(_owned_runtime_dir, ignore_errors=True)
