@@ -1,0 +1,200 @@
+"""Fixtures: the fake upstream, an app wired to it, a real multi-worker gunicorn, captured records."""
+
+from gevent import monkey
+
+# The proxy runs under gevent in production; the tests patch first so timeouts, sockets and the
+# in-process fake upstream behave the same way.
+monkey.patch_all()
+
+import os  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import requests  # noqa: E402
+from flask.testing import FlaskClient  # noqa: E402
+
+from app import create_app  # noqa: E402
+from app.config import build_config  # noqa: E402
+from tests.fake_upstream import FakeUpstream  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SECURITY_KEY = "test-security-key"
+ACCESS_TOKEN = "test-access-token"
+UPSTREAM_KEY = "sk-test-upstream-0123456789abcdef"
+
+
+@pytest.fixture(scope="session")
+def fake_server():
+    server = FakeUpstream().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fake(fake_server):
+    fake_server.reset()
+    yield fake_server
+    fake_server.reset()
+
+
+def base_env(fake: FakeUpstream, **overrides: str) -> dict[str, str]:
+    env = {
+        "OPENAI_BASE_URL": fake.url,
+        "OPENAI_API_KEY": UPSTREAM_KEY,
+        "SECURITY_KEY": SECURITY_KEY,
+        "ACCESS_TOKEN": ACCESS_TOKEN,
+    }
+    env.update(overrides)
+    return {k: v for k, v in env.items() if v is not None}
+
+
+class ClosingClient(FlaskClient):
+    """Reads and closes each response, as a WSGI server does, so completion records are emitted."""
+
+    def open(self, *args, buffered: bool = True, **kwargs):
+        return super().open(*args, buffered=buffered, **kwargs)
+
+
+@pytest.fixture
+def make_app(fake, tmp_path):
+    """Build an app against the fake upstream; keyword arguments are environment variables."""
+    apps = []
+
+    def factory(**env: str):
+        values = base_env(fake, OPENAI_PROXY_RUNTIME_DIR=str(tmp_path / f"run{len(apps)}"), **env)
+        app = create_app(build_config(values))
+        app.testing = True
+        app.test_client_class = ClosingClient
+        records: list[dict] = []
+        app.extensions["openai_proxy"].completion_log.sinks.append(records.append)
+        app.records = records  # type: ignore[attr-defined]
+        apps.append(app)
+        return app
+
+    yield factory
+    for app in apps:
+        app.extensions["openai_proxy"].upstream.close()
+
+
+@pytest.fixture
+def app(make_app):
+    return make_app()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def records(app):
+    """Completion records emitted by `app`, in order."""
+    return app.records
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class GunicornServer:
+    """A real `gunicorn -c gunicorn.conf.py app.wsgi:app` process tree on a free port."""
+
+    def __init__(self, env: dict[str, str], workers: int, log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        inherited = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("OPENAI_", "SECURITY_KEY", "ACCESS_TOKEN"))
+        }
+        full_env = {**inherited, **env, "PORT": str(self.port), "OPENAI_PROXY_WORKERS": str(workers)}
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app.wsgi:app"],
+            cwd=ROOT,
+            env=full_env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        self.workers = workers
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gunicorn exited: {self.log_path.read_text()}")
+            if len(self.worker_pids()) >= self.workers:
+                try:
+                    if requests.get(self.url + "/", timeout=1).status_code == 200:
+                        return
+                except requests.RequestException:
+                    pass
+            time.sleep(0.1)
+        raise RuntimeError(f"gunicorn did not start: {self.log_path.read_text()}")
+
+    def worker_pids(self) -> list[int]:
+        out = subprocess.run(
+            ["ps", "-o", "pid=", "--ppid", str(self.proc.pid)], capture_output=True, text=True
+        )
+        return [int(p) for p in out.stdout.split()]
+
+    def log_text(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def gunicorn_server(fake, tmp_path):
+    """Start gunicorn with `workers` workers and extra environment; stopped after the test."""
+    servers: list[GunicornServer] = []
+
+    def start(workers: int = 2, **env: str) -> GunicornServer:
+        server = GunicornServer(base_env(fake, **env), workers, tmp_path / f"gunicorn{len(servers)}.log")
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def body_bytes(obj) -> bytes:
+    """JSON exactly in the given key order (Flask's test `json=` sorts keys)."""
+    import json
+
+    return json.dumps(obj).encode()
+
+
+def post_json(client, path: str, obj, **kwargs):
+    headers = kwargs.pop("headers", {})
+    return client.post(
+        path, data=body_bytes(obj), headers={"Content-Type": "application/json", **headers}, **kwargs
+    )
+
+
+def error_of(response) -> dict:
+    """The `error` object of a legacy-route error answer, after checking the shape's invariants."""
+    body = response.get_json() if hasattr(response, "get_json") else response.json()
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert error["requestId"] == response.headers["X-Proxy-Request-Id"]
+    return error

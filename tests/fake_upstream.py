@@ -1,0 +1,519 @@
+"""A real HTTP server that behaves like the OpenAI API, with injectable faults.
+
+It speaks HTTP/1.1 on raw gevent sockets (keep-alive, chunked bodies both ways), so a test can make
+it do what a library server would refuse to: reset the connection, stop mid-body, send garbage,
+stream slowly, drop a stream, and notice when the proxy hangs up on it.
+
+Usage in tests::
+
+    fake.push("POST", "/v1/chat/completions", error(429, "Slow down", headers={"Retry-After": "3"}))
+    ...
+    req = fake.last("/v1/chat/completions")
+    assert req.json["model"] == "gpt-4o-mini"
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import email.parser
+import email.policy
+import hashlib
+import json
+import re
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import gevent
+from gevent.server import StreamServer
+
+Handler = Callable[["Received", "Conn"], None]
+
+# Values that are not exactly representable as float32: a float32 round trip would change them.
+EMBEDDING = [0.0023064255, -0.009327292, 0.015797347, -0.0077780345, 0.12345678901234568]
+
+REASONS = {
+    200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+    408: "Request Timeout", 409: "Conflict", 413: "Payload Too Large", 422: "Unprocessable Entity",
+    429: "Too Many Requests", 500: "Internal Server Error", 502: "Bad Gateway",
+    503: "Service Unavailable", 504: "Gateway Timeout",
+}  # fmt: skip
+
+
+@dataclass
+class Received:
+    """One request as the fake saw it."""
+
+    method: str
+    path: str
+    query_string: str
+    headers: dict[str, str]
+    body: bytes
+    received_at: float
+    client_closed_at: float | None = None
+    finished_at: float | None = None
+    events_sent: int = 0
+
+    @property
+    def query(self) -> dict[str, list[str]]:
+        return parse_qs(self.query_string, keep_blank_values=True)
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body) if self.body else None
+
+    def form(self) -> tuple[dict[str, list[str]], dict[str, tuple[str, bytes, str]]]:
+        """Multipart fields and files: ({name: [values]}, {name: (filename, bytes, content_type)})."""
+        ctype = self.headers.get("content-type", "")
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+            b"Content-Type: " + ctype.encode() + b"\r\n\r\n" + self.body
+        )
+        fields: dict[str, list[str]] = {}
+        files: dict[str, tuple[str, bytes, str]] = {}
+        for part in message.iter_parts():
+            name = part.get_param("name", header="content-disposition")
+            filename = part.get_filename()
+            payload = part.get_payload(decode=True) or b""
+            if filename is not None:
+                files[name] = (filename, payload, part.get_content_type())
+            else:
+                fields.setdefault(name, []).append(payload.decode())
+        return fields, files
+
+
+class ClientGone(Exception):
+    """The proxy closed the connection while the fake was answering."""
+
+
+class Conn:
+    """Response helpers on the raw socket of one request."""
+
+    def __init__(self, sock: socket.socket, req: Received) -> None:
+        self.sock = sock
+        self.req = req
+        self.keep_alive = True
+
+    # -- plain answers -------------------------------------------------------------------------
+    def send(self, status: int, body: bytes, content_type: str = "application/json", headers=None) -> None:
+        head = [f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}", f"Content-Type: {content_type}"]
+        head.append(f"Content-Length: {len(body)}")
+        head.append(f"x-request-id: req_fake_{int(time.time() * 1e6)}")
+        for name, value in (headers or {}).items():
+            head.append(f"{name}: {value}")
+        self._write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+
+    def send_json(self, status: int, obj: Any, headers=None) -> None:
+        self.send(status, json.dumps(obj).encode(), "application/json", headers)
+
+    # -- streams ---------------------------------------------------------------------------------
+    def start_stream(self, status: int = 200, content_type: str = "text/event-stream", headers=None) -> None:
+        head = [f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}", f"Content-Type: {content_type}"]
+        head += ["Transfer-Encoding: chunked", f"x-request-id: req_fake_stream_{int(time.time() * 1e6)}"]
+        for name, value in (headers or {}).items():
+            head.append(f"{name}: {value}")
+        self._write(("\r\n".join(head) + "\r\n\r\n").encode())
+
+    def chunk(self, data: bytes) -> None:
+        if data:
+            self._write(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def event(self, data: Any, event: str | None = None) -> None:
+        text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+        prefix = f"event: {event}\n" if event else ""
+        self.chunk(f"{prefix}data: {text}\n\n".encode())
+        self.req.events_sent += 1
+
+    def end_stream(self) -> None:
+        self._write(b"0\r\n\r\n")
+
+    # -- faults ----------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Abort the connection with a TCP RST."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.keep_alive = False
+        self.sock.close()
+
+    def close(self) -> None:
+        self.keep_alive = False
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+    def wait(self, seconds: float) -> None:
+        """Sleep, but notice at once if the proxy hangs up meanwhile (raises ClientGone)."""
+        deadline = time.monotonic() + seconds
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            try:
+                gevent.socket.wait_read(self.sock.fileno(), timeout=min(remaining, 0.05))
+            except TimeoutError:
+                continue
+            except OSError:
+                self._gone()
+            try:
+                peek = self.sock.recv(1, socket.MSG_PEEK)
+            except OSError:
+                peek = b""
+            if not peek:
+                self._gone()
+            gevent.sleep(min(remaining, 0.02))
+
+    def _gone(self) -> None:
+        if self.req.client_closed_at is None:
+            self.req.client_closed_at = time.monotonic()
+        self.keep_alive = False
+        raise ClientGone()
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except OSError:
+            self._gone()
+
+
+# ---- handler factories for tests ------------------------------------------------------------------
+
+
+def error(status: int, message: str = "Upstream says no", *, type: str = "invalid_request_error",
+          code: str | None = None, headers: dict[str, str] | None = None) -> Handler:  # fmt: skip
+    """An OpenAI-shaped error answer."""
+    body = {"error": {"message": message, "type": type, "param": None, "code": code}}
+    return lambda req, conn: conn.send_json(status, body, headers)
+
+
+def raw(status: int, body: bytes, content_type: str = "text/html", headers=None) -> Handler:
+    return lambda req, conn: conn.send(status, body, content_type, headers)
+
+
+def delay(seconds: float, then: Handler | None = None) -> Handler:
+    """Wait before answering (normally, unless `then` says otherwise)."""
+
+    def handler(req: Received, conn: Conn) -> None:
+        conn.wait(seconds)
+        (then or default_handler)(req, conn)
+
+    return handler
+
+
+def reset() -> Handler:
+    return lambda req, conn: conn.reset()
+
+
+def truncated_json() -> Handler:
+    """Announce a body, send half of it, then hang up."""
+
+    def handler(req: Received, conn: Conn) -> None:
+        body = b'{"id":"chatcmpl-cut","object":"chat.completion","choices":[]}'
+        head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        conn._write(head.encode() + body[: len(body) // 2])
+        conn.close()
+
+    return handler
+
+
+def sse(events: Iterable[Any], *, gap: float = 0.0, first_delay: float = 0.0,
+        end: str = "done", event_names: bool = False) -> Handler:  # fmt: skip
+    """Stream events; `end` is "done" (clean), "drop" (hang up mid-stream) or "invalid" (bad data)."""
+    events = list(events)
+
+    def handler(req: Received, conn: Conn) -> None:
+        conn.start_stream()
+        if first_delay:
+            conn.wait(first_delay)
+        for i, ev in enumerate(events):
+            if i and gap:
+                conn.wait(gap)
+            conn.event(ev, ev.get("type") if event_names and isinstance(ev, dict) else None)
+        if end == "drop":
+            conn.close()
+            return
+        if end == "invalid":
+            conn.chunk(b"data: {not json\n\n")
+        conn.end_stream()
+
+    return handler
+
+
+# ---- the API as the fake answers it by default ------------------------------------------------------
+
+
+def chat_completion(model: str, content: str = "Hello from the fake upstream.") -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-fake123",
+        "object": "chat.completion",
+        "created": 1741476542,
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "refusal": None},
+                     "logprobs": None, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 25, "completion_tokens": 7, "total_tokens": 32,
+                  "prompt_tokens_details": {"cached_tokens": 3}},
+        "system_fingerprint": None,
+        "x_unknown_upstream_field": {"kept": True},
+    }  # fmt: skip
+
+
+def response_object(
+    model: str, rid: str = "resp_fake123", text: str = "In a peaceful grove."
+) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "object": "response",
+        "created_at": 1741476542,
+        "status": "completed",
+        "model": model,
+        "output": [
+            {"type": "reasoning", "id": "rs_1", "summary": []},
+            {"type": "message", "id": "msg_1", "status": "completed", "role": "assistant",
+             "content": [{"type": "output_text", "text": text, "annotations": []},
+                         {"type": "output_text", "text": " The end.", "annotations": []}]},
+        ],
+        "usage": {"input_tokens": 36, "input_tokens_details": {"cached_tokens": 4}, "output_tokens": 87,
+                  "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 123},
+        "temperature": 1.0,
+        "x_unknown_upstream_field": 1.0,
+    }  # fmt: skip
+
+
+def response_events(model: str, n_deltas: int = 3) -> list[dict[str, Any]]:
+    """A typical Responses stream: created, deltas, completed (with usage)."""
+    created = response_object(model)
+    created.update(status="in_progress", output=[], usage=None)
+    events: list[dict[str, Any]] = [{"type": "response.created", "sequence_number": 0, "response": created}]
+    for i in range(n_deltas):
+        events.append({"type": "response.output_text.delta", "sequence_number": i + 1, "item_id": "msg_1",
+                       "output_index": 0, "content_index": 0, "delta": f"word{i} "})  # fmt: skip
+    events.append(
+        {"type": "response.completed", "sequence_number": n_deltas + 1, "response": response_object(model)}
+    )
+    return events
+
+
+def _embeddings(body: dict[str, Any]) -> dict[str, Any]:
+    inputs = body.get("input")
+    count = len(inputs) if isinstance(inputs, list) else 1
+    data = []
+    for i in range(count):
+        if body.get("encoding_format") == "base64":
+            vector: Any = base64.b64encode(struct.pack(f"<{len(EMBEDDING)}f", *EMBEDDING)).decode()
+        else:
+            vector = EMBEDDING
+        data.append({"object": "embedding", "index": i, "embedding": vector})
+    return {"object": "list", "data": data, "model": body.get("model"),
+            "usage": {"prompt_tokens": 9, "total_tokens": 9}}  # fmt: skip
+
+
+def _transcription(req: Received, conn: Conn) -> None:
+    fields, files = req.form()
+    if "file" not in files:
+        conn.send_json(400, {"error": {"message": "No file", "type": "invalid_request_error"}})
+        return
+    filename, data, _ = files["file"]
+    fmt = (fields.get("response_format") or ["json"])[0]
+    text = f"transcribed {filename} size={len(data)} sha256={hashlib.sha256(data).hexdigest()}"
+    if fmt in ("text", "srt", "vtt"):
+        conn.send(200, (text + "\n").encode(), "text/plain; charset=utf-8")
+    elif fmt == "verbose_json":
+        conn.send_json(200, {"task": "transcribe", "language": "english", "duration": 1.5, "text": text,
+                             "segments": [], "fields": fields})  # fmt: skip
+    else:
+        conn.send_json(200, {"text": text, "fields": fields, "usage": {"type": "duration", "seconds": 2}})
+
+
+def default_handler(req: Received, conn: Conn) -> None:
+    """Answer like the real API would for the paths the proxy uses."""
+    path, method = req.path, req.method
+    body = req.json if req.body and req.headers.get("content-type", "").startswith("application/json") else {}
+    body = body if isinstance(body, dict) else {}
+    model = body.get("model", "gpt-4o-mini")
+    m = re.fullmatch(r"/v1/responses/([^/]+)(/input_items|/cancel)?", path)
+    if method == "POST" and path == "/v1/chat/completions":
+        conn.send_json(200, chat_completion(model))
+    elif method == "POST" and path == "/v1/responses":
+        if body.get("stream"):
+            sse(response_events(model), event_names=True)(req, conn)
+        else:
+            conn.send_json(200, response_object(model))
+    elif method == "POST" and path == "/v1/responses/compact":
+        conn.send_json(200, {"id": "resp_compact1", "object": "response.compaction", "output": [],
+                             "usage": {"input_tokens": 10, "output_tokens": 2, "total_tokens": 12}})  # fmt: skip
+    elif method == "POST" and path == "/v1/responses/input_tokens":
+        conn.send_json(200, {"object": "response.input_tokens", "input_tokens": 11})
+    elif m and method == "GET" and m.group(2) is None:
+        if req.query.get("stream") == ["true"]:
+            sse(response_events(model), event_names=True)(req, conn)
+        else:
+            conn.send_json(200, response_object(model, rid=m.group(1)))
+    elif m and method == "GET" and m.group(2) == "/input_items":
+        conn.send_json(200, {"object": "list", "data": [{"id": "msg_abc123", "type": "message", "role": "user",
+                             "content": [{"type": "input_text", "text": "Tell me a story."}]}],
+                             "first_id": "msg_abc123", "last_id": "msg_abc123", "has_more": False})  # fmt: skip
+    elif m and method == "POST" and m.group(2) == "/cancel":
+        obj = response_object(model, rid=m.group(1))
+        obj["status"] = "cancelled"
+        conn.send_json(200, obj)
+    elif m and method == "DELETE" and m.group(2) is None:
+        conn.send_json(200, {"id": m.group(1), "object": "response", "deleted": True})
+    elif method == "POST" and path == "/v1/embeddings":
+        conn.send_json(200, _embeddings(body))
+    elif method == "POST" and path == "/v1/audio/transcriptions":
+        _transcription(req, conn)
+    elif method == "GET" and path == "/v1/models":
+        conn.send_json(200, {"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model",
+                             "created": 1, "owned_by": "openai"}]})  # fmt: skip
+    else:
+        conn.send_json(404, {"error": {"message": f"Unknown path {method} {path}", "type": "invalid_request_error",
+                                       "param": None, "code": "unknown_url"}})  # fmt: skip
+
+
+# ---- the server ------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Script:
+    method: str
+    path: str | re.Pattern[str]
+    handler: Handler
+    times: int | None  # None = until cleared
+
+    def matches(self, method: str, path: str) -> bool:
+        if self.method != method:
+            return False
+        return bool(self.path.fullmatch(path)) if isinstance(self.path, re.Pattern) else self.path == path
+
+
+@dataclass
+class FakeUpstream:
+    """The server: start(), url, push() faults, inspect `requests`, reset() between tests."""
+
+    host: str = "127.0.0.1"
+    requests: list[Received] = field(default_factory=list)
+    _scripts: list[_Script] = field(default_factory=list)
+    _server: StreamServer | None = None
+
+    def start(self) -> FakeUpstream:
+        self._server = StreamServer((self.host, 0), self._serve, backlog=4096)
+        self._server.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server:
+            self._server.stop(timeout=1)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.server_port
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def reset(self) -> None:
+        self.requests.clear()
+        self._scripts.clear()
+
+    def push(self, method: str, path: str | re.Pattern[str], handler: Handler, times: int | None = 1) -> None:
+        """Answer the next `times` matching requests with `handler` (None: every one until reset)."""
+        self._scripts.append(_Script(method, path, handler, times))
+
+    def matching(self, path: str, method: str | None = None) -> list[Received]:
+        return [r for r in self.requests if r.path == path and (method is None or r.method == method)]
+
+    def last(self, path: str, method: str | None = None) -> Received:
+        found = self.matching(path, method)
+        assert found, f"the fake upstream received no request for {method or ''} {path}"
+        return found[-1]
+
+    def count(self, path: str, method: str | None = None) -> int:
+        return len(self.matching(path, method))
+
+    def _pick(self, method: str, path: str) -> Handler:
+        for script in self._scripts:
+            if script.matches(method, path):
+                if script.times is not None:
+                    script.times -= 1
+                    if script.times <= 0:
+                        self._scripts.remove(script)
+                return script.handler
+        return default_handler
+
+    def _serve(self, sock: socket.socket, _addr) -> None:
+        reader = sock.makefile("rb")
+        try:
+            while True:
+                req = _read_request(reader)
+                if req is None:
+                    return
+                self.requests.append(req)
+                conn = Conn(sock, req)
+                try:
+                    self._pick(req.method, req.path)(req, conn)
+                except ClientGone:
+                    return
+                finally:
+                    req.finished_at = time.monotonic()
+                if not conn.keep_alive or req.headers.get("connection", "").lower() == "close":
+                    return
+        except (OSError, ValueError):
+            return
+        finally:
+            try:
+                reader.close()
+                sock.close()
+            except OSError:
+                pass
+
+
+def _read_request(reader) -> Received | None:
+    line = reader.readline(65537)
+    if not line:
+        return None
+    method, target, _ = line.decode("latin-1").rstrip("\r\n").split(" ", 2)
+    headers: dict[str, str] = {}
+    while True:
+        h = reader.readline(65537).decode("latin-1").rstrip("\r\n")
+        if not h:
+            break
+        name, _, value = h.partition(":")
+        key = name.strip().lower()
+        headers[key] = f"{headers[key]}, {value.strip()}" if key in headers else value.strip()
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        parts = []
+        while True:
+            size = int(reader.readline().split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                reader.readline()
+                break
+            parts.append(reader.read(size))
+            reader.readline()
+        body = b"".join(parts)
+    else:
+        body = reader.read(int(headers.get("content-length", "0") or 0))
+    split = urlsplit(target)
+    return Received(method, split.path, split.query, headers, body, time.monotonic())
+
+
+def main() -> None:
+    """Run the fake alone, e.g. to point a manually started proxy at it."""
+    import argparse
+
+    from gevent import monkey
+
+    monkey.patch_all()
+    parser = argparse.ArgumentParser(description="A fake OpenAI API on loopback")
+    parser.add_argument("--port", type=int, default=8999)
+    args = parser.parse_args()
+    server = StreamServer(("127.0.0.1", args.port), FakeUpstream()._serve, backlog=4096)
+    print(f"fake OpenAI API on http://127.0.0.1:{args.port}/v1", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

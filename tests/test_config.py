@@ -1,0 +1,102 @@
+"""Configuration (CONTRACT §1): sources and their precedence, defaults, validation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from app.config import Config, build_config, read_environment
+
+EVERY_VARIABLE = {
+    "PORT": ("port", "4000", 4000),
+    "OPENAI_API_KEY": ("openai_api_key", "sk-from-file", "sk-from-file"),
+    "OPENAI_PROJECT_KEY": ("openai_project", "proj_file", "proj_file"),
+    "OPENAI_ORG_ID": ("openai_organization", "org_file", "org_file"),
+    "OPENAI_BASE_URL": ("openai_base_url", "http://127.0.0.1:9/v1/", "http://127.0.0.1:9/v1"),
+    "SECURITY_KEY": ("security_key", "sec", "sec"),
+    "ACCESS_TOKEN": ("access_token", "tok", "tok"),
+    "DEFAULT_MODEL": ("default_model", "gpt-4.1", "gpt-4.1"),
+    "OPENAI_PROXY_UPSTREAM_TIMEOUT_MS": ("upstream_timeout_ms", "1000", 1000),
+    "OPENAI_PROXY_UPSTREAM_MAX_TIMEOUT_MS": ("upstream_max_timeout_ms", "2000", 2000),
+    "OPENAI_PROXY_MAX_PARALLEL_REQUESTS": ("max_parallel_requests", "7", 7),
+    "OPENAI_PROXY_SSE_KEEPALIVE_INTERVAL_MS": ("sse_keepalive_interval_ms", "500", 500),
+    "OPENAI_PROXY_MAX_BODY_BYTES": ("max_body_bytes", "1234", 1234),
+    "OPENAI_PROXY_MAX_AUDIO_BYTES": ("max_audio_bytes", "4321", 4321),
+    "OPENAI_PROXY_RUNTIME_DIR": ("runtime_dir", "/tmp/x", "/tmp/x"),
+    "OPENAI_PROXY_WORKERS": ("workers", "3", 3),
+    "OPENAI_PROXY_GRACEFUL_TIMEOUT_S": ("graceful_timeout_s", "9", 9),
+    "OPENAI_PROXY_OUTBOUND_PROXY": ("outbound_proxy", "http://proxy:3128", "http://proxy:3128"),
+}
+
+
+def test_defaults():
+    config = build_config({})
+    assert (config.port, config.default_model) == (3002, "gpt-4o-mini")
+    assert (config.upstream_timeout_ms, config.upstream_max_timeout_ms) == (600000, 900000)
+    assert (config.max_parallel_requests, config.sse_keepalive_interval_ms) == (32, 15000)
+    assert (config.max_body_bytes, config.max_audio_bytes) == (20 * 1024 * 1024, 25 * 1024 * 1024)
+    assert config.openai_base_url == "https://api.openai.com/v1"
+    assert config.openai_project is None and config.security_key is None
+
+
+def test_every_variable_works_from_dotenv(tmp_path):
+    (tmp_path / ".env").write_text("".join(f"{name}={raw}\n" for name, (_, raw, _) in EVERY_VARIABLE.items()))
+    config = build_config(read_environment(environ={}, directory=tmp_path))
+    for name, (attr, _, expected) in EVERY_VARIABLE.items():
+        assert getattr(config, attr) == expected, name
+
+
+def test_precedence_env_over_local_over_dotenv(tmp_path):
+    (tmp_path / ".env").write_text("SECURITY_KEY=from-env-file\nDEFAULT_MODEL=file-model\nPORT=1111\n")
+    (tmp_path / ".env.local").write_text("SECURITY_KEY=from-local\nPORT=2222\n")
+    config = build_config(read_environment(environ={"PORT": "3333"}, directory=tmp_path))
+    assert config.port == 3333
+    assert config.security_key == "from-local"
+    assert config.default_model == "file-model"
+
+
+@pytest.mark.parametrize("raw", ["abc", "0", "-5", "1.5", "", "  ", "1e400", "nan"])
+def test_invalid_integers_fall_back_with_a_warning(raw):
+    config = build_config({"OPENAI_PROXY_MAX_PARALLEL_REQUESTS": raw})
+    assert config.max_parallel_requests == 32
+    if raw.strip():
+        assert any(
+            "OPENAI_PROXY_MAX_PARALLEL_REQUESTS" in w and "using the default 32" in w for w in config.warnings
+        )
+
+
+def test_max_timeout_below_default_uses_default():
+    config = build_config(
+        {"OPENAI_PROXY_UPSTREAM_TIMEOUT_MS": "5000", "OPENAI_PROXY_UPSTREAM_MAX_TIMEOUT_MS": "100"}
+    )
+    assert config.effective_max_timeout_ms == 5000
+    assert any("effective max is 5000" in w for w in config.warnings)
+
+
+def test_sdk_variable_aliases():
+    config = build_config({"OPENAI_PROJECT_ID": "proj_sdk", "OPENAI_ORG_ID": "org_sdk"})
+    assert (config.openai_project, config.openai_organization) == ("proj_sdk", "org_sdk")
+    assert build_config({"OPENAI_PROJECT_KEY": "a", "OPENAI_PROJECT_ID": "b"}).openai_project == "a"
+
+
+def test_missing_secrets_warn_loudly():
+    warnings = " | ".join(build_config({}).warnings)
+    assert "SECURITY_KEY is not set" in warnings
+    assert "OPENAI_API_KEY is not set" in warnings
+    assert "ACCESS_TOKEN is not set" in warnings
+
+
+def test_config_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Config().port = 1  # type: ignore[misc]
+
+
+def test_public_view_has_no_secrets():
+    view = build_config({"OPENAI_API_KEY": "sk-secret-value-1234", "SECURITY_KEY": "s3cret", "ACCESS_TOKEN": "t0ken",
+                         "OPENAI_PROXY_OUTBOUND_PROXY": "http://user:pw@proxy:3128"}).public_view()  # fmt: skip
+    text = repr(view)
+    for secret in ("sk-secret-value-1234", "s3cret", "t0ken", "pw@"):
+        assert secret not in text
+    assert view["openai_api_key"] == "set" and view["security_key"] == "set"
+    assert view["outbound_proxy"] == "http://proxy:3128"
