@@ -17,8 +17,10 @@ from flask import Response, g, request
 from app import jsonio
 from app.auth import provided_security_key, require_security_key
 from app.context import RequestRecord, TimeoutDecision
+from app.disconnect import DisconnectWatch, cancel_current_greenlet
 from app.errors import BadRequest, Overloaded, PayloadTooLarge, UpstreamBadResponse, classify
 from app.gate import SlotGuard
+from app.sse import EventRelay
 from app.state import state
 from app.upstream import JSON_HEADERS, Credentials
 from app.usage import usage_of
@@ -26,6 +28,7 @@ from app.usage import usage_of
 # Never forwarded upstream, whatever the route.
 CONTROL_FIELDS = ("security_key", "openai_api_key", "project", "organization", "timeout")
 OVERRIDE_FIELDS = ("openai_api_key", "project", "organization")
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 @dataclass
@@ -147,38 +150,83 @@ def take_slot() -> SlotGuard:
     return SlotGuard(gate, slot)
 
 
+def _json_args(rec: RequestRecord, json: dict[str, Any] | None) -> dict[str, Any]:
+    if json is None:
+        return {}
+    model = json.get("model")
+    if isinstance(model, str):
+        rec.model = model
+    return {"content": jsonio.dumps(json), "headers": JSON_HEADERS}
+
+
+def _send_watched(method: str, path: str, req: ApiRequest, **send_args: Any) -> httpx2.Response:
+    """Make the upstream call; a client that leaves meanwhile cancels it (ClientCancelled, 499)."""
+    watch = cancel_current_greenlet(request.environ)
+    try:
+        return state().upstream.send(
+            method, path, record=req.record, credentials=req.credentials, timeout=req.timeout, **send_args
+        )
+    except Exception as exc:
+        raise classify(exc) from exc
+    finally:
+        watch.stop()
+
+
 def call_upstream(
     method: str,
     path: str,
     req: ApiRequest,
     *,
     json: dict[str, Any] | None = None,
-    params: Mapping[str, Any] | None = None,
-    retries: int = 0,
     **send_args: Any,
 ) -> httpx2.Response:
     """Take a slot, make the call, give the slot back; failures come out as ProxyErrors."""
-    rec = req.record
-    if json is not None:
-        model = json.get("model")
-        rec.model = model if isinstance(model, str) else rec.model
-        send_args.update(content=jsonio.dumps(json), headers=JSON_HEADERS)
+    send_args.update(_json_args(req.record, json))
     slot = take_slot()
     try:
-        return state().upstream.send(
-            method,
-            path,
-            record=rec,
-            credentials=req.credentials,
-            timeout=req.timeout,
-            retries=retries,
-            params=params,
-            **send_args,
-        )
-    except Exception as exc:
-        raise classify(exc) from exc
+        return _send_watched(method, path, req, **send_args)
     finally:
         slot.release()
+
+
+def stream_upstream(
+    method: str,
+    path: str,
+    req: ApiRequest,
+    *,
+    json: dict[str, Any] | None = None,
+    **send_args: Any,
+) -> Response:
+    """Open an upstream event stream and answer with the SSE relay; failures before it starts are JSON.
+
+    The gate slot is held until the relay is closed, i.e. for the whole stream.
+    """
+    req.record.stream = True
+    send_args.update(_json_args(req.record, json))
+    slot = take_slot()
+    try:
+        response = _send_watched(method, path, req, stream=True, **send_args)
+        _require_event_stream(response)
+    except BaseException:
+        slot.release()
+        raise
+    relay = EventRelay(
+        response,
+        record=req.record,
+        slot=slot,
+        watch=DisconnectWatch(request.environ),
+        keepalive_s=state().config.sse_keepalive_interval_ms / 1000.0,
+    )
+    return Response(relay, status=200, headers=SSE_HEADERS, content_type="text/event-stream")
+
+
+def _require_event_stream(response: httpx2.Response) -> None:
+    content_type = response.headers.get("content-type", "")
+    if not content_type.startswith("text/event-stream"):
+        response.close()
+        raise UpstreamBadResponse(
+            f"OpenAI answered {response.status_code} without an event stream ({content_type or 'no type'})"
+        )
 
 
 def upstream_json(response: httpx2.Response) -> Any:

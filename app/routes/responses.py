@@ -30,7 +30,7 @@ INCLUDABLE = (
 def create_response():
     req = api.json_request()
     if is_truthy(req.body.pop("stream", None)):
-        raise BadRequest("Streaming is not available on this server yet; send the request without stream")
+        return api.stream_upstream("POST", "/responses", req, json={**req.body, "stream": True})
     response = api.call_upstream("POST", "/responses", req, json=req.body)
     return api.relay_json(response, with_output_text)
 
@@ -58,7 +58,8 @@ def retrieve_response(response_id: str):
     path = response_path(response_id)
     params = retrieve_params(request.args)
     if request.args.get("stream") == "true":
-        raise BadRequest("Streaming is not available on this server yet; retrieve without stream=true")
+        params["stream"] = "true"
+        return api.stream_upstream("GET", path, req, params=params, retries=RETRIES_IDEMPOTENT)
     response = api.call_upstream("GET", path, req, params=params, retries=RETRIES_IDEMPOTENT)
     return api.relay_json(response, with_output_text)
 
