@@ -162,9 +162,7 @@ class GunicornServer:
         self._log.close()
 
 
-@pytest.fixture
-def gunicorn_server(fake, tmp_path):
-    """Start gunicorn with `workers` workers and extra environment; stopped after the test."""
+def _gunicorn_factory(fake: FakeUpstream, tmp_path: Path):
     servers: list[GunicornServer] = []
 
     def start(workers: int = 2, **env: str) -> GunicornServer:
@@ -172,6 +170,22 @@ def gunicorn_server(fake, tmp_path):
         servers.append(server)
         return server
 
+    return start, servers
+
+
+@pytest.fixture
+def gunicorn_server(fake, tmp_path):
+    """Start gunicorn with `workers` workers and extra environment; stopped after the test."""
+    start, servers = _gunicorn_factory(fake, tmp_path)
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def module_gunicorn(fake_server, tmp_path_factory):
+    """Like `gunicorn_server`, but one server for a whole test module (tests tell their records apart)."""
+    start, servers = _gunicorn_factory(fake_server, tmp_path_factory.mktemp("gunicorn"))
     yield start
     for server in servers:
         server.stop()

@@ -1,0 +1,285 @@
+"""SSE on /openai2 and GET /openai2/<id>?stream=true (CONTRACT §6), through the test client."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from app.sse import SSEParser
+from tests.conftest import SECURITY_KEY, error_of, post_json
+from tests.fake_upstream import delay, error, raw, reset, response_events, sse
+
+STREAM_BODY = {"security_key": SECURITY_KEY, "model": "gpt-4o", "input": "Write a poem.", "stream": True}
+
+
+def frames_of(events) -> bytes:
+    return b"".join(b"data: " + json.dumps(e, separators=(",", ":")).encode() + b"\n\n" for e in events)
+
+
+def stream(client, body=None, **kwargs):
+    return post_json(client, "/openai2", body or STREAM_BODY, buffered=False, **kwargs)
+
+
+def read_timed(response):
+    """(seconds since start, chunk) for every non-empty chunk the app yields."""
+    start = time.monotonic()
+    out = []
+    for chunk in response.response:
+        if chunk:
+            out.append((time.monotonic() - start, chunk))
+    response.close()
+    return out
+
+
+def test_stream_framing_and_headers(client, fake, records):
+    r = stream(client)
+    assert r.status_code == 200
+    assert r.headers["Content-Type"] == "text/event-stream"
+    assert r.headers["Cache-Control"] == "no-cache"
+    assert r.headers["X-Accel-Buffering"] == "no"
+    assert r.headers["X-Proxy-Request-Id"]
+    assert r.headers["Access-Control-Allow-Origin"] == "*"
+    assert r.headers["Server-Timing"].startswith("upstream;dur=")
+    body = b"".join(r.response)
+    r.close()
+    assert body == frames_of(response_events("gpt-4o")) + b"data: [DONE]\n\n"
+    sent = fake.last("/v1/responses").json
+    assert sent == {"model": "gpt-4o", "input": "Write a poem.", "stream": True}
+    entry = records[-1]
+    assert entry["stream"] is True and entry["status"] == 200 and entry["result"] == "ok"
+    assert entry["usage"] == {
+        "prompt_tokens": 36,
+        "completion_tokens": 87,
+        "cached_tokens": 4,
+        "total_tokens": 123,
+    }
+
+
+@pytest.mark.parametrize("truthy", [True, 1, "true", "false"])
+def test_stream_flag_is_js_truthy(client, fake, truthy):
+    r = stream(client, {**STREAM_BODY, "stream": truthy})
+    assert r.headers["Content-Type"] == "text/event-stream"
+    r.close()
+
+
+def test_retrieve_stream(client, fake, records):
+    r = client.get(
+        f"/openai2/resp_9?security_key={SECURITY_KEY}&stream=true&starting_after=2", buffered=False
+    )
+    assert r.status_code == 200 and r.headers["Content-Type"] == "text/event-stream"
+    body = b"".join(r.response)
+    r.close()
+    assert body.endswith(b"data: [DONE]\n\n")
+    assert fake.last("/v1/responses/resp_9").query == {"starting_after": ["2"], "stream": ["true"]}
+    assert records[-1]["stream"] is True and records[-1]["model"] == "gpt-4o-mini"
+
+
+def test_named_upstream_events_become_data_lines(client, fake):
+    events = response_events("gpt-4o", 1)
+    fake.push("POST", "/v1/responses", sse(events, event_names=True))
+    r = stream(client)
+    body = b"".join(r.response)
+    r.close()
+    assert b"event:" not in body
+    assert body == frames_of(events) + b"data: [DONE]\n\n"
+
+
+def test_non_compact_upstream_json_is_compacted(client, fake):
+    completed = response_events("m", 0)[-1]
+
+    def handler(req, conn):
+        conn.start_stream()
+        conn.chunk(b'data: {"type": "response.output_text.delta",  "delta": "hi"}\r\n\r\n')
+        conn.chunk(b": upstream comment\n\n")
+        conn.chunk(b"data: " + json.dumps(completed).encode() + b"\n\n")
+        conn.end_stream()
+
+    fake.push("POST", "/v1/responses", handler)
+    r = stream(client)
+    body = b"".join(r.response)
+    r.close()
+    assert body.startswith(b'data: {"type":"response.output_text.delta","delta":"hi"}\n\n')
+    assert b"upstream comment" not in body
+
+
+def test_events_split_across_reads(client, fake):
+    events = response_events("gpt-4o", 2)
+    payload = frames_of(events)
+
+    def handler(req, conn):
+        conn.start_stream()
+        for i in range(0, len(payload), 7):
+            conn.chunk(payload[i : i + 7])
+        conn.end_stream()
+
+    fake.push("POST", "/v1/responses", handler)
+    r = stream(client)
+    body = b"".join(r.response)
+    r.close()
+    assert body == payload + b"data: [DONE]\n\n"
+
+
+# ---- failures before the stream starts: proper status and JSON ---------------------------------------
+
+
+def test_upstream_error_before_stream_is_json(client, fake, records):
+    fake.push("POST", "/v1/responses", error(429, "Slow down", headers={"Retry-After": "3"}))
+    r = stream(client)
+    assert r.status_code == 429
+    assert r.headers["Content-Type"] == "application/json"
+    assert r.headers["Retry-After"] == "3"
+    assert error_of(r)["message"] == "429 Slow down"
+    r.close()
+    assert records[-1]["stream"] is True and records[-1]["status"] == 429
+
+
+def test_connection_failure_before_stream_is_502_json(client, fake):
+    fake.push("POST", "/v1/responses", reset())
+    r = stream(client)
+    assert r.status_code == 502 and error_of(r)["code"] == "OPENAI_PROXY_TRANSPORT"
+
+
+def test_no_headers_in_time_is_504_json(client, fake):
+    fake.push("POST", "/v1/responses", delay(2))
+    r = stream(client, {**STREAM_BODY, "timeout": 200})
+    assert r.status_code == 504 and error_of(r)["code"] == "OPENAI_PROXY_TIMEOUT"
+
+
+def test_upstream_answering_json_instead_of_a_stream_is_502(client, fake, app):
+    fake.push("POST", "/v1/responses", raw(200, b'{"id":"resp_1"}', "application/json"))
+    r = stream(client)
+    assert r.status_code == 502 and error_of(r)["code"] == "OPENAI_PROXY_UPSTREAM_BAD_RESPONSE"
+    assert app.extensions["openai_proxy"].gate.in_use() == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [({**STREAM_BODY, "security_key": "bad"}, 403), ({"security_key": SECURITY_KEY, "stream": True}, 200)],
+)
+def test_auth_before_stream(client, fake, body, status):
+    r = stream(client, body)
+    assert r.status_code == status
+    r.close()
+
+
+def test_bad_json_before_stream(client):
+    r = client.post("/openai2", data=b'{"stream": true', buffered=False)
+    assert r.status_code == 400 and r.headers["Content-Type"] == "application/json"
+
+
+def test_overload_before_stream_is_503_json(make_app, fake):
+    app = make_app(OPENAI_PROXY_MAX_PARALLEL_REQUESTS="1")
+    client = app.test_client()
+    first = stream(client)  # holds the only slot until it is closed
+    second = stream(client)
+    assert second.status_code == 503 and second.headers["Retry-After"] == "1"
+    assert error_of(second)["code"] == "OPENAI_PROXY_OVERLOADED"
+    assert app.extensions["openai_proxy"].gate.in_use() == 1
+    b"".join(first.response)
+    first.close()
+    assert app.extensions["openai_proxy"].gate.in_use() == 0
+    third = stream(client)
+    assert third.status_code == 200
+    third.close()
+
+
+# ---- failures after our headers: an error event, no [DONE] -------------------------------------------
+
+
+def _error_event(body: bytes) -> dict:
+    last = body.rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
+    assert last.startswith(b"event: error\ndata: "), body[-300:]
+    return json.loads(last[len(b"event: error\ndata: ") :])
+
+
+def test_upstream_drop_mid_stream(client, fake, records):
+    events = response_events("gpt-4o", 3)[:3]
+    fake.push("POST", "/v1/responses", sse(events, end="drop"))
+    r = stream(client)
+    assert r.status_code == 200
+    body = b"".join(r.response)
+    r.close()
+    assert body.startswith(frames_of(events))
+    assert b"[DONE]" not in body
+    err = _error_event(body)["error"]
+    assert err["type"] == "upstream_transport" and err["code"] == "OPENAI_PROXY_TRANSPORT"
+    assert err["requestId"] == r.headers["X-Proxy-Request-Id"]
+    assert records[-1]["status"] == 200 and records[-1]["result"] == "upstream_transport"
+
+
+def test_invalid_stream_data(client, fake, records):
+    fake.push("POST", "/v1/responses", sse(response_events("m", 1)[:2], end="invalid"))
+    r = stream(client)
+    body = b"".join(r.response)
+    r.close()
+    assert _error_event(body)["error"]["type"] == "upstream_bad_response"
+    assert b"[DONE]" not in body
+    assert records[-1]["result"] == "upstream_bad_response"
+
+
+def test_clean_close_without_terminal_event_is_not_a_clean_end(client, fake):
+    fake.push("POST", "/v1/responses", sse(response_events("m", 2)[:3]))
+    r = stream(client)
+    body = b"".join(r.response)
+    r.close()
+    err = _error_event(body)["error"]
+    assert err["message"] == "OpenAI closed the stream before the response finished"
+    assert b"[DONE]" not in body
+
+
+def test_failed_response_is_relayed_and_flagged(client, fake, records):
+    failed = {"type": "response.failed", "response": {"id": "r", "status": "failed",
+              "error": {"code": "server_error", "message": "The model crashed"}}}  # fmt: skip
+    fake.push("POST", "/v1/responses", sse([response_events("m", 0)[0], failed]))
+    r = stream(client)
+    body = b"".join(r.response)
+    r.close()
+    assert body.endswith(b"data: [DONE]\n\n")
+    assert records[-1]["result"] == "upstream_api_error"
+    assert records[-1]["error"] == {"message": "The model crashed"}
+
+
+# ---- time: keep-alives, no buffering, the timeout only bounds headers ---------------------------------
+
+
+def test_keepalive_while_waiting_for_first_event_and_during_gaps(make_app, fake):
+    client = make_app(OPENAI_PROXY_SSE_KEEPALIVE_INTERVAL_MS="100").test_client()
+    fake.push("POST", "/v1/responses", sse(response_events("m", 1), first_delay=0.45, gap=0.35))
+    chunks = [c for _, c in read_timed(stream(client))]
+    first_event = next(i for i, c in enumerate(chunks) if c.startswith(b"data:"))
+    assert first_event >= 3 and all(c == b": keep-alive\n\n" for c in chunks[:first_event])
+    between = chunks[first_event + 1 : first_event + 3]
+    assert b": keep-alive\n\n" in between
+    assert chunks[-1] == b"data: [DONE]\n\n"
+
+
+def test_events_are_relayed_as_they_arrive(client, fake):
+    fake.push("POST", "/v1/responses", sse(response_events("m", 1), gap=0.6))
+    timed = read_timed(stream(client))
+    first = next(t for t, c in timed if c.startswith(b"data:"))
+    second = [t for t, c in timed if c.startswith(b"data:")][1]
+    assert first < 0.3
+    assert second - first > 0.5
+
+
+def test_timeout_bounds_only_the_wait_for_headers(client, fake, records):
+    fake.push("POST", "/v1/responses", sse(response_events("m", 2), first_delay=0.4, gap=0.4))
+    r = stream(client, {**STREAM_BODY, "timeout": 150})
+    body = b"".join(r.response)
+    r.close()
+    assert body.endswith(b"data: [DONE]\n\n")
+    assert records[-1]["result"] == "ok" and records[-1]["timeoutMs"] == 150
+
+
+# ---- the parser ----------------------------------------------------------------------------------------
+
+
+def test_sse_parser():
+    parser = SSEParser()
+    out = list(parser.feed(b"event: a\ndata: 1\n\n: comment\nid: 5\ndata:2\ndata: 3\r\n\r\ndata: 4"))
+    assert out == [(b"a", b"1"), (None, b"2\n3")]
+    assert parser.pending()
+    assert list(parser.feed(b"\n\n")) == [(None, b"4")]
+    assert not parser.pending()
