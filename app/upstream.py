@@ -1,9 +1,14 @@
-"""The upstream OpenAI API: one SDK client and connection pool per worker, timeouts, retries.
+"""The upstream OpenAI API: per worker, one SDK client and one lean HTTP/1.1 pool; timeouts, retries.
 
-The per-call `timeout` bounds the wait for response *headers*, per attempt. httpx timeouts are per
-socket operation, so the read timeout stays long (streams may pause) and the header wait is bounded
-by a `gevent.Timeout` around the transport's `handle_request`, which returns as soon as headers
-arrive. The transport is also where every attempt is seen, so retries are counted and logged there.
+Two ways out, one interface (`send`):
+- Calls the contract retries (idempotent reads, deletes, token counts) and multipart uploads go
+  through the official SDK: its retry policy (connection errors, timeouts, 408/409/429/5xx,
+  `Retry-After`) and its multipart encoding are exactly what those calls need.
+- Create-style calls and streams, which are never retried, take the lean client in `app/http1.py`:
+  the SDK's request machinery alone costs more CPU than the proxy's whole per-request budget.
+Both bound the wait for response *headers* per attempt (a `gevent.Timeout`); once headers are in,
+a slow body or stream is not cut by it. Both raise the SDK's exception types for upstream error
+statuses, so classification does not care which way a call went.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import openai
 
 from app.config import Config
 from app.context import RequestRecord, TimeoutDecision
+from app.http1 import Pool
 from app.jsonio import dumps_text
 from app.redact import redact_text
 
@@ -33,6 +39,7 @@ CONNECT_TIMEOUT_S = 10.0
 WRITE_TIMEOUT_S = 120.0
 
 JSON_HEADERS = {"Content-Type": "application/json"}
+MAX_ERROR_BODY = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,15 @@ class Credentials:
             "OpenAI-Project": self.project or openai.omit,
             "OpenAI-Organization": self.organization or openai.omit,
         }
+
+    def header_list(self) -> list[tuple[str, str]]:
+        """The same headers for the lean client: only those that are set."""
+        out = [("Authorization", f"Bearer {self.api_key}")] if self.api_key else []
+        if self.project:
+            out.append(("OpenAI-Project", self.project))
+        if self.organization:
+            out.append(("OpenAI-Organization", self.organization))
+        return out
 
 
 @dataclass
@@ -136,6 +152,13 @@ class Upstream:
             max_retries=0,
         )
         self._clients = {0: base, RETRIES_IDEMPOTENT: base.with_options(max_retries=RETRIES_IDEMPOTENT)}
+        self.pool = Pool(
+            config.openai_base_url,
+            proxy=config.outbound_proxy,
+            connect_timeout=CONNECT_TIMEOUT_S,
+            read_timeout=max_wait_s + READ_MARGIN_S,
+        )
+        self._static_headers = [("User-Agent", base.user_agent), ("Accept", "application/json")]
 
     def credentials(self, api_key: str | None, project: str | None, organization: str | None) -> Credentials:
         """Request overrides win; empty means unset, which falls back to the configuration."""
@@ -162,6 +185,10 @@ class Upstream:
         stream: bool = False,
     ) -> httpx2.Response:
         """Call upstream and return its raw response (body read unless `stream`); SDK errors propagate."""
+        if not retries and files is None and body is None:
+            return self._send_lean(
+                method, path, record, credentials, timeout, content, params, headers, stream
+            )
         client = self._clients[retries]
         options: dict[str, Any] = {"headers": {**credentials.headers(), **(headers or {})}}
         if params:
@@ -193,5 +220,51 @@ class Upstream:
             record.upstream_done_at = time.perf_counter()
         return response
 
+    def _send_lean(
+        self,
+        method: str,
+        path: str,
+        record: RequestRecord,
+        credentials: Credentials,
+        timeout: TimeoutDecision,
+        content: bytes | Any | None,
+        params: Mapping[str, Any] | None,
+        headers: Mapping[str, str] | None,
+        stream: bool,
+    ) -> Any:
+        query = self._clients[0].qs.stringify(params) if params else ""
+        header_list = [*self._static_headers, *credentials.header_list()]
+        if headers:
+            header_list += headers.items()
+        record.upstream_started = time.perf_counter()
+        response = self.pool.request(
+            method.upper(),
+            self.pool.target(path, query),
+            header_list,
+            content,
+            header_timeout=timeout.seconds,
+        )
+        record.upstream_headers_at = time.perf_counter()
+        record.upstream_request_id = response.headers.get("x-request-id") or record.upstream_request_id
+        if response.status_code >= 400:
+            raise self._status_error(method, path, response)
+        if not stream:
+            response.read()
+            record.upstream_done_at = time.perf_counter()
+        return response
+
+    def _status_error(self, method: str, path: str, response: Any) -> openai.APIStatusError:
+        """The SDK's own exception for an error answer (RateLimitError for 429, ...)."""
+        body = response.read()[:MAX_ERROR_BODY]
+        url = f"{self.config.openai_base_url}{path}"
+        raw = httpx2.Response(
+            response.status_code,
+            headers=response.headers.raw,
+            content=body,
+            request=httpx2.Request(method.upper(), url),
+        )
+        return self._clients[0]._make_status_error_from_response(raw)
+
     def close(self) -> None:
         self.http.close()
+        self.pool.close()

@@ -1,0 +1,433 @@
+"""A lean HTTP/1.1 client for the proxy's hot path, on (gevent-patched) sockets.
+
+The SDK's request machinery costs ~0.5 ms of CPU per call before any I/O, and httpcore's pool
+probes every idle connection on each request, which grows with concurrency; for a proxy whose own
+budget is a fraction of a millisecond per request that is the whole budget (see bench/README.md).
+This client does only what the proxy needs: keep-alive connections in a LIFO pool (O(1) checkout,
+one liveness peek), the per-attempt wait for response headers bounded by a `gevent.Timeout`,
+request bodies sent as bytes or streamed chunked, response bodies read whole or chunk by chunk as
+they arrive, TLS, and CONNECT through an outbound proxy. Failures raise httpx2's exception types,
+so classification is the same as for the SDK path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from urllib.parse import urlsplit
+
+import gevent
+import httpx2
+
+MAX_HEAD = 64 * 1024
+RECV = 65536
+IDLE_EXPIRY_S = 30.0
+MAX_IDLE = 256
+_NO_BODY_STATUS = frozenset({204, 304})
+_CHUNK_CRLF = -1  # chunk data done, its trailing CRLF not yet consumed
+
+
+class Headers:
+    """Response headers: the raw list in order, and case-insensitive lookup."""
+
+    __slots__ = ("_index", "raw")
+
+    def __init__(self, raw: list[tuple[str, str]]) -> None:
+        self.raw = raw
+        index: dict[str, str] = {}
+        for name, value in raw:
+            key = name.lower()
+            index[key] = f"{index[key]}, {value}" if key in index else value
+        self._index = index
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        return self._index.get(name.lower(), default)
+
+    def __contains__(self, name: str) -> bool:
+        return name.lower() in self._index
+
+
+class _Conn:
+    __slots__ = ("idle_since", "raw", "rbuf", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.raw = getattr(sock, "_sock", sock)
+        self.rbuf = b""
+        self.idle_since = 0.0
+
+    def alive(self) -> bool:
+        """A pooled connection is reusable only if the peer has neither closed it nor sent anything."""
+        if time.monotonic() - self.idle_since > IDLE_EXPIRY_S:
+            return False
+        if isinstance(self.sock, ssl.SSLSocket):
+            return self.sock.pending() == 0 and self._peek_blocks(self.sock)
+        return self._peek_blocks(self.raw)
+
+    @staticmethod
+    def _peek_blocks(sock) -> bool:
+        try:
+            sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, ssl.SSLWantReadError):
+            return True
+        except OSError:
+            return False
+        return False
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def recv(self) -> bytes:
+        try:
+            return self.sock.recv(RECV)
+        except TimeoutError:
+            raise
+        except OSError as exc:
+            raise httpx2.ReadError(f"reading from upstream failed: {exc}") from exc
+
+
+class Response:
+    """An upstream response; the body is read on demand and the connection pooled once it is done."""
+
+    def __init__(
+        self, pool: Pool, conn: _Conn, status: int, headers: Headers, method: str, read_timeout: float
+    ) -> None:
+        self._pool = pool
+        self._read_timeout = read_timeout
+        self._conn: _Conn | None = conn
+        self.status_code = status
+        self.headers = headers
+        self._content: bytes | None = None
+        te = (headers.get("transfer-encoding") or "").lower()
+        self._chunked = "chunked" in te
+        length = headers.get("content-length")
+        self._remaining: int | None = None
+        if method == "HEAD" or status in _NO_BODY_STATUS or 100 <= status < 200:
+            self._remaining = 0
+        elif not self._chunked and length is not None:
+            try:
+                self._remaining = int(length)
+            except ValueError:
+                raise httpx2.RemoteProtocolError(f"bad Content-Length {length!r}") from None
+        connection = (headers.get("connection") or "").lower()
+        self._reusable = "close" not in connection and (self._chunked or self._remaining is not None)
+        self._chunk_left = 0  # bytes left in the current chunk, or _CHUNK_CRLF
+        self._done = self._remaining == 0
+        if self._done:
+            self._release()
+
+    # -- reading -------------------------------------------------------------------------------
+    @property
+    def content(self) -> bytes:
+        if self._content is None:
+            self._content = self.read()
+        return self._content
+
+    def read(self) -> bytes:
+        if self._content is not None:
+            return self._content
+        parts = []
+        while True:
+            piece = self.next_chunk(None)
+            if not piece:
+                break
+            parts.append(piece)
+        self._content = b"".join(parts)
+        return self._content
+
+    def iter_bytes(self) -> Iterator[bytes]:
+        while True:
+            piece = self.next_chunk(None)
+            if not piece:
+                return
+            yield piece
+
+    def next_chunk(self, timeout: float | None) -> bytes | None:
+        """Body bytes as soon as some arrive; b"" at the end.
+
+        With `timeout`, None means nothing arrived in time (the caller may wait again); without it,
+        a silence longer than the read timeout is an error.
+        """
+        if self._done:
+            return b""
+        conn = self._conn
+        if conn is None:
+            raise httpx2.StreamClosed()
+        conn.sock.settimeout(timeout if timeout is not None else self._read_timeout)
+        try:
+            while True:
+                piece = self._take(conn)
+                if piece is not None:
+                    return piece
+                data = conn.recv()
+                if not data:
+                    return self._eof()
+                conn.rbuf += data
+        except TimeoutError:
+            if timeout is not None:
+                return None
+            self.close()
+            raise httpx2.ReadTimeout("upstream went silent in the middle of its response") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def _take(self, conn: _Conn) -> bytes | None:
+        """Body bytes available in the buffer, b"" at the end of the body, None if more must be read."""
+        buf = conn.rbuf
+        if not self._chunked:
+            if not buf:
+                return None
+            if self._remaining is None:
+                conn.rbuf = b""
+                return buf
+            piece, conn.rbuf = buf[: self._remaining], buf[self._remaining :]
+            self._remaining -= len(piece)
+            if self._remaining == 0:
+                self._finish()
+            return piece
+        out = []
+        while buf:
+            if self._chunk_left == _CHUNK_CRLF:
+                if len(buf) < 2:
+                    break
+                buf = buf[2:]
+                self._chunk_left = 0
+                continue
+            if self._chunk_left > 0:
+                piece, buf = buf[: self._chunk_left], buf[self._chunk_left :]
+                self._chunk_left -= len(piece)
+                out.append(piece)
+                if self._chunk_left == 0:
+                    self._chunk_left = _CHUNK_CRLF
+                continue
+            line_end = buf.find(b"\r\n")
+            if line_end < 0:
+                break
+            try:
+                size = int(buf[:line_end].split(b";", 1)[0], 16)
+            except ValueError:
+                raise httpx2.RemoteProtocolError("bad chunk size from upstream") from None
+            if size == 0:
+                rest = buf[line_end + 2 :]
+                if rest.startswith(b"\r\n"):
+                    leftover = rest[2:]
+                else:
+                    trailers_end = rest.find(b"\r\n\r\n")
+                    if trailers_end < 0:
+                        break  # the trailers are still coming; parse this last chunk again then
+                    leftover = rest[trailers_end + 4 :]
+                conn.rbuf = leftover
+                self._finish()
+                return b"".join(out)
+            self._chunk_left = size
+            buf = buf[line_end + 2 :]
+        conn.rbuf = buf
+        return b"".join(out) if out else None
+
+    def _eof(self) -> bytes:
+        if self._remaining is None and not self._chunked:
+            self._reusable = False
+            self._finish()
+            return b""
+        self.close()
+        raise httpx2.RemoteProtocolError("upstream closed the connection before the response body ended")
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def _finish(self) -> None:
+        self._done = True
+        self._release()
+
+    def _release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if self._reusable and not conn.rbuf:
+            self._pool.put(conn)
+        else:
+            conn.close()
+
+    def close(self) -> None:
+        """Abandon the rest of the body: the connection cannot be reused."""
+        conn, self._conn = self._conn, None
+        self._done = True
+        if conn is not None:
+            conn.close()
+
+
+class Pool:
+    """Keep-alive connections to one upstream origin (optionally through a proxy), LIFO."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        proxy: str | None = None,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 960.0,
+    ) -> None:
+        url = urlsplit(base_url)
+        if url.scheme not in ("http", "https"):
+            raise ValueError(f"unsupported upstream URL {base_url!r}")
+        self.tls = url.scheme == "https"
+        self.host = url.hostname or ""
+        self.port = url.port or (443 if self.tls else 80)
+        self.base_path = url.path.rstrip("/")
+        default_port = (self.tls and self.port == 443) or (not self.tls and self.port == 80)
+        self.host_header = self.host if default_port else f"{self.host}:{self.port}"
+        self.proxy = urlsplit(proxy) if proxy else None
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self._idle: deque[_Conn] = deque()
+        self._ssl: ssl.SSLContext | None = ssl.create_default_context() if self.tls else None
+
+    def target(self, path: str, query: str = "") -> str:
+        target = self.base_path + path + (f"?{query}" if query else "")
+        if self.proxy is not None and not self.tls:
+            return f"http://{self.host_header}{target}"  # absolute form through a plain proxy
+        return target
+
+    def put(self, conn: _Conn) -> None:
+        if len(self._idle) >= MAX_IDLE:
+            conn.close()
+            return
+        conn.idle_since = time.monotonic()
+        self._idle.append(conn)
+
+    def _checkout(self) -> _Conn:
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.alive():
+                return conn
+            conn.close()
+        return self._connect()
+
+    def _connect(self) -> _Conn:
+        host, port = (self.proxy.hostname, self.proxy.port or 80) if self.proxy else (self.host, self.port)
+        try:
+            sock = socket.create_connection((host, port), timeout=self.connect_timeout)
+        except TimeoutError as exc:
+            raise httpx2.ConnectTimeout(f"connecting to {host}:{port} timed out") from exc
+        except OSError as exc:
+            raise httpx2.ConnectError(f"cannot connect to {host}:{port}: {exc}") from exc
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            if self.proxy is not None and self.tls:
+                self._tunnel(sock)
+            if self._ssl is not None:
+                sock = self._ssl.wrap_socket(sock, server_hostname=self.host)
+        except BaseException:
+            sock.close()
+            raise
+        return _Conn(sock)
+
+    def _tunnel(self, sock: socket.socket) -> None:
+        request = f"CONNECT {self.host}:{self.port} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n\r\n"
+        sock.sendall(request.encode("ascii"))
+        conn = _Conn(sock)
+        status, _, _ = _read_head(conn)
+        if status != 200:
+            raise httpx2.ProxyError(f"the outbound proxy refused the tunnel: HTTP {status}")
+        if conn.rbuf:
+            raise httpx2.ProxyError("the outbound proxy sent data before the tunnel was up")
+
+    def request(
+        self,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        body: bytes | Iterable[bytes] | None,
+        *,
+        header_timeout: float,
+    ) -> Response:
+        """Send a request and return once the response headers are in (within `header_timeout`)."""
+        head = [f"{method} {target} HTTP/1.1", f"Host: {self.host_header}"]
+        head += [f"{name}: {value}" for name, value in headers]
+        if isinstance(body, bytes | bytearray):
+            head.append(f"Content-Length: {len(body)}")
+        elif body is not None:
+            head.append("Transfer-Encoding: chunked")
+        elif method in ("POST", "PUT", "PATCH"):
+            head.append("Content-Length: 0")
+        head_bytes = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+        timer = gevent.Timeout(header_timeout)
+        timer.start()
+        conn = None
+        try:
+            conn = self._checkout()
+            conn.sock.settimeout(None)
+            _send(conn, head_bytes, body)
+            status, raw_headers, _ = _read_head(conn)
+            return Response(self, conn, status, Headers(raw_headers), method, self.read_timeout)
+        except gevent.Timeout as exc:
+            if conn is not None:
+                conn.close()
+            if exc is not timer:
+                raise
+            raise httpx2.ReadTimeout(f"no response headers within {header_timeout * 1000:.0f} ms") from None
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            raise
+        finally:
+            timer.close()
+
+    def close(self) -> None:
+        while self._idle:
+            self._idle.pop().close()
+
+
+def _send(conn: _Conn, head: bytes, body: bytes | Iterable[bytes] | None) -> None:
+    sock = conn.sock
+    try:
+        if body is None:
+            sock.sendall(head)
+        elif isinstance(body, bytes | bytearray):
+            if len(body) <= 256 * 1024:
+                sock.sendall(head + body)
+            else:
+                sock.sendall(head)
+                sock.sendall(body)
+        else:
+            sock.sendall(head)
+            for chunk in body:
+                if chunk:
+                    sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            sock.sendall(b"0\r\n\r\n")
+    except OSError as exc:
+        raise httpx2.WriteError(f"sending to upstream failed: {exc}") from exc
+
+
+def _read_head(conn: _Conn) -> tuple[int, list[tuple[str, str]], bytes]:
+    """Status, headers and reason of the next non-1xx response; the rest stays in `conn.rbuf`."""
+    while True:
+        while True:
+            end = conn.rbuf.find(b"\r\n\r\n")
+            if end >= 0:
+                break
+            if len(conn.rbuf) > MAX_HEAD:
+                raise httpx2.RemoteProtocolError("upstream response head is too large")
+            data = conn.recv()
+            if not data:
+                raise httpx2.RemoteProtocolError("upstream closed the connection without a response")
+            conn.rbuf += data
+        head, conn.rbuf = conn.rbuf[:end], conn.rbuf[end + 4 :]
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+            raise httpx2.RemoteProtocolError(f"not an HTTP/1.x response: {lines[0][:80]!r}")
+        status = int(parts[1])
+        if 100 <= status < 200 and status != 101:
+            continue  # 100 Continue and friends: the real answer follows
+        raw = []
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                raw.append((name.strip(), value.strip()))
+        reason = parts[2] if len(parts) > 2 else ""
+        return status, raw, reason.encode("latin-1")
