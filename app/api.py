@@ -17,12 +17,12 @@ from flask import Response, g, request
 from app import jsonio
 from app.auth import provided_security_key, require_security_key
 from app.context import RequestRecord, TimeoutDecision
-from app.disconnect import DisconnectWatch, cancel_current_greenlet
+from app.disconnect import cancel_current_greenlet
 from app.errors import BadRequest, Overloaded, PayloadTooLarge, UpstreamBadResponse, classify
 from app.gate import SlotGuard
-from app.sse import EventRelay
+from app.sse import EventRelay, QueuedSource
 from app.state import state
-from app.upstream import JSON_HEADERS, Credentials
+from app.upstream import JSON_HEADERS, READ_MARGIN_S, Credentials
 from app.usage import usage_of
 
 # Never forwarded upstream, whatever the route.
@@ -210,14 +210,23 @@ def stream_upstream(
     except BaseException:
         slot.release()
         raise
+    config = state().config
+    source = response if hasattr(response, "next_chunk") else QueuedSource(response)
     relay = EventRelay(
-        response,
+        source,
         record=req.record,
         slot=slot,
-        watch=DisconnectWatch(request.environ),
-        keepalive_s=state().config.sse_keepalive_interval_ms / 1000.0,
+        environ=request.environ,
+        keepalive_s=config.sse_keepalive_interval_ms / 1000.0,
+        max_silence_s=config.effective_max_timeout_ms / 1000.0 + READ_MARGIN_S,
     )
-    return Response(relay, status=200, headers=SSE_HEADERS, content_type="text/event-stream")
+    # Passed through as the WSGI body itself (no per-chunk re-encoding layer); the relay then owns
+    # closing the response, so the completion record still goes out when the stream ends.
+    flask_response = Response(
+        relay, status=200, headers=SSE_HEADERS, content_type="text/event-stream", direct_passthrough=True
+    )
+    relay.on_close = flask_response.close
+    return flask_response
 
 
 def _require_event_stream(response: httpx2.Response) -> None:

@@ -71,15 +71,16 @@ class DisconnectWatch:
         on_gone()
 
 
+def cancel(target: Any) -> None:
+    """Raise ClientCancelled in `target` wherever it waits (called from the event loop)."""
+    error = ClientCancelled("The client closed the connection")
+    if isinstance(target, Greenlet):
+        target.kill(error, block=False)
+    else:
+        gevent.get_hub().loop.run_callback(target.throw, error)
+
+
 def cancel_current_greenlet(environ: dict[str, Any]) -> DisconnectWatch:
     """Watch the client; if it leaves, raise ClientCancelled in this greenlet wherever it waits."""
     target = gevent.getcurrent()
-
-    def cancel() -> None:
-        error = ClientCancelled("The client closed the connection")
-        if isinstance(target, Greenlet):
-            target.kill(error, block=False)
-        else:
-            gevent.get_hub().loop.run_callback(target.throw, error)
-
-    return DisconnectWatch(environ).start(cancel)
+    return DisconnectWatch(environ).start(lambda: cancel(target))

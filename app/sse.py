@@ -1,25 +1,33 @@
 """SSE: parsing upstream event streams, and the relay that feeds them to the client.
 
-One reader greenlet per stream reads upstream and puts ready-made frames on a queue; the response
-iterator waits on that queue with the keep-alive interval as timeout. Nothing is buffered beyond
-what one upstream read delivered. The relay owns the stream's resources (upstream response, gate
-slot, disconnect watch) and frees them exactly once in `close()`, which the WSGI server calls
-whether the stream finished, failed, or the client went away, even if iteration never started.
+The relay is the response body itself: each `next()` waits for upstream bytes (at most one
+keep-alive interval), reframes the complete events among them and returns them, so nothing is
+buffered beyond one upstream read and no extra greenlet sits between upstream and client. It owns
+the stream's resources (upstream response, gate slot, disconnect watch) and frees them exactly once
+in `close()`, which the WSGI server calls whether the stream finished, failed, or the client left,
+even if iteration never started.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import gevent
-import httpx2
 from gevent.queue import Empty, Queue
 
 from app import jsonio
 from app.context import RequestRecord
-from app.disconnect import DisconnectWatch
-from app.errors import ProxyError, UpstreamBadResponse, UpstreamTransport, classify
+from app.disconnect import DisconnectWatch, cancel
+from app.errors import (
+    ClientCancelled,
+    ProxyError,
+    UpstreamBadResponse,
+    UpstreamTimeout,
+    UpstreamTransport,
+    classify,
+)
 from app.gate import SlotGuard
 from app.usage import usage_of
 
@@ -29,8 +37,43 @@ DONE = b"data: [DONE]\n\n"
 TERMINAL_EVENTS = frozenset({"response.completed", "response.failed", "response.incomplete", "error"})
 FAILED_EVENTS = frozenset({"response.failed", "error"})
 
-_END = object()
-_GONE = object()
+
+class ChunkSource(Protocol):
+    """Upstream body bytes: `next_chunk(timeout)` gives bytes, b"" at the end, None after `timeout`."""
+
+    def next_chunk(self, timeout: float | None) -> bytes | None: ...
+
+    def close(self) -> None: ...
+
+
+class QueuedSource:
+    """Adapts a blocking byte iterator (an SDK/httpx2 response) to `ChunkSource` with a reader greenlet."""
+
+    def __init__(self, response: Any) -> None:
+        self._response = response
+        self._queue: Queue = Queue()
+        self._reader = gevent.spawn(self._pump)
+
+    def _pump(self) -> None:
+        try:
+            for chunk in self._response.iter_bytes():
+                self._queue.put(chunk)
+            self._queue.put(b"")
+        except Exception as exc:
+            self._queue.put(exc)
+
+    def next_chunk(self, timeout: float | None) -> bytes | None:
+        try:
+            item = self._queue.get(timeout=timeout)
+        except Empty:
+            return None
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._reader.kill(block=True, timeout=1)
+        self._response.close()
 
 
 class SSEParser:
@@ -69,44 +112,87 @@ class EventRelay:
 
     def __init__(
         self,
-        response: httpx2.Response,
+        source: ChunkSource,
         *,
         record: RequestRecord,
         slot: SlotGuard,
-        watch: DisconnectWatch,
+        environ: dict[str, Any],
         keepalive_s: float,
+        max_silence_s: float,
     ) -> None:
-        self._response = response
+        self._source = source
         self._record = record
         self._slot = slot
-        self._watch = watch
         self._keepalive_s = keepalive_s
-        self._queue: Queue = Queue()
+        self._max_silence_s = max_silence_s
+        self._parser = SSEParser()
+        self._watch = DisconnectWatch(environ)
+        self._greenlet: gevent.Greenlet | None = None
+        self._waiting = False
+        self._gone = False
         self._started = False
         self._done = False
         self._closed = False
         self._terminal = False
-        watch.start(lambda: self._queue.put(_GONE))
-        self._reader = gevent.spawn(self._read)
+        self.on_close: Callable[[], None] | None = None
 
-    # -- reading upstream (reader greenlet) ------------------------------------------------------
-    def _read(self) -> None:
-        parser = SSEParser()
-        put = self._queue.put
+    # -- the client side (response iterator) -------------------------------------------------------
+    def __iter__(self) -> EventRelay:
+        return self
+
+    def __next__(self) -> bytes:
+        if self._done:
+            raise StopIteration
+        if not self._started:
+            self._started = True
+            self._greenlet = gevent.getcurrent()
+            self._watch.start(self._client_left)
+            return b""  # the WSGI server sends our headers now, before the first event
         try:
-            for chunk in self._response.iter_bytes():
-                frames = [self._frame(data) for _, data in parser.feed(chunk)]
-                frames = [f for f in frames if f]
-                if frames:
-                    put(frames[0] if len(frames) == 1 else b"".join(frames))
-            if parser.pending() or not self._terminal:
-                put(UpstreamTransport("OpenAI closed the stream before the response finished"))
-            else:
-                put(_END)
+            return self._next_frames()
+        except ClientCancelled:
+            self._cancel()
+            raise StopIteration from None
         except ProxyError as exc:
-            put(exc)
-        except Exception as exc:  # transport failures mid-stream, decoding errors
-            put(classify(exc))
+            return self._error_frame(exc)
+        except Exception as exc:  # transport failures mid-stream
+            return self._error_frame(classify(exc))
+
+    def _next_frames(self) -> bytes:
+        silent_since = time.monotonic()
+        while True:
+            if self._gone:
+                raise ClientCancelled("The client closed the connection")
+            self._waiting = True
+            try:
+                chunk = self._source.next_chunk(self._keepalive_s)
+            finally:
+                self._waiting = False
+            if chunk is None:
+                if time.monotonic() - silent_since > self._max_silence_s:
+                    raise UpstreamTimeout(
+                        f"OpenAI sent nothing for {self._max_silence_s:.0f} s in the middle of a stream"
+                    )
+                return KEEPALIVE
+            if not chunk:
+                return self._end()
+            frames = [frame for _, data in self._parser.feed(chunk) if (frame := self._frame(data))]
+            if frames:
+                return frames[0] if len(frames) == 1 else b"".join(frames)
+
+    def _client_left(self) -> None:
+        """From the event loop: the client hung up. Interrupt the wait on upstream, if we are in it."""
+        self._gone = True
+        if self._waiting and self._greenlet is not None:
+            cancel(self._greenlet)
+
+    def _end(self) -> bytes:
+        if self._parser.pending() or not self._terminal:
+            raise UpstreamTransport("OpenAI closed the stream before the response finished")
+        self._done = True
+        if self._record.result is None:
+            self._record.result = "ok"
+        return DONE
 
     def _frame(self, data: bytes) -> bytes | None:
         if data == b"[DONE]":
@@ -134,40 +220,16 @@ class EventRelay:
             record.result = "upstream_api_error"
             record.error = {"message": str(error.get("message", kind)) if isinstance(error, dict) else kind}
 
-    # -- the client side (response iterator) -----------------------------------------------------
-    def __iter__(self) -> EventRelay:
-        return self
-
-    def __next__(self) -> bytes:
-        if self._done:
-            raise StopIteration
-        if not self._started:
-            self._started = True
-            return b""  # the WSGI server sends our headers now, before the first event
-        try:
-            item = self._queue.get(timeout=self._keepalive_s)
-        except Empty:
-            return KEEPALIVE
-        if isinstance(item, bytes):
-            return item
-        self._done = True
-        if item is _END:
-            if self._record.result is None:
-                self._record.result = "ok"
-            return DONE
-        if item is _GONE:
-            self._mark_cancelled()
-            raise StopIteration
-        return self._error_frame(item)
-
     def _error_frame(self, error: ProxyError) -> bytes:
+        self._done = True
         record = self._record
         body = error.body(record.request_id, record.incoming_request_id)
         record.result = error.result
         record.error = {k: v for k, v in body["error"].items() if k not in ("requestId", "incomingRequestId")}
         return b"event: error\ndata: " + jsonio.dumps(body) + b"\n\n"
 
-    def _mark_cancelled(self) -> None:
+    def _cancel(self) -> None:
+        self._done = True
         record = self._record
         record.cancelled = True
         record.status = 499
@@ -179,9 +241,9 @@ class EventRelay:
             return
         self._closed = True
         if not self._done:
-            self._done = True
-            self._mark_cancelled()
+            self._cancel()
         self._watch.stop()
-        self._reader.kill(block=True, timeout=1)
-        self._response.close()
+        self._source.close()
         self._slot.release()
+        if self.on_close is not None:
+            self.on_close()
