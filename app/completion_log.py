@@ -12,7 +12,7 @@ from typing import Any, TextIO
 
 from app.context import RequestRecord
 from app.jsonio import dumps_text
-from app.redact import redact
+from app.redact import redact, redact_text
 
 log = logging.getLogger("openai_proxy.completion")
 
@@ -20,17 +20,21 @@ Sink = Callable[[dict[str, Any]], None]
 
 
 def build_entry(record: RequestRecord) -> dict[str, Any]:
-    """The record as a flat, redacted dict (the shape stored and printed)."""
+    """The record as a flat, redacted dict (the shape stored and printed).
+
+    Only the fields that carry text from outside (the client, upstream) can hold a secret, so only
+    they go through redaction; the rest are our own ids, numbers and route templates.
+    """
     timeout = record.timeout
     upstream_ms = record.upstream_ms()
     entry: dict[str, Any] = {
         "event": "completion",
         "requestId": record.request_id,
-        "incomingRequestId": record.incoming_request_id,
-        "upstreamRequestId": record.upstream_request_id,
+        "incomingRequestId": redact_text(record.incoming_request_id),
+        "upstreamRequestId": redact_text(record.upstream_request_id),
         "endpoint": record.endpoint,
         "method": record.method,
-        "model": record.model,
+        "model": redact_text(record.model),
         "stream": record.stream,
         "timeoutMs": timeout.ms if timeout else None,
         "timeoutSource": timeout.source if timeout else None,
@@ -43,10 +47,10 @@ def build_entry(record: RequestRecord) -> dict[str, Any]:
         "overloaded": record.overloaded,
         "cancelled": record.cancelled,
         "usage": record.usage,
-        "error": record.error,
+        "error": redact(record.error) if record.error else None,
         "pid": os.getpid(),
     }
-    return redact(entry)
+    return entry
 
 
 class CompletionLog:

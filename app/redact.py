@@ -24,9 +24,13 @@ def mask(secret: str) -> str:
     return "***" + secret[-4:] if len(secret) > 8 else "***"
 
 
-def redact_text(text: str) -> str:
+# Every pattern below needs one of these; most text has none, and one search is cheaper than three.
+_MAY_HOLD_SECRET = re.compile(r"(?i)sk-|bearer|=")
+
+
+def redact_text(text: str | None) -> str | None:
     """Mask `sk-...` keys, `Bearer ...` values and secret-looking `key=value` query parameters."""
-    if not text:
+    if not text or not _MAY_HOLD_SECRET.search(text):
         return text
     text = _BEARER.sub(lambda m: m.group(1) + mask(m.group(2)), text)
     text = _SK_KEY.sub(lambda m: mask(m.group(1)), text)
