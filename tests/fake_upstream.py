@@ -445,6 +445,7 @@ class FakeUpstream:
         return default_handler
 
     def _serve(self, sock: socket.socket, _addr) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as real servers do for streams
         reader = sock.makefile("rb")
         try:
             while True:
