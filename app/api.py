@@ -159,9 +159,10 @@ def call_upstream(
 ) -> httpx2.Response:
     """Take a slot, make the call, give the slot back; failures come out as ProxyErrors."""
     rec = req.record
+    forwarded = json if json is not None else send_args.get("body")
+    model = forwarded.get("model") if isinstance(forwarded, Mapping) else None
+    rec.model = model if isinstance(model, str) else rec.model
     if json is not None:
-        model = json.get("model")
-        rec.model = model if isinstance(model, str) else rec.model
         send_args.update(content=jsonio.dumps(json), headers=JSON_HEADERS)
     slot = take_slot()
     try:
