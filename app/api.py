@@ -13,12 +13,14 @@ from typing import Any
 
 import httpx2
 from flask import Response, g, request
+from werkzeug.datastructures import FileStorage, MultiDict
 
 from app import jsonio
 from app.auth import provided_security_key, require_security_key
 from app.context import RequestRecord, TimeoutDecision
-from app.errors import BadRequest, Overloaded, PayloadTooLarge, UpstreamBadResponse, classify
+from app.errors import BadRequest, Overloaded, PayloadTooLarge, ProxyError, UpstreamBadResponse, classify
 from app.gate import SlotGuard
+from app.multipart import Spool, read_limited_form
 from app.state import state
 from app.upstream import JSON_HEADERS, Credentials
 from app.usage import usage_of
@@ -135,6 +137,44 @@ def query_request() -> ApiRequest:
     credentials = authorize(query)
     timeout = _timeout_from(query)
     return ApiRequest(body={}, credentials=credentials, timeout=timeout, record=record())
+
+
+@dataclass
+class FormRequest(ApiRequest):
+    """A multipart API request: `body` is a MultiDict of its text fields, `files` its file parts.
+
+    The spooled files stay open until `close()`, or the end of a `with` block.
+    """
+
+    files: MultiDict[str, FileStorage]
+    spool: Spool
+
+    def close(self) -> None:
+        self.spool.close()
+
+    def __enter__(self) -> FormRequest:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def form_request(limit: int) -> FormRequest:
+    """A multipart request: parsed (files on disk, `limit` bytes each at most), authenticated, control
+    fields taken out. Use it in a `with` block so the files are closed when the call is done."""
+    fields, files, spool = read_limited_form(limit)
+    query = request.args
+    try:
+        credentials = authorize(fields, query)
+        timeout = _timeout_from(fields, query)
+    except ProxyError:
+        spool.close()
+        raise
+    for name in CONTROL_FIELDS:
+        fields.pop(name, None)
+    return FormRequest(
+        body=fields, credentials=credentials, timeout=timeout, record=record(), files=files, spool=spool
+    )
 
 
 def take_slot() -> SlotGuard:
