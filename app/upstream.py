@@ -33,6 +33,8 @@ CONNECT_TIMEOUT_S = 10.0
 WRITE_TIMEOUT_S = 120.0
 
 JSON_HEADERS = {"Content-Type": "application/json"}
+# Tells the SDK to send `body` as form fields next to `files`; httpx2 adds the boundary.
+MULTIPART_HEADERS = {"Content-Type": "multipart/form-data"}
 
 
 @dataclass(frozen=True)
