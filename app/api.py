@@ -13,13 +13,15 @@ from typing import Any
 
 import httpx2
 from flask import Response, g, request
+from werkzeug.datastructures import FileStorage, MultiDict
 
 from app import jsonio
 from app.auth import provided_security_key, require_security_key
 from app.context import RequestRecord, TimeoutDecision
 from app.disconnect import cancel_current_greenlet
-from app.errors import BadRequest, Overloaded, PayloadTooLarge, UpstreamBadResponse, classify
+from app.errors import BadRequest, Overloaded, PayloadTooLarge, ProxyError, UpstreamBadResponse, classify
 from app.gate import SlotGuard
+from app.multipart import Spool, read_limited_form
 from app.sse import EventRelay, QueuedSource
 from app.state import state
 from app.upstream import JSON_HEADERS, READ_MARGIN_S, Credentials
@@ -140,6 +142,44 @@ def query_request() -> ApiRequest:
     return ApiRequest(body={}, credentials=credentials, timeout=timeout, record=record())
 
 
+@dataclass
+class FormRequest(ApiRequest):
+    """A multipart API request: `body` is a MultiDict of its text fields, `files` its file parts.
+
+    The spooled files stay open until `close()`, or the end of a `with` block.
+    """
+
+    files: MultiDict[str, FileStorage]
+    spool: Spool
+
+    def close(self) -> None:
+        self.spool.close()
+
+    def __enter__(self) -> FormRequest:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def form_request(limit: int) -> FormRequest:
+    """A multipart request: parsed (files on disk, `limit` bytes each at most), authenticated, control
+    fields taken out. Use it in a `with` block so the files are closed when the call is done."""
+    fields, files, spool = read_limited_form(limit)
+    query = request.args
+    try:
+        credentials = authorize(fields, query)
+        timeout = _timeout_from(fields, query)
+    except ProxyError:
+        spool.close()
+        raise
+    for name in CONTROL_FIELDS:
+        fields.pop(name, None)
+    return FormRequest(
+        body=fields, credentials=credentials, timeout=timeout, record=record(), files=files, spool=spool
+    )
+
+
 def take_slot() -> SlotGuard:
     """A gate slot for one upstream call, or 503 + Retry-After: 1 right away (never queues)."""
     gate = state().gate
@@ -150,13 +190,15 @@ def take_slot() -> SlotGuard:
     return SlotGuard(gate, slot)
 
 
-def _json_args(rec: RequestRecord, json: dict[str, Any] | None) -> dict[str, Any]:
-    if json is None:
-        return {}
-    model = json.get("model")
+def _note_model(rec: RequestRecord, forwarded: Mapping[str, Any] | None) -> None:
+    """The model the client asked for (JSON body or form fields), for the completion record."""
+    model = forwarded.get("model") if isinstance(forwarded, Mapping) else None
     if isinstance(model, str):
         rec.model = model
-    return {"content": jsonio.dumps(json), "headers": JSON_HEADERS}
+
+
+def _json_args(json: dict[str, Any] | None) -> dict[str, Any]:
+    return {} if json is None else {"content": jsonio.dumps(json), "headers": JSON_HEADERS}
 
 
 def _send_watched(method: str, path: str, req: ApiRequest, **send_args: Any) -> httpx2.Response:
@@ -181,7 +223,8 @@ def call_upstream(
     **send_args: Any,
 ) -> httpx2.Response:
     """Take a slot, make the call, give the slot back; failures come out as ProxyErrors."""
-    send_args.update(_json_args(req.record, json))
+    _note_model(req.record, json if json is not None else send_args.get("body"))
+    send_args.update(_json_args(json))
     slot = take_slot()
     try:
         return _send_watched(method, path, req, **send_args)
@@ -202,7 +245,8 @@ def stream_upstream(
     The gate slot is held until the relay is closed, i.e. for the whole stream.
     """
     req.record.stream = True
-    send_args.update(_json_args(req.record, json))
+    _note_model(req.record, json)
+    send_args.update(_json_args(json))
     slot = take_slot()
     try:
         response = _send_watched(method, path, req, stream=True, **send_args)

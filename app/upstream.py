@@ -40,6 +40,8 @@ WRITE_TIMEOUT_S = 120.0
 
 JSON_HEADERS = {"Content-Type": "application/json"}
 MAX_ERROR_BODY = 1024 * 1024
+# Tells the SDK to send `body` as form fields next to `files`; httpx2 adds the boundary.
+MULTIPART_HEADERS = {"Content-Type": "multipart/form-data"}
 
 
 @dataclass(frozen=True)

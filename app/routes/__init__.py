@@ -6,7 +6,7 @@ from flask import Flask
 
 
 def register_blueprints(app: Flask) -> None:
-    from app.routes import chat, embeddings, pages, responses
+    from app.routes import audio, chat, embeddings, pages, responses
 
-    for module in (pages, chat, responses, embeddings):
+    for module in (pages, chat, responses, embeddings, audio):
         app.register_blueprint(module.bp)
