@@ -122,7 +122,6 @@ def _log_page(level: str, title: str) -> Response:
     html = render_template(
         "log.html",
         title=title,
-        level=level,
         counters=counter_lines(result.counters, st.gate.in_use(), st.gate.peak),
         records=[_shown(r) for r in result.records],
         total=result.total,
