@@ -20,6 +20,12 @@ _owned_runtime_dir = None if _config.runtime_dir else tempfile.mkdtemp(prefix="o
 _runtime_dir = _config.runtime_dir or _owned_runtime_dir
 os.makedirs(_runtime_dir, exist_ok=True)
 os.environ["OPENAI_PROXY_RUNTIME_DIR"] = _runtime_dir
+# Prometheus multiprocess mode: each worker writes its samples under this directory and any worker
+# serves the sum. prometheus_client reads the variable when a worker first imports it, so it is set
+# here, before the fork, and always to this server's own directory.
+_metrics_dir = os.path.join(_runtime_dir, "metrics")
+os.makedirs(_metrics_dir, exist_ok=True)
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
 
 bind = f"0.0.0.0:{_config.port}"
 worker_class = "gevent"
@@ -46,6 +52,9 @@ def on_starting(server):
     for message in _config.warnings:
         server.log.warning("CONFIG WARNING: %s", message)
     os.environ["OPENAI_PROXY_CONFIG_REPORTED"] = "1"
+    # Samples of an earlier server in the same runtime dir would be summed into this one's.
+    shutil.rmtree(_metrics_dir, ignore_errors=True)
+    os.makedirs(_metrics_dir, exist_ok=True)
     server.log.info(
         "openai-proxy on %s: %d gevent workers, max %d parallel upstream requests server-wide (runtime dir %s)",
         bind,
@@ -58,3 +67,17 @@ def on_starting(server):
 def on_exit(server):
     if _owned_runtime_dir:
         shutil.rmtree(_owned_runtime_dir, ignore_errors=True)
+
+
+def worker_exit(server, worker):
+    # Records still queued in this worker reach the shared log store before the worker is gone.
+    state = getattr(worker.wsgi, "extensions", {}).get("openai_proxy")
+    if state is not None:
+        state.log_store.close()
+
+
+def child_exit(server, worker):
+    # A dead worker's in-flight gauge must not be summed any more (its counters still count).
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid, _metrics_dir)

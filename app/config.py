@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,11 @@ class Config:
     outbound_proxy: str | None = None
     workers: int = 0
     graceful_timeout_s: int = 60
+    log_db: str = "var/openai-proxy.sqlite3"
+    log_retention: int = 10_000
+    pages_rate_limit: str = "60/minute"
+    health2_rate_limit: str = "6/minute"
+    ratelimit_storage_uri: str = "memory://"
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -57,7 +63,7 @@ class Config:
             value = getattr(self, f.name)
             if f.name in secret:
                 value = "set" if value else "unset"
-            elif f.name == "outbound_proxy" and value:
+            elif f.name in ("outbound_proxy", "ratelimit_storage_uri") and value:
                 value = _without_userinfo(value)
             out[f.name] = value
         out["effective_max_timeout_ms"] = self.effective_max_timeout_ms
@@ -71,6 +77,19 @@ def _without_userinfo(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+# The grammar flask-limiter (the `limits` package) accepts, e.g. `60/minute` or `10 per 2 seconds;
+# 1000/day`. Checked here, not with `limits` itself, so the gunicorn master (which reads this module)
+# does not import `limits`, whose storage backends pull in ssl before the workers monkey-patch.
+_RATE_LIMIT_ITEM = re.compile(
+    r"\s*\d+\s*(?:/|\s+per\s+)\s*(?:\d+\s*)?(?:second|minute|hour|day|month|year)s?\s*", re.I
+)
+
+
+def is_rate_limit(value: str) -> bool:
+    """Whether `value` is a flask-limiter rate limit string (items separated by `,`, `;` or `|`)."""
+    return all(_RATE_LIMIT_ITEM.fullmatch(item) for item in re.split(r"[,;|]", value))
+
+
 # Variable name -> (field, kind). Kinds: str (empty means unset), int (must be > 0).
 _INT_VARS = {
     "PORT": "port",
@@ -82,6 +101,7 @@ _INT_VARS = {
     "OPENAI_PROXY_MAX_AUDIO_BYTES": "max_audio_bytes",
     "OPENAI_PROXY_WORKERS": "workers",
     "OPENAI_PROXY_GRACEFUL_TIMEOUT_S": "graceful_timeout_s",
+    "OPENAI_PROXY_LOG_RETENTION": "log_retention",
 }
 # The first name present wins, so the SDK's own variable names work as aliases.
 _STR_VARS = {
@@ -94,6 +114,14 @@ _STR_VARS = {
     "default_model": ("DEFAULT_MODEL",),
     "runtime_dir": ("OPENAI_PROXY_RUNTIME_DIR",),
     "outbound_proxy": ("OPENAI_PROXY_OUTBOUND_PROXY", "HTTPS_PROXY", "https_proxy"),
+    "log_db": ("OPENAI_PROXY_LOG_DB",),
+    "pages_rate_limit": ("OPENAI_PROXY_PAGES_RATE_LIMIT",),
+    "health2_rate_limit": ("OPENAI_PROXY_HEALTH2_RATE_LIMIT",),
+    "ratelimit_storage_uri": ("OPENAI_PROXY_RATELIMIT_STORAGE_URI",),
+}
+_RATE_LIMIT_VARS = {
+    "pages_rate_limit": "OPENAI_PROXY_PAGES_RATE_LIMIT",
+    "health2_rate_limit": "OPENAI_PROXY_HEALTH2_RATE_LIMIT",
 }
 
 
@@ -143,6 +171,14 @@ def build_config(values: Mapping[str, str]) -> Config:
                 kwargs[attr] = raw.strip()
                 break
     kwargs["openai_base_url"] = str(kwargs.get("openai_base_url", DEFAULT_BASE_URL)).rstrip("/")
+    for attr, var in _RATE_LIMIT_VARS.items():
+        raw = kwargs.get(attr)
+        if isinstance(raw, str) and not is_rate_limit(raw):
+            default = getattr(defaults, attr)
+            warnings.append(
+                f"{var}={raw!r} is not a rate limit like '60/minute'; using the default {default}"
+            )
+            del kwargs[attr]
 
     config = Config(**kwargs)  # type: ignore[arg-type]
     if config.upstream_max_timeout_ms < config.upstream_timeout_ms:

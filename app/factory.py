@@ -27,6 +27,8 @@ from app.errors import (
     ProxyError,
 )
 from app.gate import Gate
+from app.logstore import LogStore
+from app.metrics import Metrics
 from app.redact import redact_text
 from app.state import ProxyState
 from app.upstream import Upstream
@@ -68,13 +70,20 @@ def build_app(config: Config | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
 
     runtime_dir = _runtime_dir(config)
-    app.extensions["openai_proxy"] = ProxyState(
+    gate = Gate(os.path.join(runtime_dir, "gate.slots"), config.max_parallel_requests)
+    st = app.extensions["openai_proxy"] = ProxyState(
         config=config,
         upstream=Upstream(config),
-        gate=Gate(os.path.join(runtime_dir, "gate.slots"), config.max_parallel_requests),
+        gate=gate,
         completion_log=CompletionLog(),
         runtime_dir=runtime_dir,
+        log_store=LogStore(config.log_db, config.log_retention),
+        metrics=Metrics(runtime_dir, gate),
     )
+    # Observability hangs off the existing hooks: finished requests, retries, new parallel peaks.
+    st.completion_log.sinks += [st.log_store.append, st.metrics.observe]
+    st.upstream.retry_sinks.append(st.log_store.append_retry)
+    gate.on_new_peak = st.log_store.note_peak
 
     _register_hooks(app)
     # Registered after our hooks so flask-cors runs first (after_request runs in reverse) and ours
@@ -87,9 +96,11 @@ def build_app(config: Config | None = None) -> Flask:
         methods=CORS_METHODS.split(", "),
     )
 
+    from app.ratelimit import init_limiter
     from app.routes import register_blueprints
 
     register_blueprints(app)
+    st.limiter = init_limiter(app, config)
     return app
 
 
@@ -147,6 +158,7 @@ def _register_hooks(app: Flask) -> None:
                 request_id=g.request_id,
                 incoming_request_id=g.incoming_request_id,
             )
+            app.extensions["openai_proxy"].metrics.request_started()
         return None
 
     @app.after_request

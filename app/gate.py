@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import fcntl
 import os
-import random
 import struct
 import threading
+from collections.abc import Callable
 
 # struct flock on Linux: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid (+pad).
 _FLOCK = struct.Struct("hhqqi4x")
@@ -30,6 +30,10 @@ class Gate:
         self._held: set[int] = set()
         # Greenlets never preempt inside acquire/release, but a plain thread (e.g. a dev server) could.
         self._lock = threading.Lock()
+        # Server-wide high-water mark of `in_use()`, as far as this worker has seen it, and who is told
+        # when it rises (the log store persists the peak for the "Max parallel requests" counter).
+        self.peak = 0
+        self.on_new_peak: Callable[[int], None] | None = None
 
     def _file(self) -> int:
         # Opened lazily per process: a descriptor inherited over fork carries no locks, and closing
@@ -42,14 +46,23 @@ class Gate:
         return self._fd
 
     def try_acquire(self) -> int | None:
-        """Take a free slot and return its number, or None when all `limit` slots are in use."""
+        """Take the lowest free slot and return its number, or None when all `limit` slots are in use."""
+        slot = self._take_lowest()
+        # Lowest-first: slot `s` was taken while slots 0..s-1 were busy, so `s + 1` is how many are in
+        # use (give or take a release racing with the probe) at no cost. Only a slot at or above the
+        # known peak can mean a new peak, and only then are they counted exactly with `in_use()`
+        # (`limit` fcntl calls: too many for every acquire). The peak only rises, so that happens
+        # about `limit` times per worker lifetime.
+        if slot is not None and slot >= self.peak:
+            self._note_peak()
+        return slot
+
+    def _take_lowest(self) -> int | None:
         with self._lock:
             fd = self._file()
             if len(self._held) >= self.limit:
                 return None
-            start = random.randrange(self.limit)
-            for i in range(self.limit):
-                slot = (start + i) % self.limit
+            for slot in range(self.limit):
                 if slot in self._held:
                     continue
                 try:
@@ -59,6 +72,13 @@ class Gate:
                 self._held.add(slot)
                 return slot
             return None
+
+    def _note_peak(self) -> None:
+        busy = self.in_use()
+        if busy > self.peak:
+            self.peak = busy
+            if self.on_new_peak is not None:
+                self.on_new_peak(busy)
 
     def release(self, slot: int) -> None:
         """Give a slot back; releasing a slot twice is harmless."""

@@ -1,4 +1,5 @@
-"""What one worker owns for the app's lifetime: config, upstream client, gate, completion log."""
+"""What one worker owns for the app's lifetime: config, upstream client, gate, completion log, log
+store, metrics and the pages' rate limiter."""
 
 from __future__ import annotations
 
@@ -6,10 +7,13 @@ import time
 from dataclasses import dataclass, field
 
 from flask import current_app
+from flask_limiter import Limiter
 
 from app.completion_log import CompletionLog
 from app.config import Config
 from app.gate import Gate
+from app.logstore import LogStore
+from app.metrics import Metrics
 from app.upstream import Upstream
 
 
@@ -20,6 +24,9 @@ class ProxyState:
     gate: Gate
     completion_log: CompletionLog
     runtime_dir: str
+    log_store: LogStore
+    metrics: Metrics
+    limiter: Limiter | None = None
     started_at: float = field(default_factory=time.time)
 
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import gevent
@@ -70,6 +70,9 @@ class Credentials:
         return out
 
 
+RetrySink = Callable[[dict[str, Any]], None]
+
+
 @dataclass
 class _Call:
     """State of one logical upstream call, visible to the transport across its attempts."""
@@ -78,6 +81,7 @@ class _Call:
     header_timeout_s: float
     attempts: int = 0
     last_failure: str | None = None
+    retry_sinks: list[RetrySink] = field(default_factory=list)
 
 
 _current_call: ContextVar[_Call | None] = ContextVar("openai_proxy_upstream_call", default=None)
@@ -118,19 +122,22 @@ class HeaderTimeoutTransport(httpx2.HTTPTransport):
 def _log_retry(call: _Call, request: httpx2.Request) -> None:
     record = call.record
     record.retries += 1
-    log.warning(
-        dumps_text(
-            {
-                "event": "upstream_retry",
-                "requestId": record.request_id,
-                "endpoint": record.endpoint,
-                "attempt": call.attempts,
-                "retry": record.retries,
-                "upstreamPath": request.url.path,
-                "reason": redact_text(call.last_failure or "unknown"),
-            }
-        )
-    )
+    event = {
+        "event": "upstream_retry",
+        "requestId": record.request_id,
+        "endpoint": record.endpoint,
+        "attempt": call.attempts,
+        "retry": record.retries,
+        "upstreamPath": request.url.path,
+        "reason": redact_text(call.last_failure or "unknown"),
+    }
+    log.warning(dumps_text(event))
+    # The same event, once, to whoever else keeps retries (the log store).
+    for sink in call.retry_sinks:
+        try:
+            sink(event)
+        except Exception:
+            log.exception("retry sink %r failed", sink)
 
 
 class Upstream:
@@ -138,6 +145,7 @@ class Upstream:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.retry_sinks: list[RetrySink] = []
         max_wait_s = config.effective_max_timeout_ms / 1000.0
         self.http = httpx2.Client(
             transport=HeaderTimeoutTransport(proxy=config.outbound_proxy),
@@ -195,7 +203,7 @@ class Upstream:
         options: dict[str, Any] = {"headers": {**credentials.headers(), **(headers or {})}}
         if params:
             options["params"] = params
-        call = _Call(record=record, header_timeout_s=timeout.seconds)
+        call = _Call(record=record, header_timeout_s=timeout.seconds, retry_sinks=self.retry_sinks)
         token = _current_call.set(call)
         record.upstream_started = time.perf_counter()
         try:

@@ -66,6 +66,8 @@ def make_app(fake, tmp_path):
     apps = []
 
     def factory(**env: str):
+        # One log database per test, shared by the apps a test builds (like restarts of one server).
+        env = {"OPENAI_PROXY_LOG_DB": str(tmp_path / "openai-proxy.sqlite3"), **env}
         values = base_env(fake, OPENAI_PROXY_RUNTIME_DIR=str(tmp_path / f"run{len(apps)}"), **env)
         app = create_app(build_config(values))
         app.testing = True
@@ -79,6 +81,7 @@ def make_app(fake, tmp_path):
     yield factory
     for app in apps:
         app.extensions["openai_proxy"].upstream.close()
+        app.extensions["openai_proxy"].log_store.close()
 
 
 @pytest.fixture
@@ -166,6 +169,7 @@ def _gunicorn_factory(fake: FakeUpstream, tmp_path: Path):
     servers: list[GunicornServer] = []
 
     def start(workers: int = 2, **env: str) -> GunicornServer:
+        env = {"OPENAI_PROXY_LOG_DB": str(tmp_path / "openai-proxy.sqlite3"), **env}
         server = GunicornServer(base_env(fake, **env), workers, tmp_path / f"gunicorn{len(servers)}.log")
         servers.append(server)
         return server

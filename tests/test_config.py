@@ -27,6 +27,11 @@ EVERY_VARIABLE = {
     "OPENAI_PROXY_WORKERS": ("workers", "3", 3),
     "OPENAI_PROXY_GRACEFUL_TIMEOUT_S": ("graceful_timeout_s", "9", 9),
     "OPENAI_PROXY_OUTBOUND_PROXY": ("outbound_proxy", "http://proxy:3128", "http://proxy:3128"),
+    "OPENAI_PROXY_LOG_DB": ("log_db", "/tmp/log.sqlite3", "/tmp/log.sqlite3"),
+    "OPENAI_PROXY_LOG_RETENTION": ("log_retention", "500", 500),
+    "OPENAI_PROXY_PAGES_RATE_LIMIT": ("pages_rate_limit", "10/second", "10/second"),
+    "OPENAI_PROXY_HEALTH2_RATE_LIMIT": ("health2_rate_limit", "2 per minute", "2 per minute"),
+    "OPENAI_PROXY_RATELIMIT_STORAGE_URI": ("ratelimit_storage_uri", "redis://r:6379", "redis://r:6379"),
 }
 
 
@@ -38,6 +43,9 @@ def test_defaults():
     assert (config.max_body_bytes, config.max_audio_bytes) == (20 * 1024 * 1024, 25 * 1024 * 1024)
     assert config.openai_base_url == "https://api.openai.com/v1"
     assert config.openai_project is None and config.security_key is None
+    assert (config.log_db, config.log_retention) == ("var/openai-proxy.sqlite3", 10000)
+    assert (config.pages_rate_limit, config.health2_rate_limit) == ("60/minute", "6/minute")
+    assert config.ratelimit_storage_uri == "memory://"
 
 
 def test_every_variable_works_from_dotenv(tmp_path):
@@ -94,9 +102,30 @@ def test_config_is_frozen():
 
 def test_public_view_has_no_secrets():
     view = build_config({"OPENAI_API_KEY": "sk-secret-value-1234", "SECURITY_KEY": "s3cret", "ACCESS_TOKEN": "t0ken",
-                         "OPENAI_PROXY_OUTBOUND_PROXY": "http://user:pw@proxy:3128"}).public_view()  # fmt: skip
+                         "OPENAI_PROXY_OUTBOUND_PROXY": "http://user:pw@proxy:3128",
+                         "OPENAI_PROXY_RATELIMIT_STORAGE_URI": "redis://:redispw@cache:6379/0"}).public_view()  # fmt: skip
     text = repr(view)
-    for secret in ("sk-secret-value-1234", "s3cret", "t0ken", "pw@"):
+    assert view["ratelimit_storage_uri"] == "redis://cache:6379/0"
+    for secret in ("sk-secret-value-1234", "s3cret", "t0ken", "pw@", "redispw"):
         assert secret not in text
     assert view["openai_api_key"] == "set" and view["security_key"] == "set"
     assert view["outbound_proxy"] == "http://proxy:3128"
+
+
+@pytest.mark.parametrize(
+    "raw", ["60/minute", "10 per second", "1/2 hours", "5/minute;100/day", "3 per 10 minutes"]
+)
+def test_rate_limits_use_flask_limiters_grammar(raw):
+    from limits import parse_many
+
+    assert parse_many(raw)
+    assert build_config({"OPENAI_PROXY_PAGES_RATE_LIMIT": raw}).pages_rate_limit == raw
+
+
+@pytest.mark.parametrize("raw", ["fast", "60", "60/fortnight", "/minute"])
+def test_invalid_rate_limits_fall_back_with_a_warning(raw):
+    config = build_config({"OPENAI_PROXY_HEALTH2_RATE_LIMIT": raw})
+    assert config.health2_rate_limit == "6/minute"
+    assert any(
+        "OPENAI_PROXY_HEALTH2_RATE_LIMIT" in w and "using the default 6/minute" in w for w in config.warnings
+    )

@@ -52,6 +52,19 @@ def test_gate_limits_and_releases(tmp_path):
     assert gate.in_use() == 0 and gate.held_here() == 0
 
 
+def test_gate_takes_the_lowest_free_slot_and_reports_new_peaks(tmp_path):
+    gate = Gate(str(tmp_path / "g"), 4)
+    peaks: list[int] = []
+    gate.on_new_peak = peaks.append
+    a, b, c = gate.try_acquire(), gate.try_acquire(), gate.try_acquire()
+    assert (a, b, c) == (0, 1, 2) and peaks == [1, 2, 3]
+    gate.release(b)
+    assert gate.try_acquire() == 1  # below the peak: no scan, no report
+    gate.release(a)
+    gate.release(c)
+    assert gate.try_acquire() == 0 and peaks == [1, 2, 3] and gate.peak == 3
+
+
 HOLDER = textwrap.dedent(
     """
     import sys, time

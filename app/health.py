@@ -1,0 +1,163 @@
+"""What `/health`, `/health2` and `/debug/runtime` report.
+
+`/health` is cheap (no upstream call, no tokens): liveness and readiness. `/health2` makes one real,
+minimal upstream call through the same client, gate and error classification as the API routes.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import re
+import sqlite3
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from flask import Flask
+
+from app import __version__, jsonio
+from app.api import upstream_json
+from app.context import RequestRecord, TimeoutDecision
+from app.errors import Overloaded, classify
+from app.state import ProxyState
+from app.upstream import CONNECT_TIMEOUT_S, JSON_HEADERS, READ_MARGIN_S, RETRIES_IDEMPOTENT, WRITE_TIMEOUT_S
+
+# One output token of DEFAULT_MODEL: enough to prove the key, the network and the model work.
+HEALTH2_MAX_TOKENS = 1
+HEALTH2_TIMEOUT_MS = 15_000
+# The routes that use the SDK's retries (CONTRACT §2); every other API call is create-style (billed)
+# and never retried, and `/v1` leaves retries to the client's SDK. The routes pass `retries=`
+# themselves: this table is what operators see on /debug/runtime.
+RETRIED_ROUTES = {
+    ("POST", "/openai2/input_tokens"),
+    ("GET", "/openai2/<response_id>"),
+    ("GET", "/openai2/<response_id>/input_items"),
+    ("DELETE", "/openai2/<response_id>"),
+}
+VERSIONED = ("flask", "gunicorn", "gevent", "openai", "httpx2", "flask-limiter", "prometheus-client")
+_CONVERTER = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
+
+
+def _uptime(st: ProxyState) -> dict[str, Any]:
+    return {
+        "version": __version__,
+        "pid": os.getpid(),
+        "startedAt": datetime.fromtimestamp(st.started_at, UTC).isoformat(timespec="seconds"),
+        "uptimeS": round(time.time() - st.started_at, 1),
+    }
+
+
+def liveness(st: ProxyState) -> dict[str, Any]:
+    """Ready means API routes can serve (a key is configured); a log store problem only degrades."""
+    config = st.config
+    store_error = st.log_store.check_writable()
+    ready = bool(config.security_key)
+    return {
+        "status": "ok" if ready and store_error is None else "degraded",
+        "ready": ready,
+        **_uptime(st),
+        "config": {
+            "loaded": True,
+            "securityKeySet": bool(config.security_key),
+            "openaiApiKeySet": bool(config.openai_api_key),
+            "warnings": list(config.warnings),
+        },
+        "gate": {"inUse": st.gate.in_use(), "limit": st.gate.limit, "heldByThisWorker": st.gate.held_here()},
+        "logStore": {"writable": store_error is None, "error": store_error, **st.log_store.stats()},
+    }
+
+
+def deep_check(st: ProxyState, request_id: str) -> tuple[dict[str, Any], int]:
+    """One minimal chat completion upstream: 200 with its latency, or 503 with the classified error."""
+    config = st.config
+    record = RequestRecord(endpoint="/health2", method="POST", request_id=request_id)
+    body = {
+        "model": config.default_model,
+        "messages": [{"role": "user", "content": "ping"}],
+        "max_completion_tokens": HEALTH2_MAX_TOKENS,
+    }
+    timeout = TimeoutDecision(float(min(HEALTH2_TIMEOUT_MS, config.upstream_timeout_ms)), "default")
+    report: dict[str, Any] = {"model": config.default_model, "baseUrl": config.openai_base_url}
+    started = time.perf_counter()
+    slot = st.gate.try_acquire()
+    try:
+        if slot is None:
+            raise Overloaded()
+        response = st.upstream.send(
+            "POST",
+            "/chat/completions",
+            record=record,
+            credentials=st.upstream.credentials(None, None, None),
+            timeout=timeout,
+            content=jsonio.dumps(body),
+            headers=JSON_HEADERS,
+        )
+        upstream_json(response)
+    except Exception as exc:
+        err = classify(exc)
+        report.update(latencyMs=_ms_since(started), error=err.body(request_id)["error"])
+        return {"status": "fail", **report}, 503
+    finally:
+        if slot is not None:
+            st.gate.release(slot)
+    report.update(latencyMs=_ms_since(started), upstreamRequestId=record.upstream_request_id)
+    return {"status": "ok", **report}, 200
+
+
+def _ms_since(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000.0, 1)
+
+
+def runtime_info(st: ProxyState, app: Flask) -> dict[str, Any]:
+    """Effective settings (never a secret), derived timeouts and limits, retries per route, versions."""
+    config = st.config
+    return {
+        **_uptime(st),
+        "config": config.public_view(),
+        "timeouts": {
+            "defaultMs": config.upstream_timeout_ms,
+            "maxMs": config.effective_max_timeout_ms,
+            "meaning": "wait for upstream response headers, per attempt",
+            "connectS": CONNECT_TIMEOUT_S,
+            "readS": config.effective_max_timeout_ms / 1000.0 + READ_MARGIN_S,
+            "writeS": WRITE_TIMEOUT_S,
+            "sseKeepaliveMs": config.sse_keepalive_interval_ms,
+        },
+        "limits": {
+            "maxParallelRequests": config.max_parallel_requests,
+            "maxBodyBytes": config.max_body_bytes,
+            "maxAudioBytes": config.max_audio_bytes,
+            "pagesRateLimit": config.pages_rate_limit,
+            "health2RateLimit": config.health2_rate_limit,
+            "logRetention": config.log_retention,
+        },
+        "retries": {
+            "policy": "SDK retries: connection errors, timeouts, 408/409/429/5xx, honouring Retry-After",
+            "routes": retries_per_route(app),
+        },
+        "versions": versions(),
+    }
+
+
+def retries_per_route(app: Flask) -> dict[str, int]:
+    """`"METHOD /path": retries` for every API route the app serves."""
+    out: dict[str, int] = {}
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint.startswith(("pages.", "static")):
+            continue
+        path = _CONVERTER.sub(r"<\1>", rule.rule)
+        for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
+            out[f"{method} {path}"] = RETRIES_IDEMPOTENT if (method, path) in RETRIED_ROUTES else 0
+    return dict(sorted(out.items(), key=lambda item: item[0].split(" ", 1)[::-1]))
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "sqlite": sqlite3.sqlite_version}
+    for name in VERSIONED:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out

@@ -1,0 +1,51 @@
+"""Throttling of the guarded operator pages with flask-limiter; a breach is the contract's JSON 429.
+
+Limits count per client address, per page. Storage `memory://` (the default) counts in each worker
+process, so a client may get up to one limit per worker; a `redis://` URI makes the limits exact across
+workers and hosts. API routes and `/` are never throttled here.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, Response, request
+from flask_limiter import Limiter, RateLimitExceeded
+from flask_limiter.util import get_remote_address
+from limits.errors import ConfigurationError
+
+from app.config import Config
+from app.errors import RateLimited
+from app.routes import pages
+
+log = logging.getLogger("openai_proxy.ratelimit")
+
+
+def init_limiter(app: Flask, config: Config) -> Limiter:
+    """Attach a limiter to `app`: `OPENAI_PROXY_PAGES_RATE_LIMIT` per guarded page, less for /health2."""
+    options = {
+        "headers_enabled": True,  # Retry-After and X-RateLimit-* on the pages
+        # A storage outage (e.g. redis down) falls back to counting in memory, never fails the page.
+        "in_memory_fallback_enabled": True,
+        "swallow_errors": True,
+    }
+    try:
+        limiter = Limiter(get_remote_address, app=app, storage_uri=config.ratelimit_storage_uri, **options)
+    except ConfigurationError as exc:
+        log.warning(
+            "CONFIG WARNING: OPENAI_PROXY_RATELIMIT_STORAGE_URI unusable (%s); counting in memory", exc
+        )
+        limiter = Limiter(get_remote_address, app=app, storage_uri="memory://", **options)
+
+    def limit_for_page() -> str:
+        return config.health2_rate_limit if request.endpoint == pages.HEALTH2 else config.pages_rate_limit
+
+    limiter.limit(limit_for_page, exempt_when=lambda: request.endpoint not in pages.GUARDED)(pages.bp)
+    app.register_error_handler(RateLimitExceeded, too_many_requests)
+    return limiter
+
+
+def too_many_requests(err: RateLimitExceeded) -> Response:
+    from app.factory import error_response  # the factory imports this module
+
+    return error_response(RateLimited(f"Too many requests: {err.description}; try again later"))

@@ -1,0 +1,105 @@
+"""/metrics: Prometheus text, summed over every gunicorn worker, fed by the completion records."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import gevent
+import pytest
+import requests
+
+from tests.conftest import SECURITY_KEY, post_json
+from tests.fake_upstream import delay, error
+from tests.logpage import AUTH, CHAT, CLOSE
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)$")
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def samples(text: str) -> dict[tuple[str, frozenset], float]:
+    """`{(name, {label: value}): value}` from the Prometheus text format."""
+    out = {}
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if match and not line.startswith("#"):
+            name, labels, value = match.groups()
+            out[(name, frozenset(_LABEL.findall(labels or "")))] = float(value)
+    return out
+
+
+def value(found: dict, name: str, **labels: str) -> float:
+    return found.get((name, frozenset(labels.items())), 0.0)
+
+
+def test_metrics_count_requests_from_the_completion_records(client, fake):
+    before = samples(client.get("/metrics", headers=AUTH).get_data(as_text=True))
+    post_json(client, "/openai", CHAT)
+    post_json(client, "/openai", {**CHAT, "security_key": "bad"})
+    r = client.get("/metrics", headers=AUTH)
+    assert r.status_code == 200
+    assert r.headers["Content-Type"].startswith("text/plain; version=")
+    after = samples(r.get_data(as_text=True))
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    ok = {"route": "/openai", "method": "POST", "status": "200", "result": "ok"}
+    assert delta("openai_proxy_requests_total", **ok) == 1
+    assert delta("openai_proxy_requests_total", **{**ok, "status": "403", "result": "forbidden"}) == 1
+    assert delta("openai_proxy_request_duration_seconds_count", route="/openai") == 2
+    assert delta("openai_proxy_upstream_duration_seconds_count", route="/openai") == 1
+    assert delta("openai_proxy_tokens_total", model="gpt-4o-mini", kind="prompt") == 25
+    assert value(after, "openai_proxy_requests_in_flight") == 0
+    assert value(after, "openai_proxy_gate_slots_limit") == 32
+
+
+@pytest.mark.gunicorn
+def test_metrics_are_exact_across_gunicorn_workers(gunicorn_server, fake):
+    server = gunicorn_server(workers=2, OPENAI_PROXY_MAX_PARALLEL_REQUESTS="2")
+
+    def fire(n: int, path: str = "/openai", body=CHAT) -> list[int]:
+        jobs = [
+            gevent.spawn(requests.post, server.url + path, json=body, headers=CLOSE, timeout=10)
+            for _ in range(n)
+        ]
+        gevent.joinall(jobs, raise_error=True)
+        return sorted(job.value.status_code for job in jobs)
+
+    # Two slow calls hold both slots: two more are refused (503) meanwhile.
+    fake.push("POST", "/v1/chat/completions", delay(1.0), times=2)
+    assert fire(4) == [200, 200, 503, 503]
+    rounds = 0
+    while len(_worker_pids(server)) < 2 and rounds < 10:  # until both workers have served requests
+        assert fire(2) == [200, 200]
+        rounds += 1
+    assert len(_worker_pids(server)) == 2, "one worker served every request"
+    assert fire(2, body={**CHAT, "security_key": "wrong"}) == [403, 403]
+    fake.push("POST", "/v1/chat/completions", error(500, "boom"), times=1)
+    assert fire(1) == [500]
+    assert fire(1, "/embeddings", {"security_key": SECURITY_KEY, "input": "x"}) == [200]
+
+    found = samples(requests.get(server.url + "/metrics", headers={**AUTH, **CLOSE}, timeout=10).text)
+    ok = 2 + 2 * rounds
+    req = "openai_proxy_requests_total"
+    assert value(found, req, route="/openai", method="POST", status="200", result="ok") == ok
+    assert value(found, req, route="/openai", method="POST", status="503", result="overloaded") == 2
+    assert value(found, req, route="/openai", method="POST", status="403", result="forbidden") == 2
+    assert value(found, req, route="/openai", method="POST", status="500", result="upstream_api_error") == 1
+    assert value(found, req, route="/embeddings", method="POST", status="200", result="ok") == 1
+    assert value(found, "openai_proxy_overloads_total", route="/openai") == 2
+    assert value(found, "openai_proxy_request_duration_seconds_count", route="/openai") == ok + 5
+    assert value(found, "openai_proxy_upstream_duration_seconds_count", route="/openai") == ok + 1
+    assert value(found, "openai_proxy_request_duration_seconds_bucket", route="/openai", le="0.5") == ok + 3
+    assert value(found, "openai_proxy_tokens_total", model="gpt-4o-mini", kind="prompt") == 25 * ok
+    assert value(found, "openai_proxy_tokens_total", model="gpt-4o-mini", kind="completion") == 7 * ok
+    assert value(found, "openai_proxy_tokens_total", model="gpt-4o-mini", kind="cached") == 3 * ok
+    assert value(found, "openai_proxy_tokens_total", model="text-embedding-3-large", kind="prompt") == 9
+    assert value(found, "openai_proxy_requests_in_flight") == 0
+    assert value(found, "openai_proxy_gate_slots_in_use") == 0
+    assert value(found, "openai_proxy_gate_slots_limit") == 2
+
+
+def _worker_pids(server) -> set[int]:
+    lines = (line for line in server.log_text().splitlines() if line.startswith('{"event":"completion"'))
+    return {json.loads(line)["pid"] for line in lines}
