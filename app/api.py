@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx2
 from flask import Response, g, request
@@ -22,10 +22,13 @@ from app.disconnect import cancel_current_greenlet
 from app.errors import BadRequest, Overloaded, PayloadTooLarge, ProxyError, UpstreamBadResponse, classify
 from app.gate import SlotGuard
 from app.multipart import Spool, read_limited_form
-from app.sse import EventRelay, QueuedSource
+from app.relay import Relay, as_source
+from app.sse import EventRelay
 from app.state import state
 from app.upstream import JSON_HEADERS, READ_MARGIN_S, Credentials
 from app.usage import usage_of
+
+T = TypeVar("T")
 
 # Never forwarded upstream, whatever the route.
 CONTROL_FIELDS = ("security_key", "openai_api_key", "project", "organization", "timeout")
@@ -201,17 +204,25 @@ def _json_args(json: dict[str, Any] | None) -> dict[str, Any]:
     return {} if json is None else {"content": jsonio.dumps(json), "headers": JSON_HEADERS}
 
 
-def _send_watched(method: str, path: str, req: ApiRequest, **send_args: Any) -> httpx2.Response:
-    """Make the upstream call; a client that leaves meanwhile cancels it (ClientCancelled, 499)."""
+def watched(call: Callable[[], T]) -> T:
+    """Run an upstream call; a client that leaves meanwhile cancels it (ClientCancelled, 499), and
+    every failure comes out as a ProxyError."""
     watch = cancel_current_greenlet(request.environ)
     try:
-        return state().upstream.send(
-            method, path, record=req.record, credentials=req.credentials, timeout=req.timeout, **send_args
-        )
+        return call()
     except Exception as exc:
         raise classify(exc) from exc
     finally:
         watch.stop()
+
+
+def _send_watched(method: str, path: str, req: ApiRequest, **send_args: Any) -> httpx2.Response:
+    upstream = state().upstream
+    return watched(
+        lambda: upstream.send(
+            method, path, record=req.record, credentials=req.credentials, timeout=req.timeout, **send_args
+        )
+    )
 
 
 def call_upstream(
@@ -254,23 +265,30 @@ def stream_upstream(
     except BaseException:
         slot.release()
         raise
+    relay = EventRelay(as_source(response), **relay_args(req.record, slot))
+    return relay_response(relay, 200, SSE_HEADERS, "text/event-stream")
+
+
+def relay_args(rec: RequestRecord, slot: SlotGuard, *, stream: bool = True) -> dict[str, Any]:
+    """What every relay needs: the record, the slot it will free, the client, and how long to wait."""
     config = state().config
-    source = response if hasattr(response, "next_chunk") else QueuedSource(response)
-    relay = EventRelay(
-        source,
-        record=req.record,
-        slot=slot,
-        environ=request.environ,
-        keepalive_s=config.sse_keepalive_interval_ms / 1000.0,
-        max_silence_s=config.effective_max_timeout_ms / 1000.0 + READ_MARGIN_S,
+    return {
+        "record": rec,
+        "slot": slot,
+        "environ": request.environ,
+        "idle_s": config.sse_keepalive_interval_ms / 1000.0 if stream else None,
+        "max_silence_s": config.effective_max_timeout_ms / 1000.0 + READ_MARGIN_S,
+    }
+
+
+def relay_response(relay: Relay, status: int, headers: Any, content_type: str | None) -> Response:
+    """A Flask response whose body is `relay`, passed through as the WSGI body itself (no per-chunk
+    re-encoding layer); the relay then owns closing the response, so the record still goes out."""
+    response = Response(
+        relay, status=status, headers=headers, content_type=content_type, direct_passthrough=True
     )
-    # Passed through as the WSGI body itself (no per-chunk re-encoding layer); the relay then owns
-    # closing the response, so the completion record still goes out when the stream ends.
-    flask_response = Response(
-        relay, status=200, headers=SSE_HEADERS, content_type="text/event-stream", direct_passthrough=True
-    )
-    relay.on_close = flask_response.close
-    return flask_response
+    relay.on_close = response.close
+    return response
 
 
 def _require_event_stream(response: httpx2.Response) -> None:
