@@ -344,24 +344,39 @@ class Pool:
         body: bytes | Iterable[bytes] | None,
         *,
         header_timeout: float,
+        content_length: int | None = None,
     ) -> Response:
-        """Send a request and return once the response headers are in (within `header_timeout`)."""
+        """Send a request and return once the response headers are in.
+
+        `header_timeout` bounds connecting, sending a bytes body and waiting for the response head.
+        A streamed body (an iterable, sent with `content_length` if known, else chunked) is sent
+        first, at the client's pace, and the timer starts once it is all upstream.
+        """
         head = [f"{method} {target} HTTP/1.1", f"Host: {self.host_header}"]
         head += [f"{name}: {value}" for name, value in headers]
-        if isinstance(body, bytes | bytearray):
+        streamed = body is not None and not isinstance(body, bytes | bytearray)
+        if not streamed and body is not None:
             head.append(f"Content-Length: {len(body)}")
-        elif body is not None:
-            head.append("Transfer-Encoding: chunked")
+        elif streamed:
+            head.append(
+                f"Content-Length: {content_length}"
+                if content_length is not None
+                else "Transfer-Encoding: chunked"
+            )
         elif method in ("POST", "PUT", "PATCH"):
             head.append("Content-Length: 0")
         head_bytes = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
         timer = gevent.Timeout(header_timeout)
-        timer.start()
         conn = None
         try:
+            if not streamed:
+                timer.start()
             conn = self._checkout()
-            conn.sock.settimeout(None)
-            _send(conn, head_bytes, body)
+            conn.sock.settimeout(None if not streamed else self.read_timeout)
+            _send(conn, head_bytes, body, chunked=streamed and content_length is None)
+            if streamed:
+                conn.sock.settimeout(None)
+                timer.start()
             status, raw_headers, _ = _read_head(conn)
             return Response(self, conn, status, Headers(raw_headers), method, self.read_timeout)
         except gevent.Timeout as exc:
@@ -382,7 +397,7 @@ class Pool:
             self._idle.pop().close()
 
 
-def _send(conn: _Conn, head: bytes, body: bytes | Iterable[bytes] | None) -> None:
+def _send(conn: _Conn, head: bytes, body: bytes | Iterable[bytes] | None, *, chunked: bool) -> None:
     sock = conn.sock
     try:
         if body is None:
@@ -397,8 +412,11 @@ def _send(conn: _Conn, head: bytes, body: bytes | Iterable[bytes] | None) -> Non
             sock.sendall(head)
             for chunk in body:
                 if chunk:
-                    sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-            sock.sendall(b"0\r\n\r\n")
+                    sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+            if chunked:
+                sock.sendall(b"0\r\n\r\n")
+    except TimeoutError as exc:
+        raise httpx2.WriteTimeout("upstream stopped taking the request body") from exc
     except OSError as exc:
         raise httpx2.WriteError(f"sending to upstream failed: {exc}") from exc
 

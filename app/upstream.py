@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -168,7 +168,12 @@ class Upstream:
             connect_timeout=CONNECT_TIMEOUT_S,
             read_timeout=max_wait_s + READ_MARGIN_S,
         )
-        self._static_headers = [("User-Agent", base.user_agent), ("Accept", "application/json")]
+        # Identity encoding: the proxy reads usage from bodies, and relays them byte for byte.
+        self._static_headers = [
+            ("User-Agent", base.user_agent),
+            ("Accept", "application/json"),
+            ("Accept-Encoding", "identity"),
+        ]
 
     def credentials(self, api_key: str | None, project: str | None, organization: str | None) -> Credentials:
         """Request overrides win; empty means unset, which falls back to the configuration."""
@@ -246,21 +251,38 @@ class Upstream:
         header_list = [*self._static_headers, *credentials.header_list()]
         if headers:
             header_list += headers.items()
-        record.upstream_started = time.perf_counter()
-        response = self.pool.request(
-            method.upper(),
-            self.pool.target(path, query),
-            header_list,
-            content,
-            header_timeout=timeout.seconds,
-        )
-        record.upstream_headers_at = time.perf_counter()
-        record.upstream_request_id = response.headers.get("x-request-id") or record.upstream_request_id
+        response = self.relay(method, path, query, header_list, content, record=record, timeout=timeout)
         if response.status_code >= 400:
             raise self._status_error(method, path, response)
         if not stream:
             response.read()
             record.upstream_done_at = time.perf_counter()
+        return response
+
+    def relay(
+        self,
+        method: str,
+        path: str,
+        query: str,
+        headers: list[tuple[str, str]],
+        body: bytes | Iterable[bytes] | None,
+        *,
+        record: RequestRecord,
+        timeout: TimeoutDecision,
+        content_length: int | None = None,
+    ) -> Any:
+        """One lean call, as given: returns once upstream headers are in, whatever the status."""
+        record.upstream_started = time.perf_counter()
+        response = self.pool.request(
+            method.upper(),
+            self.pool.target(path, query),
+            headers,
+            body,
+            header_timeout=timeout.seconds,
+            content_length=content_length,
+        )
+        record.upstream_headers_at = time.perf_counter()
+        record.upstream_request_id = response.headers.get("x-request-id") or record.upstream_request_id
         return response
 
     def _status_error(self, method: str, path: str, response: Any) -> openai.APIStatusError:
