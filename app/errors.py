@@ -48,9 +48,24 @@ class ProxyError(Exception):
             error["upstream"] = self.upstream
         return {"error": error}
 
+    def openai_body(self, request_id: str) -> dict[str, Any]:
+        """The same error in OpenAI's own shape, for the `/v1` surface (the SDKs parse this one)."""
+        return {
+            "error": {
+                "message": f"{self.message} (proxy request id {request_id})",
+                "type": self.type,
+                "param": None,
+                "code": self.code,
+            }
+        }
+
 
 class BadRequest(ProxyError):
     status, type, code, result = 400, "validation_error", "OPENAI_PROXY_BAD_REQUEST", "validation_error"
+
+
+class Unauthorized(ProxyError):
+    status, type, code, result = 401, "invalid_request_error", "OPENAI_PROXY_UNAUTHORIZED", "forbidden"
 
 
 class Forbidden(ProxyError):

@@ -125,16 +125,17 @@ def _configure_logging() -> None:
 
 
 def error_response(err: ProxyError) -> Response:
-    """The one JSON error shape; also settles the request's completion record."""
+    """The one JSON error shape (OpenAI's own on `/v1`); also settles the request's completion record."""
     rec: RequestRecord | None = g.get("record")
     request_id = g.get("request_id") or str(uuid.uuid4())
     incoming = rec.incoming_request_id if rec else g.get("incoming_request_id")
-    body = err.body(request_id, incoming)
+    legacy = err.body(request_id, incoming)
+    body = err.openai_body(request_id) if request.blueprint == "v1" else legacy
     if rec is not None:
         rec.status = err.status
         rec.result = err.result
         rec.cancelled = rec.cancelled or isinstance(err, ClientCancelled)
-        rec.error = {k: v for k, v in body["error"].items() if k not in ("requestId", "incomingRequestId")}
+        rec.error = {k: v for k, v in legacy["error"].items() if k not in ("requestId", "incomingRequestId")}
     response = Response(jsonio.dumps(body), status=err.status, mimetype="application/json")
     for name, value in err.headers.items():
         response.headers[name] = value

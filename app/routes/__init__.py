@@ -6,7 +6,7 @@ from flask import Flask
 
 
 def register_blueprints(app: Flask) -> None:
-    from app.routes import audio, chat, embeddings, pages, responses
+    from app.routes import audio, chat, embeddings, pages, responses, v1
 
-    for module in (pages, chat, responses, embeddings, audio):
+    for module in (pages, chat, responses, embeddings, audio, v1):
         app.register_blueprint(module.bp)
