@@ -55,6 +55,7 @@ class Received:
     headers: dict[str, str]
     body: bytes
     received_at: float
+    head_at: float = 0.0
     client_closed_at: float | None = None
     finished_at: float | None = None
     events_sent: int = 0
@@ -282,17 +283,122 @@ def response_object(
 
 
 def response_events(model: str, n_deltas: int = 3) -> list[dict[str, Any]]:
-    """A typical Responses stream: created, deltas, completed (with usage)."""
+    """A Responses stream in the full shape the SDK's `responses.stream()` helper accumulates."""
+    deltas = [f"word{i} " for i in range(n_deltas)]
+    text = "".join(deltas)
+    message = {"type": "message", "id": "msg_1", "status": "completed", "role": "assistant",
+               "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}  # fmt: skip
     created = response_object(model)
     created.update(status="in_progress", output=[], usage=None)
-    events: list[dict[str, Any]] = [{"type": "response.created", "sequence_number": 0, "response": created}]
-    for i in range(n_deltas):
-        events.append({"type": "response.output_text.delta", "sequence_number": i + 1, "item_id": "msg_1",
-                       "output_index": 0, "content_index": 0, "delta": f"word{i} "})  # fmt: skip
-    events.append(
-        {"type": "response.completed", "sequence_number": n_deltas + 1, "response": response_object(model)}
-    )
+    completed = response_object(model)
+    completed["output"] = [message]
+    at = {"item_id": "msg_1", "output_index": 0, "content_index": 0}
+    events: list[dict[str, Any]] = [
+        {"type": "response.created", "response": created},
+        {"type": "response.in_progress", "response": created},
+        {"type": "response.output_item.added", "output_index": 0,
+         "item": {**message, "status": "in_progress", "content": []}},
+        {"type": "response.content_part.added", **at, "part": {"type": "output_text", "text": "", "annotations": []}},
+        *({"type": "response.output_text.delta", **at, "delta": d, "logprobs": []} for d in deltas),
+        {"type": "response.output_text.done", **at, "text": text, "logprobs": []},
+        {"type": "response.content_part.done", **at, "part": message["content"][0]},
+        {"type": "response.output_item.done", "output_index": 0, "item": message},
+        {"type": "response.completed", "response": completed},
+    ]  # fmt: skip
+    for i, event in enumerate(events):
+        event["sequence_number"] = i
     return events
+
+
+def chat_chunks(model: str, include_usage: bool, n_deltas: int = 3) -> list[dict[str, Any]]:
+    """A streamed chat completion; the usage chunk (empty `choices`) only when the caller asked for it."""
+    base = {
+        "id": "chatcmpl-stream1",
+        "object": "chat.completion.chunk",
+        "created": 1741476542,
+        "model": model,
+    }
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+    chunks = [chunk({"role": "assistant", "content": ""})]
+    chunks += [chunk({"content": f"word{i} "}) for i in range(n_deltas)]
+    chunks.append(chunk({}, "stop"))
+    if include_usage:
+        chunks.append({**base, "choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": n_deltas,
+                                                        "total_tokens": 12 + n_deltas}})  # fmt: skip
+    return chunks
+
+
+def chat_stream(
+    include_usage: bool, model: str = "gpt-4o-mini", *, gap: float = 0.0, end: str = "done"
+) -> Handler:
+    """Stream chat chunks then `data: [DONE]` (or drop the connection midway with `end="drop"`)."""
+
+    def handler(req: Received, conn: Conn) -> None:
+        conn.start_stream()
+        for i, chunk in enumerate(chat_chunks(model, include_usage)):
+            if i and gap:
+                conn.wait(gap)
+            conn.event(chunk)
+            if end == "drop" and i == 1:
+                conn.close()
+                return
+        conn.chunk(b"data: [DONE]\n\n")
+        conn.end_stream()
+
+    return handler
+
+
+INPUT_ITEMS = [
+    {
+        "id": f"msg_{i}",
+        "type": "message",
+        "role": "user",
+        "content": [{"type": "input_text", "text": f"item {i}"}],
+    }
+    for i in range(3)
+]
+
+
+def _input_items(req: Received) -> dict[str, Any]:
+    query = req.query
+    items = list(INPUT_ITEMS)
+    if query.get("order") == ["asc"]:
+        pass
+    after = (query.get("after") or [None])[0]
+    if after:
+        index = next((i for i, item in enumerate(items) if item["id"] == after), -1)
+        items = items[index + 1 :]
+    limit = int((query.get("limit") or ["20"])[0])
+    page = items[:limit]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}  # fmt: skip
+
+
+FILES: dict[str, bytes] = {}
+
+
+def _upload_file(req: Received, conn: Conn) -> None:
+    fields, files = req.form()
+    filename, data, _ = files["file"]
+    file_id = f"file-{hashlib.sha256(data).hexdigest()[:16]}"
+    FILES[file_id] = data
+    conn.send_json(200, {"id": file_id, "object": "file", "bytes": len(data), "created_at": 1741476542,
+                         "filename": filename, "purpose": fields["purpose"][0], "status": "processed",
+                         "sha256": hashlib.sha256(data).hexdigest()})  # fmt: skip
+
+
+def _download_file(file_id: str, conn: Conn) -> None:
+    data = FILES.get(file_id)
+    if data is None:
+        conn.send_json(404, {"error": {"message": f"No such File object: {file_id}", "type": "invalid_request_error",
+                                       "param": "id", "code": None}})  # fmt: skip
+        return
+    conn.send(
+        200, data, "application/octet-stream", {"Content-Disposition": f'attachment; filename="{file_id}"'}
+    )
 
 
 def _embeddings(body: dict[str, Any]) -> dict[str, Any]:
@@ -334,7 +440,11 @@ def default_handler(req: Received, conn: Conn) -> None:
     model = body.get("model", "gpt-4o-mini")
     m = re.fullmatch(r"/v1/responses/([^/]+)(/input_items|/cancel)?", path)
     if method == "POST" and path == "/v1/chat/completions":
-        conn.send_json(200, chat_completion(model))
+        if body.get("stream"):
+            options = body.get("stream_options") or {}
+            chat_stream(bool(options.get("include_usage")), model)(req, conn)
+        else:
+            conn.send_json(200, chat_completion(model))
     elif method == "POST" and path == "/v1/responses":
         if body.get("stream"):
             sse(response_events(model), event_names=True)(req, conn)
@@ -351,9 +461,12 @@ def default_handler(req: Received, conn: Conn) -> None:
         else:
             conn.send_json(200, response_object(model, rid=m.group(1)))
     elif m and method == "GET" and m.group(2) == "/input_items":
-        conn.send_json(200, {"object": "list", "data": [{"id": "msg_abc123", "type": "message", "role": "user",
-                             "content": [{"type": "input_text", "text": "Tell me a story."}]}],
-                             "first_id": "msg_abc123", "last_id": "msg_abc123", "has_more": False})  # fmt: skip
+        if req.query:
+            conn.send_json(200, _input_items(req))
+        else:
+            conn.send_json(200, {"object": "list", "data": [{"id": "msg_abc123", "type": "message", "role": "user",
+                                 "content": [{"type": "input_text", "text": "Tell me a story."}]}],
+                                 "first_id": "msg_abc123", "last_id": "msg_abc123", "has_more": False})  # fmt: skip
     elif m and method == "POST" and m.group(2) == "/cancel":
         obj = response_object(model, rid=m.group(1))
         obj["status"] = "cancelled"
@@ -364,6 +477,12 @@ def default_handler(req: Received, conn: Conn) -> None:
         conn.send_json(200, _embeddings(body))
     elif method == "POST" and path == "/v1/audio/transcriptions":
         _transcription(req, conn)
+    elif method == "POST" and path == "/v1/files":
+        _upload_file(req, conn)
+    elif method == "GET" and (f := re.fullmatch(r"/v1/files/([^/]+)/content", path)):
+        _download_file(f.group(1), conn)
+    elif method == "GET" and (mm := re.fullmatch(r"/v1/models/([^/]+)", path)):
+        conn.send_json(200, {"id": mm.group(1), "object": "model", "created": 1, "owned_by": "openai"})
     elif method == "GET" and path == "/v1/models":
         conn.send_json(200, {"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model",
                              "created": 1, "owned_by": "openai"}]})  # fmt: skip
@@ -478,6 +597,7 @@ def _read_request(reader) -> Received | None:
         return None
     method, target, _ = line.decode("latin-1").rstrip("\r\n").split(" ", 2)
     headers: dict[str, str] = {}
+    head_at = time.monotonic()
     while True:
         h = reader.readline(65537).decode("latin-1").rstrip("\r\n")
         if not h:
@@ -498,7 +618,7 @@ def _read_request(reader) -> Received | None:
     else:
         body = reader.read(int(headers.get("content-length", "0") or 0))
     split = urlsplit(target)
-    return Received(method, split.path, split.query, headers, body, time.monotonic())
+    return Received(method, split.path, split.query, headers, body, time.monotonic(), head_at)
 
 
 def main() -> None:

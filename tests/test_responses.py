@@ -129,9 +129,10 @@ def test_input_items_answers_the_list_not_a_page_wrapper(client, fake):
         f"/openai2/resp_abc123/input_items?{KEY}&limit=20&order=desc&after=msg_0&include=message.input_image.image_url"
     )
     assert r.status_code == 200
-    assert r.get_json() == {"object": "list", "data": [{"id": "msg_abc123", "type": "message", "role": "user",
-                            "content": [{"type": "input_text", "text": "Tell me a story."}]}],
-                            "first_id": "msg_abc123", "last_id": "msg_abc123", "has_more": False}  # fmt: skip
+    from tests.fake_upstream import INPUT_ITEMS
+
+    assert r.get_json() == {"object": "list", "data": INPUT_ITEMS[1:], "first_id": "msg_1", "last_id": "msg_2",
+                            "has_more": False}  # fmt: skip
     sent = fake.last("/v1/responses/resp_abc123/input_items")
     assert sent.query == {"after": ["msg_0"], "include[]": ["message.input_image.image_url"],
                           "limit": ["20"], "order": ["desc"]}  # fmt: skip
