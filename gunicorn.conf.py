@@ -37,7 +37,9 @@ worker_connections = 2000
 timeout = 30
 # On SIGTERM, in-flight requests and streams get this long to finish before workers are killed.
 graceful_timeout = _config.graceful_timeout_s
-keepalive = 75
+# Idle keep-alive connections are held this long; a graceful stop waits for them too, so it stays
+# short. Behind a load balancer that reuses connections, set it above the balancer's idle timeout.
+keepalive = _config.keepalive_s
 accesslog = None
 errorlog = "-"
 loglevel = "info"

@@ -41,6 +41,7 @@ class Config:
     outbound_proxy: str | None = None
     workers: int = 0
     graceful_timeout_s: int = 60
+    keepalive_s: int = 5
     log_db: str = "var/openai-proxy.sqlite3"
     log_retention: int = 10_000
     pages_rate_limit: str = "60/minute"
@@ -101,6 +102,7 @@ _INT_VARS = {
     "OPENAI_PROXY_MAX_AUDIO_BYTES": "max_audio_bytes",
     "OPENAI_PROXY_WORKERS": "workers",
     "OPENAI_PROXY_GRACEFUL_TIMEOUT_S": "graceful_timeout_s",
+    "OPENAI_PROXY_KEEPALIVE_S": "keepalive_s",
     "OPENAI_PROXY_LOG_RETENTION": "log_retention",
 }
 # The first name present wins, so the SDK's own variable names work as aliases.

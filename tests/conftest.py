@@ -117,7 +117,8 @@ class GunicornServer:
             for k, v in os.environ.items()
             if not k.startswith(("OPENAI_", "SECURITY_KEY", "ACCESS_TOKEN"))
         }
-        full_env = {**inherited, **env, "PORT": str(self.port), "OPENAI_PROXY_WORKERS": str(workers)}
+        full_env = {**inherited, "OPENAI_PROXY_GRACEFUL_TIMEOUT_S": "3", **env, "PORT": str(self.port),
+                    "OPENAI_PROXY_WORKERS": str(workers)}  # fmt: skip
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(

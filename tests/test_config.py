@@ -26,6 +26,7 @@ EVERY_VARIABLE = {
     "OPENAI_PROXY_RUNTIME_DIR": ("runtime_dir", "/tmp/x", "/tmp/x"),
     "OPENAI_PROXY_WORKERS": ("workers", "3", 3),
     "OPENAI_PROXY_GRACEFUL_TIMEOUT_S": ("graceful_timeout_s", "9", 9),
+    "OPENAI_PROXY_KEEPALIVE_S": ("keepalive_s", "65", 65),
     "OPENAI_PROXY_OUTBOUND_PROXY": ("outbound_proxy", "http://proxy:3128", "http://proxy:3128"),
     "OPENAI_PROXY_LOG_DB": ("log_db", "/tmp/log.sqlite3", "/tmp/log.sqlite3"),
     "OPENAI_PROXY_LOG_RETENTION": ("log_retention", "500", 500),
