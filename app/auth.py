@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 from collections.abc import Mapping
@@ -12,11 +13,17 @@ from werkzeug.datastructures import Headers
 from app.errors import Forbidden
 
 
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()
+
+
+# The configured secrets are few and fixed: hash them once, not on every request.
+_expected_digest = functools.lru_cache(maxsize=16)(_digest)
+
+
 def constant_time_equal(provided: str, expected: str) -> bool:
     """Compare secrets without leaking their content or length through timing."""
-    a = hashlib.sha256(provided.encode("utf-8", "surrogatepass")).digest()
-    b = hashlib.sha256(expected.encode("utf-8", "surrogatepass")).digest()
-    return hmac.compare_digest(a, b)
+    return hmac.compare_digest(_digest(provided), _expected_digest(expected))
 
 
 def bearer_token(headers: Headers) -> str | None:

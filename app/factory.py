@@ -7,7 +7,6 @@ import os
 import re
 import tempfile
 import time
-import uuid
 
 from flask import Flask, Response, g, request
 from flask_cors import CORS
@@ -17,7 +16,7 @@ from werkzeug.routing import BaseConverter
 from app import jsonio
 from app.completion_log import CompletionLog
 from app.config import Config, load_config
-from app.context import RequestRecord
+from app.context import RequestRecord, new_request_id
 from app.errors import (
     BadRequest,
     ClientCancelled,
@@ -127,7 +126,7 @@ def _configure_logging() -> None:
 def error_response(err: ProxyError) -> Response:
     """The one JSON error shape (OpenAI's own on `/v1`); also settles the request's completion record."""
     rec: RequestRecord | None = g.get("record")
-    request_id = g.get("request_id") or str(uuid.uuid4())
+    request_id = g.get("request_id") or new_request_id()
     incoming = rec.incoming_request_id if rec else g.get("incoming_request_id")
     legacy = err.body(request_id, incoming)
     body = err.openai_body(request_id) if request.blueprint == "v1" else legacy
@@ -145,41 +144,52 @@ def error_response(err: ProxyError) -> Response:
 def _register_hooks(app: Flask) -> None:
     api_blueprints = {"chat", "responses", "embeddings", "audio", "v1"}
 
+    state = app.extensions["openai_proxy"]
+    endpoints: dict[str, str] = {}  # route rule -> the template shown in records and metrics
+
+    # These two run on every request; they look the request and `g` up once (each proxy access
+    # costs a context lookup) and cache the per-route endpoint name.
     @app.before_request
     def start_request() -> Response | None:
-        g.request_id = str(uuid.uuid4())
-        incoming = request.headers.get("X-Request-Id")
-        g.incoming_request_id = incoming[:MAX_INCOMING_ID] if incoming else None
-        if request.method == "OPTIONS":
+        req, ctx = request._get_current_object(), g._get_current_object()  # type: ignore[attr-defined]
+        ctx.request_id = new_request_id()
+        incoming = req.headers.get("X-Request-Id")
+        ctx.incoming_request_id = incoming[:MAX_INCOMING_ID] if incoming else None
+        if req.method == "OPTIONS":
             return Response(status=200)
-        if request.blueprint in api_blueprints and request.url_rule is not None:
-            g.record = RequestRecord(
-                endpoint=_CONVERTER.sub(r"<\1>", request.url_rule.rule),
-                method=request.method,
-                request_id=g.request_id,
-                incoming_request_id=g.incoming_request_id,
+        rule = req.url_rule
+        if rule is not None and req.blueprint in api_blueprints:
+            endpoint = endpoints.get(rule.rule)
+            if endpoint is None:
+                endpoint = endpoints[rule.rule] = _CONVERTER.sub(r"<\1>", rule.rule)
+            ctx.record = RequestRecord(
+                endpoint=endpoint,
+                method=req.method,
+                request_id=ctx.request_id,
+                incoming_request_id=ctx.incoming_request_id,
             )
-            app.extensions["openai_proxy"].metrics.request_started()
+            state.metrics.request_started()
         return None
 
     @app.after_request
     def finish_request(response: Response) -> Response:
+        ctx = g._get_current_object()  # type: ignore[attr-defined]
         headers = response.headers
-        headers["X-Proxy-Request-Id"] = g.get("request_id") or str(uuid.uuid4())
-        if g.get("incoming_request_id"):
-            headers["X-Incoming-Request-Id"] = g.incoming_request_id
+        headers.add("X-Proxy-Request-Id", getattr(ctx, "request_id", None) or new_request_id())
+        incoming = getattr(ctx, "incoming_request_id", None)
+        if incoming:
+            headers.add("X-Incoming-Request-Id", incoming)
         headers["Access-Control-Allow-Methods"] = CORS_METHODS
         headers["Access-Control-Allow-Headers"] = CORS_ALLOW_HEADERS
-        rec: RequestRecord | None = g.get("record")
+        rec: RequestRecord | None = getattr(ctx, "record", None)
         if rec is not None:
             rec.response_started = time.perf_counter()
-            headers["Server-Timing"] = rec.server_timing()
+            headers.add("Server-Timing", rec.server_timing())
             if rec.status is None:
                 rec.status = response.status_code
             if rec.result is None and response.status_code < 400:
                 rec.result = "ok"
-            completion_log = app.extensions["openai_proxy"].completion_log
-            response.call_on_close(lambda: completion_log.emit(rec))
+            response.call_on_close(lambda: state.completion_log.emit(rec))
         return response
 
     @app.errorhandler(ProxyError)
