@@ -70,7 +70,9 @@ def authorize() -> None:
         raise Forbidden("The proxy has no SECURITY_KEY configured; API routes are disabled")
     token = bearer_token(request.headers)
     if not token or not constant_time_equal(token, expected):
-        raise Unauthorized("Incorrect API key for this proxy: send its SECURITY_KEY as the Bearer token")
+        raise Unauthorized(
+            "Incorrect API key for this proxy: use the SECURITY_KEY of the proxy as the API key"
+        )
 
 
 def sdk_timeout(headers: Mapping[str, str]) -> TimeoutDecision:

@@ -327,6 +327,7 @@ def test_wrong_key_is_authentication_error(server, fake):
         client.models.list()
     assert exc.value.code == "OPENAI_PROXY_UNAUTHORIZED"
     assert exc.value.response.headers["x-proxy-request-id"] in exc.value.message
+    assert "use the SECURITY_KEY of the proxy as the API key" in exc.value.message
     assert fake.requests == []
 
 
