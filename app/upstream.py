@@ -199,11 +199,33 @@ class Upstream:
         headers: Mapping[str, Any] | None = None,
         stream: bool = False,
     ) -> httpx2.Response:
-        """Call upstream and return its raw response (body read unless `stream`); SDK errors propagate."""
+        """Call upstream and return its raw response (body read unless `stream`); SDK errors propagate.
+
+        Calls that are retried, and multipart uploads, go through the SDK; the rest take the lean path.
+        """
         if not retries and files is None and body is None:
             return self._send_lean(
                 method, path, record, credentials, timeout, content, params, headers, stream
             )
+        return self._send_sdk(
+            method, path, record, credentials, timeout, retries, content, params, body, files, headers, stream
+        )
+
+    def _send_sdk(
+        self,
+        method: str,
+        path: str,
+        record: RequestRecord,
+        credentials: Credentials,
+        timeout: TimeoutDecision,
+        retries: int,
+        content: bytes | None,
+        params: Mapping[str, Any] | None,
+        body: Mapping[str, Any] | None,
+        files: Any,
+        headers: Mapping[str, Any] | None,
+        stream: bool,
+    ) -> httpx2.Response:
         client = self._clients[retries]
         options: dict[str, Any] = {"headers": {**credentials.headers(), **(headers or {})}}
         if params:
