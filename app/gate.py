@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import fcntl
 import os
+import random
 import struct
 import threading
+import time
 from collections.abc import Callable
 
 # struct flock on Linux: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid (+pad).
 _FLOCK = struct.Struct("hhqqi4x")
+PEAK_SCAN_INTERVAL_S = 0.5
 
 
 class Gate:
@@ -34,6 +37,7 @@ class Gate:
         # when it rises (the log store persists the peak for the "Max parallel requests" counter).
         self.peak = 0
         self.on_new_peak: Callable[[int], None] | None = None
+        self._scanned_at = -PEAK_SCAN_INTERVAL_S
 
     def _file(self) -> int:
         # Opened lazily per process: a descriptor inherited over fork carries no locks, and closing
@@ -46,23 +50,22 @@ class Gate:
         return self._fd
 
     def try_acquire(self) -> int | None:
-        """Take the lowest free slot and return its number, or None when all `limit` slots are in use."""
-        slot = self._take_lowest()
-        # Lowest-first: slot `s` was taken while slots 0..s-1 were busy, so `s + 1` is how many are in
-        # use (give or take a release racing with the probe) at no cost. Only a slot at or above the
-        # known peak can mean a new peak, and only then are they counted exactly with `in_use()`
-        # (`limit` fcntl calls: too many for every acquire). The peak only rises, so that happens
-        # about `limit` times per worker lifetime.
-        if slot is not None and slot >= self.peak:
-            self._note_peak()
+        """Take a free slot and return its number, or None when all `limit` slots are in use."""
+        slot = self._take_free()
+        if slot is not None:
+            self._track_peak()
         return slot
 
-    def _take_lowest(self) -> int | None:
+    def _take_free(self) -> int | None:
+        # Probing from a random slot finds a free one in ~1/(1 - load) tries, whatever the limit; a
+        # scan from slot 0 would cost one failed probe per busy slot (quadratic in a burst).
         with self._lock:
             fd = self._file()
             if len(self._held) >= self.limit:
                 return None
-            for slot in range(self.limit):
+            start = random.randrange(self.limit)
+            for i in range(self.limit):
+                slot = (start + i) % self.limit
                 if slot in self._held:
                     continue
                 try:
@@ -73,8 +76,19 @@ class Gate:
                 return slot
             return None
 
-    def _note_peak(self) -> None:
-        busy = self.in_use()
+    def _track_peak(self) -> None:
+        """Keep the server-wide high-water mark of slots in use, cheaply.
+
+        This worker's own count is a free lower bound; the exact server-wide count costs `limit`
+        fcntl calls, so it is taken at most every PEAK_SCAN_INTERVAL_S, while slots are being taken.
+        """
+        self._raise_peak(len(self._held))
+        now = time.monotonic()
+        if now - self._scanned_at >= PEAK_SCAN_INTERVAL_S:
+            self._scanned_at = now
+            self._raise_peak(self.in_use())
+
+    def _raise_peak(self, busy: int) -> None:
         if busy > self.peak:
             self.peak = busy
             if self.on_new_peak is not None:
