@@ -1,4 +1,4 @@
-"""openai-proxy: a Flask app in front of the OpenAI API (see README.md and the HTTP contract)."""
+"""openai-proxy: a Flask app in front of the OpenAI API (README.md documents its HTTP surface)."""
 
 from __future__ import annotations
 

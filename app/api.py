@@ -52,7 +52,7 @@ def record() -> RequestRecord:
 
 
 def decide_timeout(raw: Any, default_ms: int, max_ms: int) -> TimeoutDecision:
-    """CONTRACT §8: absent -> default; not a number, or < 1 -> default (invalid); above max -> max."""
+    """README "Timeouts": absent -> default; not a number, or < 1 -> default (invalid); above max -> max."""
     if raw is None or (isinstance(raw, str) and raw.strip() == ""):
         return TimeoutDecision(float(default_ms), "default")
     value: float | None

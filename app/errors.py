@@ -12,7 +12,7 @@ from app.redact import redact_text
 
 
 class ProxyError(Exception):
-    """An error the proxy answers with; `status`, `type` and `code` follow CONTRACT §5."""
+    """An error the proxy answers with; `status`, `type` and `code` follow the error table in README.md."""
 
     status = 500
     type = "internal_error"

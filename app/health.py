@@ -27,7 +27,7 @@ from app.upstream import CONNECT_TIMEOUT_S, JSON_HEADERS, READ_MARGIN_S, RETRIES
 # One output token of DEFAULT_MODEL: enough to prove the key, the network and the model work.
 HEALTH2_MAX_TOKENS = 1
 HEALTH2_TIMEOUT_MS = 15_000
-# The routes that use the SDK's retries (CONTRACT §2); every other API call is create-style (billed)
+# The routes that use the SDK's retries (see the route table in README.md); every other API call is create-style (billed)
 # and never retried, and `/v1` leaves retries to the client's SDK. The routes pass `retries=`
 # themselves: this table is what operators see on /debug/runtime.
 RETRIED_ROUTES = {

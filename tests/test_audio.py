@@ -205,7 +205,7 @@ def test_wrong_key_403(client, fake, fields, headers, message):
     ],
 )  # fmt: skip
 def test_not_a_usable_multipart_body_is_400_before_auth(client, fake, content_type, message):
-    # No key at all: a malformed body is judged first (CONTRACT §3).
+    # No key at all: a malformed body is judged first (README "Routes": a malformed body gets its 400 before the key is judged).
     r = post_raw(client, form_body(), content_type)
     assert r.status_code == 400
     assert error_of(r)["message"] == message

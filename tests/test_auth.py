@@ -1,4 +1,4 @@
-"""Authentication in all its forms (CONTRACT §3), and the never-open rule."""
+"""Authentication in all its forms (README "Routes"), and the never-open rule."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Configuration (CONTRACT §1): sources and their precedence, defaults, validation."""
+"""Configuration (README "Configuration"): sources and their precedence, defaults, validation."""
 
 from __future__ import annotations
 

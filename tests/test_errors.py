@@ -1,4 +1,4 @@
-"""Every row of the error table (CONTRACT §5), classification, and redaction of upstream messages."""
+"""Every row of the error table (README "Errors"), classification, and redaction of upstream messages."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SSE on /openai2 and GET /openai2/<id>?stream=true (CONTRACT §6), through the test client."""
+"""SSE on /openai2 and GET /openai2/<id>?stream=true, through the test client."""
 
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ GUARDED = {
     "pages.metrics",
 }
 HEALTH2 = "pages.health2"
-# CONTRACT §2: the guarded pages answer any method.
+# The guarded pages answer any method, as the original did.
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 PER_PAGE, MAX_PER_PAGE = 50, 500
 TABS = (("Requests", "pages.log"), ("Errors", "pages.log_errors"))
