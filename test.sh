@@ -13,6 +13,11 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
     echo "Could not install chromium (see .venv/chromium-install.log); the browser test will skip" >&2
   fi
 fi
+# One test drives /v1 with the official Node SDK; it needs npm (the test says why it skips otherwise).
+if command -v npm >/dev/null 2>&1 && [ ! -d tests/node/node_modules/openai ]; then
+  (cd tests/node && npm ci --silent --no-audit --no-fund > ../../.venv/npm-install.log 2>&1) ||
+    echo "Could not install the Node SDK (see .venv/npm-install.log); its test will skip" >&2
+fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 exec .venv/bin/pytest "$@"
