@@ -1,84 +1,408 @@
-"""Open N concurrent SSE streams and time them: first event, gaps between events, completeness.
+"""SSE load: N concurrent streams from several client processes, every event timed on arrival.
 
-Raw asyncio sockets, so the client costs little next to what it measures. Works against the
-proxy (`/openai2`, ends with `data: [DONE]`) and directly against an upstream (`/v1/responses`,
-ends with the last chunk of the chunked body).
+The parent (`run_streams`) writes a plan, starts `procs` client processes (`python -m
+bench.sse_load`), each owning every procs-th stream slot, and gathers their per-stream records.
+A slot is one concurrent stream:
+
+- burst: every slot opens a new connection and its stream at t0, once. First-event times then
+  include the queueing of N connection setups at the same instant.
+- steady: slot i opens its first stream at t0 + i * ramp / N and the next one as soon as the
+  previous ended, until t0 + ramp + hold. With ramp = one stream's duration, about N streams are
+  open at any moment after the ramp, and streams start at an even rate of N per stream duration.
+  A slot keeps its connection between streams (HTTP keep-alive, as SDK clients do) unless
+  `fresh_connections`. Only streams started after the ramp are "measured" (they ran at full
+  concurrency); every stream counts for completeness.
+
+Each client process is a plain epoll loop over non-blocking sockets: no asyncio, no object per
+event, one shared receive buffer (asyncio's `data_received` allocates 256 KiB per read, and its
+machinery made the client the busiest process at 1000 streams). Arrival times are the kernel's
+receive timestamps (SO_TIMESTAMPNS, CLOCK_REALTIME, one clock for all processes), not the time the
+client got round to reading: a busy or descheduled client does not inflate any latency. So the
+loop can poll every `poll_ms` instead of waking for each event, which saves a wake-up per event in
+the client and in whoever sends to it. The loop still records how late its own 10 ms ticker ran,
+which shows when the client was starved of CPU.
 """
 
 from __future__ import annotations
 
-import asyncio
+import argparse
+import errno
+import heapq
+import itertools
 import json
+import resource
+import select
+import socket
+import struct
+import subprocess
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+DONE = b"data: [DONE]"
+EVENT = b"data: "
+ERROR_EVENT = b"event: error"
+CHUNKED_END = b"\r\n0\r\n\r\n"
+TAIL = 16  # longer than every marker above, so a marker split across two reads is seen once
+TICK_S = 0.01
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux; the cmsg type has the same number
+_TIMESPEC = struct.Struct("qq")
+_BUFFER = bytearray(65536)
+_VIEW = memoryview(_BUFFER)
 
 
 @dataclass
-class StreamResult:
-    ok: bool = False
+class StreamPlan:
+    port: int
+    path: str
+    body: dict
+    streams: int
+    mode: str  # "steady" or "burst"
+    ramp_s: float
+    hold_s: float
+    events: int  # expected per stream
+    want_done: bool  # the proxy ends a stream with `data: [DONE]`; the upstream does not
+    timeout_s: float
+    procs: int
+    fresh_connections: bool = False
+    poll_ms: float = 1.0
+    t0: float = 0.0  # time.time() of the first scheduled start
+
+
+@dataclass
+class StreamRecord:
+    slot: int
+    scheduled: float  # planned start, seconds after t0
+    start: float  # actual start (connect, or request on a kept connection), seconds after t0
     status: int = 0
     events: int = 0
-    first_event_s: float | None = None
-    arrivals: list[float] = field(default_factory=list)
+    complete: bool = False
     error: str | None = None
+    end: float | None = None  # seconds after t0
+    arrivals: list[float] = field(default_factory=list)  # seconds after start, one per event
+
+    @property
+    def first_s(self) -> float | None:
+        return self.arrivals[0] if self.arrivals else None
 
     def worst_gap_s(self) -> float | None:
-        gaps = [b - a for a, b in zip(self.arrivals, self.arrivals[1:], strict=False)]
-        return max(gaps) if gaps else None
+        a = self.arrivals
+        return max(b - x for x, b in itertools.pairwise(a)) if len(a) > 1 else None
 
 
-async def one_stream(
-    host: str, port: int, request: bytes, done_marker: bytes, timeout: float
-) -> StreamResult:
-    result = StreamResult()
-    start = time.perf_counter()
+@dataclass
+class ClientRun:
+    plan: StreamPlan
+    records: list[StreamRecord]
+    cpu_s: float  # all client processes, user + system, during the run
+    loop_lag_ms: list[float]  # how late every client's 10 ms ticker ran, pooled
+    wall_s: float
+
+    def measured(self) -> list[StreamRecord]:
+        if self.plan.mode == "burst":
+            return self.records
+        return [r for r in self.records if r.scheduled >= self.plan.ramp_s]
+
+
+# ---- one client process -----------------------------------------------------------------------
+
+
+class Stream:
+    """One stream on one connection: request sent, `data: ` lines counted as they arrive."""
+
+    __slots__ = ("deadline", "head", "keep", "record", "saw_done", "sock", "started", "tail")
+
+    def __init__(self, sock: socket.socket, record: StreamRecord, started: float, deadline: float) -> None:
+        self.sock = sock
+        self.record = record
+        self.started = started
+        self.deadline = deadline
+        self.head = b""
+        self.tail = b""
+        self.saw_done = False
+        self.keep = True  # the server did not say `Connection: close`
+
+    def feed(self, data: bytes, now: float) -> str | None:
+        """Account for `data`; "" when the response ended, an error text when it failed, else None."""
+        rec = self.record
+        if not rec.status:
+            self.head += data
+            end = self.head.find(b"\r\n\r\n")
+            if end < 0:
+                return None
+            rec.status = int(self.head[: self.head.find(b"\r\n")].split(b" ", 2)[1])
+            self.keep = b"connection: close" not in self.head[:end].lower()
+            data, self.head = self.head[end + 4 :], b""
+            if rec.status != 200:
+                return f"HTTP {rec.status}"
+        tail = self.tail
+        seen = tail + data
+        new = seen.count(EVENT) - tail.count(EVENT)
+        if new:
+            done = seen.count(DONE) - tail.count(DONE)
+            if done:
+                self.saw_done = True
+                new -= done
+            if new:
+                rec.events += new
+                rec.arrivals.extend([now - self.started] * new)
+        if seen.count(ERROR_EVENT) > tail.count(ERROR_EVENT):
+            return "error event"
+        if seen.count(CHUNKED_END) > tail.count(CHUNKED_END):
+            return ""
+        self.tail = seen[-TAIL:]
+        return None
+
+
+class Client:
+    """The epoll loop of one client process: starts its slots' streams on time and reads them."""
+
+    def __init__(self, plan: StreamPlan, index: int) -> None:
+        self.plan = plan
+        self.addr = ("127.0.0.1", plan.port)
+        payload = json.dumps(plan.body).encode()
+        self.request = (
+            f"POST {plan.path} HTTP/1.1\r\nHost: 127.0.0.1:{plan.port}\r\nContent-Type: application/json\r\n"
+            f"Accept: text/event-stream\r\nContent-Length: {len(payload)}\r\n\r\n"
+        ).encode() + payload
+        self.epoll = select.epoll()
+        self.active: dict[int, Stream] = {}  # by fd
+        self.connecting: dict[int, Stream] = {}
+        self.records: list[StreamRecord] = []
+        self.lags: list[float] = []
+        self.stop_at = plan.t0 + plan.ramp_s + plan.hold_s
+        slots = range(index, plan.streams, plan.procs)
+        step = plan.ramp_s / plan.streams if plan.mode == "steady" else 0.0
+        # (due time, slot, kept-alive socket or None)
+        self.due: list[tuple[float, int, socket.socket | None]] = [
+            (plan.t0 + s * step, s, None) for s in slots
+        ]
+        heapq.heapify(self.due)
+
+    def run(self) -> None:
+        tick = self.plan.t0
+        next_expiry = tick
+        nap = self.plan.poll_ms / 1000.0
+        while self.due or self.active or self.connecting:
+            now = time.time()
+            while self.due and self.due[0][0] <= now:
+                due, slot, sock = heapq.heappop(self.due)
+                self.start(slot, due, sock)
+            if now >= tick:
+                if tick > self.plan.t0:
+                    self.lags.append((now - tick) * 1000.0)
+                tick += TICK_S
+                if now > tick:  # fell behind by more than a tick: note it once, do not replay
+                    tick = now + TICK_S
+            if now >= next_expiry:
+                next_expiry = now + 0.1
+                self.expire(now)
+            wake = min(tick, self.due[0][0]) if self.due else tick
+            wait = max(wake - time.time(), 0.0)
+            if nap and (self.active or self.connecting):
+                time.sleep(min(wait, nap))
+                wait = 0.0
+            for fd, mask in self.epoll.poll(wait):
+                if fd in self.connecting:
+                    self.connected(fd, mask)
+                else:
+                    self.readable(fd)
+
+    def start(self, slot: int, due: float, sock: socket.socket | None) -> None:
+        t0, now = self.plan.t0, time.time()  # per stream: a burst's starts take a while in a row
+        record = StreamRecord(slot=slot, scheduled=due - t0, start=now - t0)
+        self.records.append(record)
+        if sock is None:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            stream = Stream(sock, record, now, now + self.plan.timeout_s)
+            code = sock.connect_ex(self.addr)
+            if code not in (0, errno.EINPROGRESS):
+                self.fail(stream, f"connect: {errno.errorcode.get(code, code)}")
+                return
+            self.connecting[sock.fileno()] = stream
+            self.epoll.register(sock.fileno(), select.EPOLLOUT)
+        else:  # a kept-alive connection, already registered for reading
+            stream = Stream(sock, record, now, now + self.plan.timeout_s)
+            self.active[sock.fileno()] = stream
+            self.send(stream)
+
+    def connected(self, fd: int, mask: int) -> None:
+        stream = self.connecting.pop(fd)
+        code = stream.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            self.epoll.unregister(fd)
+            self.fail(stream, f"connect: {errno.errorcode.get(code, code)}")
+            return
+        self.epoll.modify(fd, select.EPOLLIN)
+        self.active[fd] = stream
+        self.send(stream)
+
+    def send(self, stream: Stream) -> None:
+        try:
+            sent = stream.sock.send(self.request)
+        except OSError as exc:
+            sent, error = 0, f"send: {exc}"
+        else:
+            error = "send: short write"
+        if sent != len(self.request):
+            self.end(stream, error)
+
+    def readable(self, fd: int) -> None:
+        stream = self.active.get(fd)
+        if stream is None:
+            return
+        try:
+            n, ancillary, _, _ = stream.sock.recvmsg_into([_BUFFER], 64)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.end(stream, f"recv: {exc}")
+            return
+        now = time.time()
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                sec, nsec = _TIMESPEC.unpack_from(data)
+                now = sec + nsec * 1e-9
+        if not n:
+            ok = self.plan.want_done and stream.saw_done and stream.record.status == 200
+            self.end(stream, None if ok else "closed before the end", reusable=False)
+            return
+        outcome = stream.feed(bytes(_VIEW[:n]), now)
+        if outcome is not None:
+            self.end(stream, outcome or None)
+
+    def expire(self, now: float) -> None:
+        for stream in [s for s in self.active.values() if s.deadline < now]:
+            self.end(stream, "timeout")
+        for fd, stream in [(fd, s) for fd, s in self.connecting.items() if s.deadline < now]:
+            del self.connecting[fd]
+            self.epoll.unregister(fd)
+            self.fail(stream, "connect timeout")
+
+    def end(self, stream: Stream, error: str | None, reusable: bool = True) -> None:
+        """The stream is over: judge it, then keep its connection for the slot's next stream or close it."""
+        plan, rec, now = self.plan, stream.record, time.time()
+        self.active.pop(stream.sock.fileno(), None)
+        if error is None and rec.events != plan.events:
+            error = f"{rec.events} events, expected {plan.events}"
+        if error is None and plan.want_done and not stream.saw_done:
+            error = "no [DONE]"
+        rec.error, rec.complete, rec.end = error, error is None, now - plan.t0
+        again = plan.mode == "steady" and now < self.stop_at
+        if again and error is None and reusable and stream.keep and not plan.fresh_connections:
+            heapq.heappush(self.due, (now, rec.slot, stream.sock))
+            return
+        self.epoll.unregister(stream.sock.fileno())
+        stream.sock.close()
+        if again:
+            heapq.heappush(self.due, (now, rec.slot, None))
+
+    def fail(self, stream: Stream, error: str) -> None:
+        stream.sock.close()
+        rec = stream.record
+        rec.error, rec.end = error, time.time() - self.plan.t0
+        if self.plan.mode == "steady" and time.time() < self.stop_at:
+            heapq.heappush(self.due, (time.time() + 0.01, rec.slot, None))
+
+
+def client_main(plan: StreamPlan, index: int) -> dict:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu0 = usage.ru_utime + usage.ru_stime  # not the interpreter's start-up
+    client = Client(plan, index)
+    client.run()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "cpu_s": usage.ru_utime + usage.ru_stime - cpu0,
+        "lags_ms": [round(x, 3) for x in client.lags],
+        "records": [
+            [
+                r.slot,
+                r.scheduled,
+                r.start,
+                r.status,
+                r.events,
+                r.complete,
+                r.error,
+                r.end,
+                [round(a, 6) for a in r.arrivals],
+            ]
+            for r in client.records
+        ],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="one SSE client process of bench.sse_load")
+    parser.add_argument("--plan", type=Path, required=True)
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    plan = StreamPlan(**json.loads(args.plan.read_text()))
+    args.out.write_text(json.dumps(client_main(plan, args.index)))
+
+
+# ---- the parent -----------------------------------------------------------------------------------
+
+
+def run_streams(plan: StreamPlan, workdir: Path) -> ClientRun:
+    """Run `plan` from `plan.procs` client processes and gather every stream's record."""
+    plan.procs = max(1, min(plan.procs, plan.streams))
+    # Every client must be up and idle before the first stream is due.
+    plan.t0 = time.time() + 0.5 + 0.2 * plan.procs
+    plan_file = workdir / "sse-plan.json"
+    plan_file.write_text(json.dumps(asdict(plan)))
+    outs = [workdir / f"sse-client-{i}.json" for i in range(plan.procs)]
+    for out in outs:
+        out.unlink(missing_ok=True)
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bench.sse_load",
+                "--plan",
+                str(plan_file),
+                "--index",
+                str(i),
+                "--out",
+                str(out),
+            ],
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+        for i, out in enumerate(outs)
+    ]
+    bound = plan.t0 - time.time() + plan.ramp_s + plan.hold_s + plan.timeout_s + 30
+    deadline = time.monotonic() + bound
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-    except (OSError, TimeoutError) as exc:
-        result.error = f"connect: {exc}"
-        return result
-    try:
-        writer.write(request)
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
-        result.status = int(head.split(b" ", 2)[1])
-        tail = b""
-        deadline = start + timeout
-        while True:
-            chunk = await asyncio.wait_for(reader.read(65536), max(deadline - time.perf_counter(), 0.001))
-            now = time.perf_counter() - start
-            if not chunk:
-                result.error = "closed before the end"
-                break
-            data = tail + chunk
-            new = data.count(b"data: ") - tail.count(b"data: ")
-            if done_marker == b"data: [DONE]" and b"data: [DONE]" in data and b"data: [DONE]" not in tail:
-                new -= 1
-            for _ in range(max(new, 0)):
-                result.events += 1
-                result.arrivals.append(now)
-                if result.first_event_s is None:
-                    result.first_event_s = now
-            if done_marker in data:
-                result.ok = result.status == 200
-                break
-            tail = data[-32:]
-    except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
-        result.error = f"{type(exc).__name__}: {exc}"
+        for p in procs:
+            p.wait(max(deadline - time.monotonic(), 0.1))
+    except subprocess.TimeoutExpired:
+        pass
     finally:
-        writer.close()
-    return result
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    wall = time.time() - plan.t0
+    records: list[StreamRecord] = []
+    lags: list[float] = []
+    cpu = 0.0
+    for p, out in zip(procs, outs, strict=True):
+        if p.returncode != 0 or not out.exists():
+            raise RuntimeError(f"SSE client {out.name} failed (exit {p.returncode})")
+        data = json.loads(out.read_text())
+        cpu += data["cpu_s"]
+        lags.extend(data["lags_ms"])
+        for slot, scheduled, start, status, events, complete, error, end, arrivals in data["records"]:
+            records.append(
+                StreamRecord(slot, scheduled, start, status, events, complete, error, end, arrivals)
+            )
+    return ClientRun(plan, records, cpu, lags, wall)
 
 
-def stream_request(host: str, port: int, path: str, body: dict) -> bytes:
-    payload = json.dumps(body).encode()
-    return (
-        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-        f"Accept: text/event-stream\r\nContent-Length: {len(payload)}\r\n\r\n"
-    ).encode() + payload
-
-
-async def run_streams(
-    host: str, port: int, path: str, body: dict, n: int, done_marker: bytes, timeout: float = 60.0
-) -> list[StreamResult]:
-    request = stream_request(host, port, path, body)
-    return await asyncio.gather(*(one_stream(host, port, request, done_marker, timeout) for _ in range(n)))
+if __name__ == "__main__":
+    main()
