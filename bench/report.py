@@ -168,6 +168,19 @@ def instrument_table(results: dict[str, ScenarioResult]) -> str:
     return "\n".join(lines)
 
 
+def disturbed(results: dict[str, ScenarioResult], limit_cores: float = 0.2) -> list[str]:
+    """Warnings for runs during which processes outside the bench used more than `limit_cores`."""
+    out = []
+    for key, res in results.items():
+        worst = max(run[side]["other_cores"] for run in res.runs for side in run)
+        if worst > limit_cores:
+            out.append(
+                f"{key}: other processes on the machine used up to {worst:.2f} cores during its runs; "
+                f"its figures may be disturbed: run it again (--only {key})"
+            )
+    return out
+
+
 def verdict_table(found: list[Verdict]) -> str:
     lines = ["| scenario | target | value | result |", "|---|---|---:|---|"]
     for v in found:

@@ -245,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.cpu_count()})\n"
     )
     print(report.instrument_table(results))
+    for warning in report.disturbed(results):
+        print(f"\n**Warning**: {warning}")
     print(f"\ntotal time {time.monotonic() - started:.0f} s")
     if opts.json:
         opts.json.write_text(json.dumps(report.document(header, ceiling, results, found, soak), indent=1))
