@@ -1,8 +1,15 @@
-"""A fast fake OpenAI API for benchmarks: asyncio protocol, pre-rendered answers, optional processes.
+"""A fast fake OpenAI API for benchmarks: asyncio callbacks, pre-rendered answers, optional processes.
 
 Unlike tests/fake_upstream.py (built for faults and inspection), this one is built to not be the
 bottleneck. It answers chat completions, responses (JSON, or SSE when the body asks to stream) and
-embeddings after a configurable latency; streams send `--events` events `--gap-ms` apart.
+embeddings after `--latency-ms`; a stream sends its first event at once and then one event every
+`--gap-ms` on a fixed schedule from its start (a late event does not push the later ones back, as a
+model producing tokens would not wait for the network).
+
+Everything runs from loop callbacks (no coroutine or task per request or event), so one emitted
+event costs one timer and one `send`. Every scheduled write also records how late it went out in a
+histogram shared by all processes (`GET /_bench/stats`), so a run can tell when the fake itself was
+too busy to keep its schedule.
 
     python -m bench.fake_upstream --port 9100 --latency-ms 50 --events 50 --gap-ms 20 --procs 1
 """
@@ -11,174 +18,264 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import math
+import mmap
 import os
 import signal
 import socket
 import sys
+from collections import deque
 
-CHAT = json.dumps(
-    {
-        "id": "chatcmpl-bench",
-        "object": "chat.completion",
-        "created": 1741476542,
-        "model": "gpt-4o-mini",
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": "Hello from the bench upstream."},
-                "finish_reason": "stop",
-            }
-        ],
-        "usage": {"prompt_tokens": 25, "completion_tokens": 7, "total_tokens": 32},
-    },
-    separators=(",", ":"),
-).encode()
-RESPONSE = json.dumps(
-    {
-        "id": "resp_bench",
-        "object": "response",
-        "status": "completed",
-        "model": "gpt-4o-mini",
-        "output": [
-            {
-                "type": "message",
-                "id": "msg_1",
-                "role": "assistant",
-                "content": [{"type": "output_text", "text": "Hello.", "annotations": []}],
-            }
-        ],
-        "usage": {"input_tokens": 10, "output_tokens": 2, "total_tokens": 12},
-    },
-    separators=(",", ":"),
-).encode()
-EMBEDDINGS = json.dumps(
-    {
-        "object": "list",
-        "data": [{"object": "embedding", "index": 0, "embedding": [0.0023064255, -0.009327292] * 64}],
-        "model": "text-embedding-3-small",
-        "usage": {"prompt_tokens": 9, "total_tokens": 9},
-    },
-    separators=(",", ":"),
-).encode()
-NOT_FOUND = b'{"error":{"message":"unknown path","type":"invalid_request_error","code":null,"param":null}}'
+from bench.fake_answers import (
+    CHAT,
+    CHUNKED_END,
+    EMBEDDINGS,
+    NOT_FOUND,
+    RESPONSE,
+    answer,
+    compact,
+    head,
+    sse_events,
+)
+
+# Lateness histogram: LATE_BUCKETS buckets of LATE_STEP_MS each, the last one open-ended.
+LATE_STEP_MS = 0.25
+LATE_BUCKETS = 1000
+_SLOT_BYTES = LATE_BUCKETS * 8
+MAX_PROCS = 16
 
 
-def sse_events(n: int) -> list[bytes]:
-    created = {
-        "type": "response.created",
-        "sequence_number": 0,
-        "response": {"id": "resp_bench", "model": "m"},
-    }
-    events = [created]
-    for i in range(max(n - 2, 0)):
-        events.append({"type": "response.output_text.delta", "sequence_number": i + 1, "delta": f"tok{i} "})
-    events.append(
-        {
-            "type": "response.completed",
-            "sequence_number": n - 1,
-            "response": {
-                "id": "resp_bench",
-                "status": "completed",
-                "usage": {"input_tokens": 5, "output_tokens": n},
-            },
-        }
-    )
-    out = []
-    for ev in events[:n]:
-        data = json.dumps(ev, separators=(",", ":")).encode()
-        frame = b"event: " + ev["type"].encode() + b"\ndata: " + data + b"\n\n"
-        out.append(b"%x\r\n%s\r\n" % (len(frame), frame))
-    return out
+class Lateness:
+    """How late scheduled writes went out: one histogram row per process in anonymous shared memory."""
+
+    def __init__(self, procs: int) -> None:
+        self.shm = mmap.mmap(-1, _SLOT_BYTES * procs)
+        self.procs = procs
+        self.row = memoryview(self.shm)[:_SLOT_BYTES].cast("q")
+
+    def use_slot(self, index: int) -> None:
+        """Called once in each process after the fork: write to its own row, so no locks are needed."""
+        self.row = memoryview(self.shm)[index * _SLOT_BYTES : (index + 1) * _SLOT_BYTES].cast("q")
+
+    def note(self, late_s: float) -> None:
+        bucket = int(late_s * 1000.0 / LATE_STEP_MS)
+        self.row[bucket if bucket < LATE_BUCKETS else LATE_BUCKETS - 1] += 1
+
+    def totals(self) -> list[int]:
+        rows = [
+            memoryview(self.shm)[i * _SLOT_BYTES : (i + 1) * _SLOT_BYTES].cast("q") for i in range(self.procs)
+        ]
+        return [sum(col) for col in zip(*rows, strict=True)]
 
 
-def head(status: int, length: int | None, content_type: bytes) -> bytes:
-    reason = b"OK" if status == 200 else b"Not Found"
-    lines = [
-        b"HTTP/1.1 %d %s" % (status, reason),
-        b"Content-Type: " + content_type,
-        b"x-request-id: req_bench",
-    ]
-    lines.append(b"Content-Length: %d" % length if length is not None else b"Transfer-Encoding: chunked")
-    return b"\r\n".join(lines) + b"\r\n\r\n"
+class Wheel:
+    """Stream events due in the same millisecond are written from one timer callback.
+
+    One asyncio timer per event (a TimerHandle, a heap push and pop, a callback) cost more than the
+    event's own `send`; the loop's timers have millisecond resolution anyway (epoll), so a 1 ms
+    wheel changes no event's time by more than the loop already did.
+    """
+
+    TICK_S = 0.001
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.buckets: dict[int, list[tuple[Upstream, int, float]]] = {}
+        self.timer: asyncio.TimerHandle | None = None
+        self.running = False
+
+    def add(self, due: float, protocol: Upstream, index: int, start: float) -> None:
+        tick = math.ceil(due / self.TICK_S - 1e-6)  # the first tick at or after `due`
+        bucket = self.buckets.get(tick)
+        if bucket is None:
+            self.buckets[tick] = [(protocol, index, start)]
+            if self.running:
+                return  # run() schedules the next tick when it is done
+            if self.timer is None or tick * self.TICK_S < self.timer.when():
+                if self.timer is not None:
+                    self.timer.cancel()
+                self.timer = self.loop.call_at(tick * self.TICK_S, self.run)
+        else:
+            bucket.append((protocol, index, start))
+
+    def run(self) -> None:
+        self.timer = None
+        self.running = True
+        try:
+            now_tick = math.floor(self.loop.time() / self.TICK_S + 1e-6)
+            for tick in sorted(t for t in self.buckets if t <= now_tick):
+                for protocol, index, start in self.buckets.pop(tick):
+                    if not protocol.closed:
+                        protocol.emit(index, start)
+        finally:
+            self.running = False
+        if self.buckets:
+            self.timer = self.loop.call_at(min(self.buckets) * self.TICK_S, self.run)
 
 
-class Upstream(asyncio.Protocol):
+# One receive buffer per process (see get_buffer): asyncio's plain `data_received` allocates a new
+# 256 KiB bytes object for every read, which costs more than the rest of a request here.
+_RECV = memoryview(bytearray(256 * 1024))
+MAX_HEAD = 16384  # where a request head is looked for before falling back to buffering
+
+
+class Upstream(asyncio.BufferedProtocol):
     """One client connection: parse requests (Content-Length bodies), answer them in order."""
 
-    def __init__(self, opts: argparse.Namespace, events: list[bytes]) -> None:
+    def __init__(
+        self, opts: argparse.Namespace, events: list[bytes], lateness: Lateness, wheel: Wheel
+    ) -> None:
         self.opts = opts
+        self.wheel = wheel
         self.events = events
-        self.buffer = b""
+        self.lateness = lateness
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.worker: asyncio.Task | None = None
+        self.head_buf = bytearray()  # request head bytes until its blank line
+        self.scan_from = 0
+        self.request_head: tuple[str, str, int] | None = None  # (path, target, content length)
+        self.body_parts: list[bytes] = []  # a list, not a growing buffer: 1 MiB bodies come in pieces
+        self.body_left = 0
+        self.keep_body = False
+        self.pending: deque[tuple[str, str, bytes]] = deque()
+        self.busy = False
+        self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.worker = asyncio.get_running_loop().create_task(self.serve())
+        # asyncio sets TCP_NODELAY only on sockets whose proto is IPPROTO_TCP, and accepted sockets
+        # of a listener made with proto 0 are not: without this, Nagle holds an event back until
+        # the peer's delayed ACK (~40 ms) on every kept-alive connection.
+        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.worker:
-            self.worker.cancel()
+        self.closed = True
 
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _RECV
+
+    def buffer_updated(self, nbytes: int) -> None:
+        data = _RECV[:nbytes]
         while True:
-            end = self.buffer.find(b"\r\n\r\n")
-            if end < 0:
+            if self.request_head is None:
+                if not data:
+                    return
+                data = self.read_head(data)
+                if self.request_head is None:
+                    return
+            take = min(self.body_left, len(data))
+            if take:
+                if self.keep_body:
+                    self.body_parts.append(bytes(data[:take]))
+                self.body_left -= take
+                data = data[take:]
+            if self.body_left:
                 return
-            header = self.buffer[:end].decode("latin-1")
-            lines = header.split("\r\n")
-            fields = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in lines[1:])}
-            rest = self.buffer[end + 4 :]
-            # The proxy (httpx) and the load tools send Content-Length bodies; that is all we need.
-            length = int(fields.get("content-length", "0"))
-            if len(rest) < length:
-                return
-            body, self.buffer = rest[:length], rest[length:]
-            method, path, _ = lines[0].split(" ", 2)
-            self.queue.put_nowait((method, path.split("?", 1)[0], path, body))
+            path, target, _ = self.request_head
+            self.pending.append((path, target, b"".join(self.body_parts)))
+            self.request_head, self.body_parts = None, []
+            self.next_request()
 
-    async def serve(self) -> None:
-        opts, write = self.opts, self.transport.write
-        while True:
-            _method, path, target, body = await self.queue.get()
-            if opts.latency_ms:
-                await asyncio.sleep(opts.latency_ms / 1000.0)
-            if path == "/v1/chat/completions":
-                write(head(200, len(CHAT), b"application/json") + CHAT)
-            elif path == "/v1/embeddings":
-                write(head(200, len(EMBEDDINGS), b"application/json") + EMBEDDINGS)
-            elif path == "/v1/responses" and b'"stream":true' not in body.replace(b" ", b""):
-                write(head(200, len(RESPONSE), b"application/json") + RESPONSE)
-            elif path == "/v1/responses" or (path.startswith("/v1/responses/") and "stream=true" in target):
-                write(head(200, None, b"text/event-stream"))
-                for i, frame in enumerate(self.events):
-                    if i and opts.gap_ms:
-                        await asyncio.sleep(opts.gap_ms / 1000.0)
-                    if self.transport.is_closing():
-                        return
-                    write(frame)
-                write(b"0\r\n\r\n")
-            else:
-                write(head(404, len(NOT_FOUND), b"application/json") + NOT_FOUND)
+    def read_head(self, data: memoryview) -> memoryview:
+        """Parse a request head from `data` (or from it and earlier reads); return what follows it."""
+        if self.head_buf:
+            self.head_buf += data
+            window, data = self.head_buf, memoryview(b"")
+        else:
+            window = bytes(data[:MAX_HEAD])
+        end = window.find(b"\r\n\r\n", self.scan_from)
+        if end < 0:
+            if not self.head_buf:
+                self.head_buf += data
+            self.scan_from = max(len(window) - 3, 0)
+            return memoryview(b"")
+        if self.head_buf:
+            data = memoryview(bytes(self.head_buf[end + 4 :]))
+            self.head_buf = bytearray()
+        else:
+            data = data[end + 4 :]
+        self.scan_from = 0
+        lines = bytes(window[:end]).decode("latin-1").split("\r\n")
+        length = 0
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "content-length":
+                length = int(value)
+        # The proxy and the load tools send Content-Length bodies; that is all we need.
+        target = lines[0].split(" ", 2)[1]
+        path = target.split("?", 1)[0]
+        self.request_head = (path, target, length)
+        self.body_left = length
+        # Only /v1/responses looks at its body (does it ask to stream?). Not keeping a 1 MiB chat
+        # body saves copying it, and touching fresh pages costs more than the copy on a VM.
+        self.keep_body = path.startswith("/v1/responses")
+        return data
+
+    def next_request(self) -> None:
+        if self.busy or not self.pending or self.closed:
+            return
+        self.busy = True
+        request = self.pending.popleft()
+        if self.opts.latency_ms:
+            due = self.loop.time() + self.opts.latency_ms / 1000.0
+            self.loop.call_at(due, self.respond, request, due)
+        else:
+            self.respond(request, None)
+
+    def respond(self, request: tuple[str, str, bytes], due: float | None) -> None:
+        if self.closed:
+            return
+        if due is not None:
+            self.lateness.note(self.loop.time() - due)
+        path, target, body = request
+        write = self.transport.write
+        if path == "/v1/chat/completions":
+            write(answer(200, CHAT))
+        elif path == "/v1/embeddings":
+            write(answer(200, EMBEDDINGS))
+        elif path == "/_bench/stats":
+            write(answer(200, compact({"late_step_ms": LATE_STEP_MS, "late": self.lateness.totals()})))
+        elif path == "/v1/responses" and b'"stream":true' not in body.replace(b" ", b""):
+            write(answer(200, RESPONSE))
+        elif path == "/v1/responses" or (path.startswith("/v1/responses/") and "stream=true" in target):
+            write(head(200, None, b"text/event-stream") + self.events[0])
+            self.emit(1, self.loop.time())
+            return
+        else:
+            write(answer(404, NOT_FOUND))
+        self.busy = False
+        self.next_request()
+
+    def emit(self, index: int, start: float) -> None:
+        """Write the events from `index` on that are due, schedule the next one; end the body after the last."""
+        gap = self.opts.gap_ms / 1000.0
+        events, write, loop = self.events, self.transport.write, self.loop
+        while index < len(events):
+            if gap:
+                due = start + index * gap
+                late = loop.time() - due
+                if late < 0:
+                    self.wheel.add(due, self, index, start)
+                    return
+                self.lateness.note(late)
+            write(events[index])
+            index += 1
+        write(CHUNKED_END)
+        self.busy = False
+        self.next_request()
 
 
-def serve(opts: argparse.Namespace, sock: socket.socket) -> None:
+def serve(opts: argparse.Namespace, sock: socket.socket, lateness: Lateness) -> None:
     async def main() -> None:
         events = sse_events(opts.events)
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(lambda: Upstream(opts, events), sock=sock, backlog=4096)
+        wheel = Wheel()
+        server = await loop.create_server(
+            lambda: Upstream(opts, events, lateness, wheel), sock=sock, backlog=4096
+        )
         async with server:
             await server.serve_forever()
 
-    try:
-        import uvloop  # optional: faster still if installed
-
-        uvloop.install()
-    except ImportError:
-        pass
     asyncio.run(main())
 
 
@@ -188,29 +285,35 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument("--events", type=int, default=50)
     parser.add_argument("--gap-ms", type=float, default=20.0)
-    parser.add_argument("--procs", type=int, default=1)
+    parser.add_argument("--procs", type=int, default=1, help=f"processes sharing the socket (1-{MAX_PROCS})")
     opts = parser.parse_args(argv)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    opts.procs = min(max(opts.procs, 1), MAX_PROCS)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", opts.port))
     sock.listen(4096)
     sock.setblocking(False)
+    lateness = Lateness(opts.procs)
     children = []
-    for _ in range(opts.procs - 1):
+    for index in range(1, opts.procs):
         pid = os.fork()
         if pid == 0:
-            serve(opts, sock)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            lateness.use_slot(index)
+            serve(opts, sock, lateness)
             os._exit(0)
         children.append(pid)
 
-    def stop(*_):
+    def stop(*_: object) -> None:
         for pid in children:
             os.kill(pid, signal.SIGTERM)
+        for pid in children:
+            os.waitpid(pid, 0)
         sys.exit(0)
 
     signal.signal(signal.SIGTERM, stop)
     print(f"bench upstream on 127.0.0.1:{opts.port} ({opts.procs} process(es))", flush=True)
-    serve(opts, sock)
+    serve(opts, sock, lateness)
 
 
 if __name__ == "__main__":

@@ -1,400 +1,258 @@
 """The benchmark suite: the proxy under real gunicorn against a fast fake upstream, vs the fake alone.
 
-    ./bench/run.sh                      # every scenario, 3 runs each after a warm-up
-    ./bench/run.sh --only stream --streams 1000
-    ./bench/run.sh --soak-minutes 10    # adds the memory soak
+    ./bench/run.sh                          # every scenario, 3 runs each after a warm-up
+    ./bench/run.sh --only c1 streams_steady --json /tmp/bench.json
+    ./bench/run.sh --soak-minutes 10        # adds the memory soak
 
-Each scenario runs the same load twice per run: through the proxy and directly against the fake
+Each scenario sends the same load twice per run: through the proxy and directly to the fake
 upstream, so every figure has its baseline from the same minute on the same machine. Load comes
-from wrk (JSON scenarios) and bench/sse_load.py (streams). The proxy's CPU is read from /proc for
-the whole gunicorn process tree. Everything stays on 127.0.0.1 and every run is time-bounded.
+from wrk (JSON scenarios) and bench/sse_load.py (streams). CPU is read from /proc for the gunicorn
+tree, the fake and the rest of the machine. Everything stays on 127.0.0.1 and every run is bounded
+in time. See bench/README.md for the methodology.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
-import re
-import shutil
-import socket
-import statistics
-import subprocess
+import shlex
 import sys
 import tempfile
 import time
-import urllib.request
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from contextlib import ExitStack
 from pathlib import Path
 
+from bench import report, wrk
+from bench.meter import Meter
+from bench.procs import FakeSettings, raise_open_files_limit, start_upstream
+from bench.scenarios import (
+    MIB,
+    Scenario,
+    ScenarioResult,
+    chat_body,
+    median_metrics,
+    run_scenario,
+    stream_plan,
+)
+from bench.soak import run_soak
 from bench.sse_load import run_streams
 
-ROOT = Path(__file__).resolve().parent.parent
-KEY = "bench-security-key"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-PAGE = os.sysconf("SC_PAGE_SIZE")
+
+def scenarios(opts: argparse.Namespace) -> list[Scenario]:
+    n, small = opts.streams, opts.compare_streams
+    each = f"x {opts.events} events {opts.gap_ms:g} ms apart"
+    return [
+        Scenario("c1", "small /openai chat, c=1", "json", connections=1),
+        Scenario("c64_50ms", "/openai c=64, upstream 50 ms", "json", connections=64, latency_ms=50.0),
+        Scenario("c64_0ms", "/openai c=64, upstream 0 ms", "json", connections=64),
+        Scenario(
+            "streams_steady", f"/openai2 {n} streams {each}, steady", "stream", streams=n, mode="steady"
+        ),
+        Scenario("streams_burst", f"/openai2 {n} streams {each}, burst", "stream", streams=n, mode="burst"),
+        Scenario(
+            "streams200_steady", f"/openai2 {small} streams, steady", "stream", streams=small, mode="steady"
+        ),
+        Scenario(
+            "streams200_burst", f"/openai2 {small} streams, burst", "stream", streams=small, mode="burst"
+        ),
+        Scenario("body_1mib", "1 MiB /openai body, c=1", "json", connections=1, body_bytes=MIB),
+    ]
 
 
-# ---- processes ------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on port {port}")
-
-
-def tree(pid: int) -> list[int]:
-    """`pid` and all its descendants."""
-    pids, frontier = [pid], [pid]
-    while frontier:
-        parent = frontier.pop()
-        try:
-            children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
-        except OSError:
-            children = []
-        for child in map(int, children):
-            pids.append(child)
-            frontier.append(child)
-    return pids
-
-
-def cpu_seconds(pid: int) -> float:
-    total = 0
-    for p in tree(pid):
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime + stime
-    return total / CLK_TCK
-
-
-def rss_bytes(pid: int) -> int:
-    total = 0
-    for p in tree(pid):
-        try:
-            total += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * PAGE
-        except OSError:
-            continue
-    return total
-
-
-class Proc:
-    def __init__(self, args: list[str], env: dict[str, str], port: int, log: Path) -> None:
-        self.port = port
-        self.log = log
-        self._log = open(log, "wb")  # noqa: SIM115
-        self.popen = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-        wait_port(port)
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(10)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-        self._log.close()
-
-
-def start_upstream(workdir: Path, *, latency_ms=0.0, events=50, gap_ms=20.0, procs=1) -> Proc:
-    port = free_port()
-    args = [sys.executable, "-m", "bench.fake_upstream", "--port", str(port), "--latency-ms", str(latency_ms),
-            "--events", str(events), "--gap-ms", str(gap_ms), "--procs", str(procs)]  # fmt: skip
-    return Proc(args, dict(os.environ), port, workdir / f"upstream-{port}.log")
-
-
-def start_proxy(workdir: Path, upstream: Proc, **env: str) -> Proc:
-    port = free_port()
-    full_env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "SECURITY_KEY", "ACCESS_TOKEN"))
-    }
-    full_env.update(
-        PORT=str(port),
-        OPENAI_BASE_URL=f"http://127.0.0.1:{upstream.port}/v1",
-        OPENAI_API_KEY="sk-bench-0000000000000000",
-        SECURITY_KEY=KEY,
-        # The gate is a policy, not a speed limit: the bench must not hit it.
-        OPENAI_PROXY_MAX_PARALLEL_REQUESTS="4096",
-        OPENAI_PROXY_LOG_DB=str(workdir / "log.sqlite3"),
-        **env,
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    keys = [s.key for s in scenarios(argparse.Namespace(streams=0, compare_streams=0, events=0, gap_ms=0))]
+    p = argparse.ArgumentParser(prog="bench/run.sh", description="openai-proxy benchmark suite")
+    p.add_argument("--only", nargs="+", choices=keys, metavar="SCENARIO", help=f"of: {', '.join(keys)}")
+    p.add_argument("--runs", type=int, default=3, help="measured runs per scenario (default 3; medians)")
+    p.add_argument("--seconds", type=float, default=5.0, help="wrk duration of each JSON run (default 5)")
+    p.add_argument("--warmup-seconds", type=float, default=2.0, help="wrk warm-up per side (default 2)")
+    p.add_argument("--streams", type=int, default=1000, help="concurrent streams of the target rows")
+    p.add_argument("--compare-streams", type=int, default=200, help="the smaller stream rows (default 200)")
+    p.add_argument("--events", type=int, default=50, help="events per stream (default 50)")
+    p.add_argument("--gap-ms", type=float, default=20.0, help="upstream event spacing (default 20)")
+    p.add_argument(
+        "--ramp-s",
+        type=float,
+        default=None,
+        help="steady: spread of stream starts (default: one stream's duration)",
     )
-    gunicorn = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app.wsgi:app"]
-    proc = Proc(gunicorn, full_env, port, workdir / f"proxy-{port}.log")
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1).read()
-            return proc
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("proxy did not start: " + proc.log.read_text())
+    p.add_argument(
+        "--hold-s",
+        type=float,
+        default=3.0,
+        help="steady: how long slots keep reopening streams after the ramp",
+    )
+    p.add_argument(
+        "--client-procs",
+        type=int,
+        default=0,
+        help="stream client processes (default: 1 per 500 streams, at most one per core)",
+    )
+    p.add_argument(
+        "--fresh-connections", action="store_true", help="steady: a new connection for every stream"
+    )
+    p.add_argument(
+        "--poll-ms", type=float, default=1.0, help="stream clients read every this often (0: on every event)"
+    )
+    p.add_argument("--upstream-procs", type=int, default=1, help="fake upstream processes (default 1)")
+    p.add_argument("--soak-minutes", type=float, default=0.0, help="also run the memory soak this long")
+    p.add_argument("--skip-ceilings", action="store_true", help="do not measure the fake's own ceilings")
+    p.add_argument("--json", type=Path, help="also write every figure to this file")
+    return p.parse_args(argv)
 
 
-# ---- load ---------------------------------------------------------------------------------------------
-
-_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60000.0}
-
-
-@dataclass
-class WrkResult:
-    rps: float
-    p50_ms: float
-    p99_ms: float
-    requests: int
-    errors: int
-
-
-def wrk(
-    port: int, path: str, body: bytes, *, connections: int, seconds: float, threads: int = 1
-) -> WrkResult:
-    with tempfile.TemporaryDirectory() as tmp:
-        body_file = Path(tmp) / "body.json"
-        body_file.write_bytes(body)
-        script = Path(tmp) / "post.lua"
-        script.write_text(
-            'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
-            f'local f = io.open("{body_file}", "rb")\nwrk.body = f:read("*a")\nf:close()\n'
-            "done = function(summary, latency, requests)\n"
-            '  io.write(string.format("JSON {\\"p50\\": %d, \\"p99\\": %d, \\"errors\\": %d}\\n",\n'
-            "    latency:percentile(50), latency:percentile(99),\n"
-            "    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.status"
-            " + summary.errors.timeout))\nend\n"
-        )
-        out = subprocess.run(
-            [
-                "wrk",
-                f"-t{threads}",
-                f"-c{connections}",
-                f"-d{max(int(seconds), 1)}s",
-                "--timeout",
-                "10s",
-                "-s",
-                str(script),
-                f"http://127.0.0.1:{port}{path}",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=seconds + 30,
-            check=True,
-        ).stdout
-    stats = json.loads(out[out.index("JSON ") + 5 :].splitlines()[0])
-    requests = int(re.search(r"(\d+) requests in", out).group(1))
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    return WrkResult(rps, stats["p50"] / 1000.0, stats["p99"] / 1000.0, requests, stats["errors"])
-
-
-def chat_body(size: int = 0) -> dict:
-    body = {
-        "model": "gpt-4o-mini",
-        "messages": [{"role": "user", "content": "What is TypeScript?"}],
-        "max_tokens": 50,
-    }
-    if size:
-        body["messages"][0]["content"] = "x" * size
-    return body
-
-
-# ---- scenarios ------------------------------------------------------------------------------------
-
-
-@dataclass
-class Row:
-    scenario: str
-    metric: str
-    proxy: float
-    direct: float | None
-    unit: str
-    target: str = ""
-    verdict: str = ""
-
-
-@dataclass
-class Scenario:
-    name: str
-    describe: str
-    run: Callable[[argparse.Namespace, Path], dict[str, tuple[float, float | None]]]
-    rows: Callable[[dict[str, float], dict[str, float | None]], list[Row]] = field(default=lambda p, d: [])
-
-
-def _json_scenario(path_proxy: str, body: dict, *, connections: int, latency_ms: float, seconds: float):
-    def run(opts: argparse.Namespace, workdir: Path) -> dict[str, tuple[float, float | None]]:
-        upstream = start_upstream(workdir, latency_ms=latency_ms, procs=opts.upstream_procs)
-        proxy = start_proxy(workdir, upstream)
-        try:
-            payload = json.dumps({**body, "security_key": KEY}).encode()
-            direct_payload = json.dumps(body).encode()
-            wrk(proxy.port, path_proxy, payload, connections=connections, seconds=2)  # warm-up
-            wrk(upstream.port, "/v1/chat/completions", direct_payload, connections=connections, seconds=1)
-            cpu0 = cpu_seconds(proxy.popen.pid)
-            rss_peak = rss_bytes(proxy.popen.pid)
-            via = wrk(proxy.port, path_proxy, payload, connections=connections, seconds=seconds)
-            cpu = cpu_seconds(proxy.popen.pid) - cpu0
-            rss_peak = max(rss_peak, rss_bytes(proxy.popen.pid))
-            direct = wrk(
-                upstream.port,
-                "/v1/chat/completions",
-                direct_payload,
-                connections=connections,
-                seconds=seconds,
-            )
-            return {
-                "rps": (via.rps, direct.rps),
-                "p50_ms": (via.p50_ms, direct.p50_ms),
-                "p99_ms": (via.p99_ms, direct.p99_ms),
-                "cpu_ms_per_req": (cpu * 1000.0 / max(via.requests, 1), None),
-                "errors": (via.errors, direct.errors),
-                "rss_mib": (rss_peak / 2**20, None),
-            }
-        finally:
-            proxy.stop()
-            upstream.stop()
-
-    return run
-
-
-def stream_scenario(opts: argparse.Namespace, workdir: Path) -> dict[str, tuple[float, float | None]]:
-    n, events, gap_ms = opts.streams, opts.events, opts.gap_ms
-    upstream = start_upstream(workdir, events=events, gap_ms=gap_ms, procs=opts.upstream_procs)
-    proxy = start_proxy(workdir, upstream)
-    body = {"model": "gpt-4o-mini", "input": "Write a poem.", "stream": True}
+def machine_line() -> str:
+    model = "unknown CPU"
     try:
-        asyncio.run(
-            run_streams(
-                "127.0.0.1", proxy.port, "/openai2", {**body, "security_key": KEY}, 20, b"data: [DONE]"
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {model}, "
+            f"Linux {platform.release()}, {platform.python_implementation()} {platform.python_version()}")  # fmt: skip
+
+
+def ceilings(opts: argparse.Namespace, workdir: Path, log) -> dict:
+    """The fake's own limits, measured directly: JSON requests/s under wrk, SSE events/s it can emit."""
+    out: dict = {}
+    if wrk.available():
+        with start_upstream(workdir, FakeSettings(procs=opts.upstream_procs)) as fake:
+            body = json.dumps(chat_body()).encode()
+            wrk.wrk(workdir, fake.port, "/v1/chat/completions", body, connections=64, seconds=1)
+            meter = Meter(None, fake.pid)
+            r = wrk.wrk(
+                workdir, fake.port, "/v1/chat/completions", body, connections=64, seconds=opts.seconds
             )
+            cpu = meter.stop()
+        out["json"] = {
+            "rps": r.rps, "p99_ms": r.p99_ms, "errors": r.errors, "fake_cores": cpu.cores(cpu.fake_s),
+            "fake_cpu_us_per_req": cpu.fake_s * 1e6 / max(r.requests, 1), "wrk_cores": cpu.cores(cpu.client_s),
+            "machine_busy_pct": cpu.machine_busy_pct,
+        }  # fmt: skip
+        log(f"  fake JSON ceiling: {r.rps:,.0f} req/s")
+    # SSE: as many streams as the target rows, events 1 ms apart: far more than the fake can send.
+    events, gap = 200, 1.0
+    with start_upstream(workdir, FakeSettings(events=events, gap_ms=gap, procs=opts.upstream_procs)) as fake:
+        sc = Scenario("ceiling", "", "stream", streams=opts.streams, mode="burst")
+        plan = stream_plan(
+            sc, argparse.Namespace(**{**vars(opts), "events": events, "gap_ms": gap}), fake.port, "direct"
         )
-        cpu0 = cpu_seconds(proxy.popen.pid)
-        via = asyncio.run(run_streams("127.0.0.1", proxy.port, "/openai2", {**body, "security_key": KEY}, n,
-                                      b"data: [DONE]"))  # fmt: skip
-        cpu = cpu_seconds(proxy.popen.pid) - cpu0
-        direct = asyncio.run(
-            run_streams("127.0.0.1", upstream.port, "/v1/responses", body, n, b"\r\n0\r\n\r\n")
-        )
-    finally:
-        proxy.stop()
-        upstream.stop()
-
-    def summary(results):
-        complete = [r for r in results if r.ok and r.events == events]
-        firsts = sorted(r.first_event_s * 1000 for r in results if r.first_event_s is not None)
-        gaps = sorted((r.worst_gap_s() or 0) * 1000 - gap_ms for r in results if r.arrivals)
-        return len(complete), firsts, gaps
-
-    v_complete, v_first, v_gap = summary(via)
-    d_complete, d_first, d_gap = summary(direct)
-    relayed = sum(r.events for r in via)
-    return {
-        "complete": (v_complete, d_complete),
-        "first_p50_ms": (pct(v_first, 50), pct(d_first, 50)),
-        "first_p99_ms": (pct(v_first, 99), pct(d_first, 99)),
-        "added_gap_p99_ms": (pct(v_gap, 99), pct(d_gap, 99)),
-        "cpu_us_per_event": (cpu * 1e6 / max(relayed, 1), None),
-    }
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    k = min(len(values) - 1, max(0, round(q / 100.0 * (len(values) - 1))))
-    return values[k]
-
-
-def body_scenario(opts: argparse.Namespace, workdir: Path) -> dict[str, tuple[float, float | None]]:
-    return _json_scenario(
-        "/openai", chat_body(1024 * 1024), connections=1, latency_ms=0, seconds=opts.seconds
-    )(opts, workdir)
-
-
-SCENARIOS = {
-    "c1": ("small /openai chat, concurrency 1, upstream 0 ms",
-           lambda o, w: _json_scenario("/openai", chat_body(), connections=1, latency_ms=0, seconds=o.seconds)(o, w)),
-    "c64_50ms": ("/openai, concurrency 64, upstream 50 ms",
-                 lambda o, w: _json_scenario("/openai", chat_body(), connections=64, latency_ms=50, seconds=o.seconds)(o, w)),
-    "c64_0ms": ("/openai, concurrency 64, upstream 0 ms",
-                lambda o, w: _json_scenario("/openai", chat_body(), connections=64, latency_ms=0, seconds=o.seconds)(o, w)),
-    "stream": ("/openai2 streams", stream_scenario),
-    "body_1mib": ("1 MiB request body, concurrency 1", body_scenario),
-}  # fmt: skip
-
-
-def median_of(runs: list[dict[str, tuple[float, float | None]]]) -> dict[str, tuple[float, float | None]]:
-    out = {}
-    for key in runs[0]:
-        proxy = statistics.median(r[key][0] for r in runs)
-        directs = [r[key][1] for r in runs if r[key][1] is not None]
-        out[key] = (proxy, statistics.median(directs) if directs else None)
+        meter = Meter(None, fake.pid)
+        run = run_streams(plan, workdir)
+        cpu = meter.stop()
+    got = sum(r.events for r in run.records)
+    span = max(r.end or 0 for r in run.records) - min(r.start for r in run.records)
+    out["sse"] = {
+        "streams": opts.streams, "events_per_stream": events, "gap_ms": gap,
+        "events_per_s": got / span if span > 0 else 0.0, "lost": sum(1 for r in run.records if not r.complete),
+        "fake_cores": cpu.cores(cpu.fake_s), "fake_cpu_us_per_event": cpu.fake_s * 1e6 / max(got, 1),
+        "client_cores": cpu.cores(cpu.client_s), "client_cpu_us_per_event": run.cpu_s * 1e6 / max(got, 1),
+        "machine_busy_pct": cpu.machine_busy_pct,
+    }  # fmt: skip
+    log(f"  fake SSE ceiling: {out['sse']['events_per_s']:,.0f} events/s")
     return out
 
 
-def upstream_ceiling(workdir: Path, opts: argparse.Namespace) -> float:
-    upstream = start_upstream(workdir, procs=opts.upstream_procs)
-    try:
-        body = json.dumps(chat_body()).encode()
-        return wrk(upstream.port, "/v1/chat/completions", body, connections=64, seconds=opts.seconds).rps
-    finally:
-        upstream.stop()
+def print_ceilings(c: dict, results: dict[str, ScenarioResult]) -> None:
+    print("\n## The instrument's own ceilings (fake upstream alone, same machine)\n")
+    if "json" in c:
+        j = c["json"]
+        print(f"- JSON: **{j['rps']:,.0f} req/s** (wrk c=64 straight to the fake; p99 {j['p99_ms']:.2f} ms). "
+              f"Fake {j['fake_cpu_us_per_req']:.0f} µs CPU/request ({j['fake_cores']:.2f} cores), "
+              f"wrk {j['wrk_cores']:.2f} cores, machine {j['machine_busy_pct']:.0f} % busy.")  # fmt: skip
+    s = c["sse"]
+    print(f"- SSE: **{s['events_per_s']:,.0f} events/s** delivered ({s['streams']} streams x "
+          f"{s['events_per_stream']} events {s['gap_ms']:g} ms apart, asking for far more; {s['lost']} lost). "
+          f"Fake {s['fake_cpu_us_per_event']:.1f} µs CPU/event ({s['fake_cores']:.2f} cores), "
+          f"client {s['client_cpu_us_per_event']:.1f} µs/event ({s['client_cores']:.2f} cores), "
+          f"machine {s['machine_busy_pct']:.0f} % busy. Events this close together leave in batches; "
+          "see the next line for their cost one at a time.")  # fmt: skip
+    for key, res in results.items():
+        if res.scenario.kind == "stream":
+            d = median_metrics(res.runs, "direct")
+            fake, client = d["fake_cpu_us_per_event"], d["client_cpu_us_per_event"]
+            print(f"- SSE at the scenarios' spacing ({key}, direct): fake {fake:.1f} µs CPU/event "
+                  f"(one fake process: at most ~{1e6 / fake:,.0f} events/s), stream client "
+                  f"{client:.1f} µs/event (~{1e6 / client:,.0f} events/s per client process).")  # fmt: skip
+            break
 
 
-def fmt(value: float | None) -> str:
-    if value is None:
-        return "—"
-    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}"
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="openai-proxy benchmark suite")
-    parser.add_argument(
-        "--only", nargs="*", choices=sorted(SCENARIOS), help="scenarios to run (default: all)"
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
+    chosen = [s for s in scenarios(opts) if not opts.only or s.key in opts.only]
+    if not wrk.available() and any(s.kind == "json" for s in chosen):
+        sys.exit("wrk is needed for the JSON scenarios (Debian/Ubuntu: apt-get install wrk); "
+                 "or choose only stream scenarios with --only")  # fmt: skip
+    # Twice the most requests the run ever has in flight: never a 503, and the gate's own work (its
+    # slot scans grow with the limit) stays what an operator sizing the limit for this load would see.
+    opts.max_parallel = 2 * max(64, opts.streams, opts.compare_streams, 164 if opts.soak_minutes else 0)
+    before, after = raise_open_files_limit()
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    command = "./bench/run.sh" + "".join(
+        " " + shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
     )
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--seconds", type=int, default=5, help="duration of each wrk run")
-    parser.add_argument("--streams", type=int, default=1000)
-    parser.add_argument("--events", type=int, default=50)
-    parser.add_argument("--gap-ms", type=float, default=20.0)
-    parser.add_argument("--upstream-procs", type=int, default=1)
-    opts = parser.parse_args(argv)
-    if not shutil.which("wrk") and set(opts.only or SCENARIOS) - {"stream"}:
-        sys.exit("wrk is needed for the JSON scenarios (Debian: apt-get install wrk); or run --only stream")
-
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} "
-          f"{platform.python_version()}, {platform.platform()}")  # fmt: skip
-    with tempfile.TemporaryDirectory(prefix="openai-proxy-bench-") as tmp:
-        workdir = Path(tmp)
-        if set(opts.only or SCENARIOS) - {"stream"}:
-            print(f"fake upstream ceiling (wrk c=64, direct): {upstream_ceiling(workdir, opts):,.0f} req/s")
-        for name in opts.only or SCENARIOS:
-            describe, run = SCENARIOS[name]
-            if name == "stream":
-                describe = f"{opts.streams} concurrent /openai2 streams x {opts.events} events {opts.gap_ms:g} ms apart"
-            runs = []
-            for i in range(opts.runs):
-                started = time.monotonic()
-                runs.append(run(opts, workdir))
-                print(f"  {name} run {i + 1}/{opts.runs}: {time.monotonic() - started:.1f}s", file=sys.stderr)
-            result = median_of(runs)
-            print(f"\n## {describe} (median of {opts.runs})")
-            print("| metric | proxy | direct | added |\n|---|---|---|---|")
-            for key, (proxy, direct) in result.items():
-                added = proxy - direct if direct is not None and key.endswith("_ms") else None
-                print(f"| {key} | {fmt(proxy)} | {fmt(direct)} | {fmt(added)} |")
+    header = {
+        "command": command,
+        "machine": machine_line(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()},
+        "open_files_limit": [before, after],
+        "max_parallel_requests": opts.max_parallel,
+    }
+    print(f"# openai-proxy bench\n\n`{command}`\n\nmachine: {header['machine']}; started {header['started']}")
+    print(f"open-files limit {before} → {after}; OPENAI_PROXY_MAX_PARALLEL_REQUESTS={opts.max_parallel} "
+          "(twice the most requests in flight: the gate is a policy, not a speed limit)")  # fmt: skip
+    started = time.monotonic()
+    results: dict[str, ScenarioResult] = {}
+    ceiling: dict = {}
+    soak = None
+    with ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="openai-proxy-bench-")))
+        if not opts.skip_ceilings:
+            log("ceilings ...")
+            ceiling = ceilings(opts, workdir, log)
+        for sc in chosen:
+            log(f"{sc.key}: {sc.title} ...")
+            results[sc.key] = run_scenario(sc, opts, workdir, log)
+        if opts.soak_minutes > 0:
+            log(f"soak for {opts.soak_minutes:g} min ...")
+            soak = run_soak(opts, workdir, log)
+    found = report.verdicts(results, soak)
+    print(
+        f"\n## Results (median of {opts.runs} runs after a warm-up; direct = same load straight to the fake)\n"
+    )
+    print(report.main_table(results, found))
+    for res in results.values():
+        for note in res.notes:
+            print(f"\n- {res.scenario.key}: {note}")
+    if soak:
+        print(f"\n## Memory soak ({soak['minutes']:g} min: {soak['load']})\n")
+        print(f"RSS of the gunicorn tree: start {soak['start_mib']:.1f} MiB, middle {soak['middle_mib']:.1f} MiB, "
+              f"end {soak['end_mib']:.1f} MiB, max {soak['max_mib']:.1f} MiB; slope {soak['slope_mib_per_min']:+.2f} "
+              f"MiB/min overall, {soak['late_slope_mib_per_min']:+.2f} MiB/min over the second half. "
+              f"{soak['requests']:,} requests ({soak['errors']} errors), {soak['streams']:,} streams "
+              f"({soak['lost_streams']} lost).")  # fmt: skip
+    print("\n## Targets\n")
+    print(report.verdict_table(found))
+    if ceiling:
+        print_ceilings(ceiling, results)
+    print(
+        "\n## Where the CPU went (cores = CPU seconds per wall second, medians; the machine has "
+        f"{os.cpu_count()})\n"
+    )
+    print(report.instrument_table(results))
+    for warning in report.disturbed(results):
+        print(f"\n**Warning**: {warning}")
+    print(f"\ntotal time {time.monotonic() - started:.0f} s")
+    if opts.json:
+        opts.json.write_text(json.dumps(report.document(header, ceiling, results, found, soak), indent=1))
+        log(f"wrote {opts.json}")
+    return 0  # a FAIL is a finding about the proxy, not a failure of the run
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""Processes for the bench: the fake upstream and the proxy under gunicorn, and what /proc says of them.
+
+Every process is started here with a log file in the run's temp dir and stopped by pid (SIGTERM,
+then SIGKILL for the whole tree after a grace period): other gunicorn servers on the same machine
+are never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "bench-security-key"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+# ---- /proc ----------------------------------------------------------------------------------------
+
+
+def tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (children of every thread, not only the main one)."""
+    pids, frontier = [pid], [pid]
+    while frontier:
+        parent = frontier.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                children = Path(f"/proc/{parent}/task/{task}/children").read_text().split()
+            except OSError:
+                continue
+            for child in map(int, children):
+                pids.append(child)
+                frontier.append(child)
+    return pids
+
+
+def cpu_of(pid: int) -> float:
+    """utime + stime of one process (all its threads), in seconds."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def cpu_by_pid(pid: int) -> dict[int, float]:
+    """CPU seconds of `pid` and each descendant."""
+    return {p: cpu_of(p) for p in tree(pid)}
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set of `pid` and its descendants, summed (shared pages count once per process)."""
+    total = 0
+    for p in tree(pid):
+        try:
+            total += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * PAGE
+        except OSError:
+            continue
+    return total
+
+
+def pss_bytes(pid: int) -> int:
+    """Proportional set size of the tree: shared pages split between the processes that map them."""
+    total = 0
+    for p in tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+        except OSError:
+            continue
+    return total
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, all cores, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    total = sum(fields[:8])  # guest time is already inside user
+    return (total - idle) / CLK_TCK, total / CLK_TCK
+
+
+def children_cpu() -> float:
+    """CPU seconds of this process's children that have been waited for (wrk, stream clients)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """Lift the soft open-files limit to the hard one (1000 streams need ~2000 sockets in the proxy)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard and hard != resource.RLIM_INFINITY:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    elif soft < 65536 and hard == resource.RLIM_INFINITY:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (65536, hard))
+    return soft, resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+# ---- the servers ---------------------------------------------------------------------------------
+
+
+class Proc:
+    """A server process with its output in a log file."""
+
+    def __init__(
+        self, name: str, args: list[str], env: dict[str, str], port: int, log: Path, cwd: Path = ROOT
+    ) -> None:
+        self.name = name
+        self.port = port
+        self.log = log
+        self._log = open(log, "wb")  # noqa: SIM115 (closed in stop)
+        self.popen = subprocess.Popen(args, cwd=cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.pid = self.popen.pid
+        try:
+            wait_port(port)
+        except RuntimeError:
+            self.stop()
+            raise RuntimeError(f"{name} did not start:\n{log.read_text()[-3000:]}") from None
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        if self.popen.poll() is None:
+            pids = tree(self.pid)
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                self.popen.wait()
+        self._log.close()
+
+    def __enter__(self) -> Proc:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@dataclass(frozen=True)
+class FakeSettings:
+    latency_ms: float = 0.0
+    events: int = 50
+    gap_ms: float = 20.0
+    procs: int = 1
+
+
+def start_upstream(workdir: Path, settings: FakeSettings) -> Proc:
+    port = free_port()
+    args = [
+        sys.executable, "-m", "bench.fake_upstream", "--port", str(port),
+        "--latency-ms", str(settings.latency_ms), "--events", str(settings.events),
+        "--gap-ms", str(settings.gap_ms), "--procs", str(settings.procs),
+    ]  # fmt: skip
+    return Proc("fake upstream", args, dict(os.environ), port, workdir / f"upstream-{port}.log")
+
+
+def fake_lateness(port: int) -> list[int]:
+    """The fake's cumulative histogram of how late its scheduled writes went out (see fake_upstream)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/_bench/stats", timeout=5) as r:
+        return json.loads(r.read())["late"]
+
+
+def proxy_env(workdir: Path, port: int, upstream_port: int, max_parallel: int) -> dict[str, str]:
+    """The environment of the proxy: only what the bench must set, nothing from the caller's OPENAI_*."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("OPENAI_", "SECURITY_KEY", "ACCESS_TOKEN", "HTTP_PROXY", "HTTPS_PROXY"))
+        and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")
+    }
+    env.update(
+        PORT=str(port),
+        OPENAI_BASE_URL=f"http://127.0.0.1:{upstream_port}/v1",
+        OPENAI_API_KEY="sk-bench-0000000000000000",
+        SECURITY_KEY=KEY,
+        OPENAI_PROXY_MAX_PARALLEL_REQUESTS=str(max_parallel),
+        OPENAI_PROXY_LOG_DB=str(workdir / "log.sqlite3"),
+        PYTHONPATH=str(ROOT),
+    )
+    return env
+
+
+def start_proxy(workdir: Path, upstream: Proc, max_parallel: int) -> Proc:
+    """gunicorn -c gunicorn.conf.py app.wsgi:app, as ./run.sh starts it, against the fake upstream.
+
+    It runs in the temp dir so that a developer's `.env` in the checkout (read from the working
+    directory) cannot change what is measured; the code and gunicorn.conf.py are this checkout's.
+    `max_parallel` must be above any concurrency the bench opens: the gate is a policy, not a speed
+    limit, and a 503 is not a latency.
+    """
+    port = free_port()
+    gunicorn = [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"), "app.wsgi:app"]
+    proc = Proc(
+        "proxy",
+        gunicorn,
+        proxy_env(workdir, port, upstream.port, max_parallel),
+        port,
+        workdir / f"proxy-{port}.log",
+        workdir,
+    )
+    try:
+        check_proxy(port)
+    except Exception:
+        proc.stop()
+        raise
+    return proc
+
+
+def check_proxy(port: int, timeout_s: float = 20.0) -> None:
+    """Wait until the proxy relays a chat call to the fake: a bench of 403s or 502s measures nothing."""
+    body = json.dumps({"security_key": KEY, "model": "gpt-4o-mini", "messages": []}).encode()
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/openai", data=body, method="POST")
+            with urllib.request.urlopen(req, timeout=5) as r:
+                if b"Hello from the bench upstream." in r.read():
+                    return
+        except OSError as exc:
+            last = exc
+        time.sleep(0.1)
+    raise RuntimeError(f"the proxy does not relay to the fake upstream: {last}")

@@ -1,0 +1,208 @@
+"""Targets, PASS/FAIL, and the markdown tables and JSON document of a run."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from bench.scenarios import ScenarioResult, median_metrics
+
+IDEAL_C64_RPS = 64 / 0.050  # 64 connections, each waiting 50 ms upstream per request
+MEMORY_LIMIT_MIB = 200.0
+MEMORY_SCENARIOS = ("c64_50ms", "c64_0ms")
+
+
+@dataclass(frozen=True)
+class Target:
+    scenario: str
+    metric: str
+    basis: str  # "proxy": the proxy's own figure; "added": proxy minus direct
+    op: str  # "<=", ">=" or "=="
+    limit: float
+    label: str
+
+
+TARGETS = (
+    Target("c1", "p50_ms", "added", "<=", 0.5, "added p50 ≤ 0.5 ms"),
+    Target("c1", "p99_ms", "added", "<=", 3.0, "added p99 ≤ 3 ms"),
+    Target("c64_50ms", "rps", "proxy", ">=", 0.95 * IDEAL_C64_RPS, f"≥ 95 % of {IDEAL_C64_RPS:,.0f} req/s"),
+    Target("c64_50ms", "p99_ms", "proxy", "<=", 70.0, "p99 ≤ 70 ms"),
+    Target("c64_0ms", "proxy_cpu_ms_per_req", "proxy", "<=", 0.4, "proxy CPU ≤ 0.4 ms/req"),
+    Target("streams_steady", "lost", "proxy", "==", 0, "all complete"),
+    Target("streams_steady", "first_p99_ms", "proxy", "<=", 50.0, "first event p99 ≤ 50 ms"),
+    Target("streams_steady", "gap_p99_ms", "proxy", "<=", 10.0, "worst added gap p99 ≤ 10 ms"),
+    Target("streams_steady", "proxy_cpu_us_per_event", "proxy", "<=", 20.0, "proxy CPU ≤ 20 µs/event"),
+    Target("body_1mib", "p50_ms", "added", "<=", 3.0, "added p50 ≤ 3 ms"),
+)
+
+# What the main table shows for each kind of scenario (all metrics go to the JSON).
+JSON_ROWS = ("rps", "p50_ms", "p99_ms", "proxy_cpu_ms_per_req", "errors", "rss_peak_mib")
+STREAM_ROWS = (
+    "lost", "open_streams", "first_p50_ms", "first_p99_ms", "gap_p50_ms", "gap_p99_ms",
+    "events_per_s", "proxy_cpu_us_per_event",
+)  # fmt: skip
+UNITS = {
+    "rps": "req/s", "p50_ms": "ms", "p99_ms": "ms", "proxy_cpu_ms_per_req": "ms", "errors": "",
+    "rss_peak_mib": "MiB", "lost": "streams", "open_streams": "", "first_p50_ms": "ms",
+    "first_p99_ms": "ms", "gap_p50_ms": "ms", "gap_p99_ms": "ms", "events_per_s": "events/s",
+    "proxy_cpu_us_per_event": "µs",
+}  # fmt: skip
+NAMES = {
+    "rps": "throughput", "p50_ms": "latency p50", "p99_ms": "latency p99",
+    "proxy_cpu_ms_per_req": "proxy CPU per request", "errors": "errors (all runs)",
+    "rss_peak_mib": "gunicorn tree RSS peak", "lost": "lost streams (all runs)",
+    "open_streams": "streams open (median)", "first_p50_ms": "first event p50",
+    "first_p99_ms": "first event p99", "gap_p50_ms": "worst added gap p50",
+    "gap_p99_ms": "worst added gap p99", "events_per_s": "events relayed",
+    "proxy_cpu_us_per_event": "proxy CPU per event",
+}  # fmt: skip
+
+
+@dataclass
+class Verdict:
+    scenario: str
+    label: str
+    value: float
+    passed: bool
+
+
+def judge(op: str, value: float, limit: float) -> bool:
+    if math.isnan(value):
+        return False
+    return {"<=": value <= limit, ">=": value >= limit, "==": value == limit}[op]
+
+
+def verdicts(results: dict[str, ScenarioResult], soak: dict | None) -> list[Verdict]:
+    out = []
+    medians = {
+        k: (median_metrics(r.runs, "proxy"), median_metrics(r.runs, "direct")) for k, r in results.items()
+    }
+    for t in TARGETS:
+        if t.scenario not in medians:
+            continue
+        proxy, direct = medians[t.scenario]
+        value = proxy[t.metric] - direct[t.metric] if t.basis == "added" else proxy[t.metric]
+        out.append(Verdict(t.scenario, t.label, value, judge(t.op, value, t.limit)))
+    for key, (proxy, _direct) in medians.items():  # a failed request is never a speed
+        if "errors" in proxy:
+            out.append(Verdict(key, "no errors", proxy["errors"], proxy["errors"] == 0))
+        elif key != "streams_steady":
+            out.append(Verdict(key, "all complete", proxy["lost"], proxy["lost"] == 0))
+    peaks = [
+        max(r["proxy"]["rss_peak_mib"] for r in results[k].runs) for k in MEMORY_SCENARIOS if k in results
+    ]
+    if peaks:
+        out.append(Verdict("memory", f"RSS ≤ {MEMORY_LIMIT_MIB:.0f} MiB at 64 concurrent", max(peaks),
+                           max(peaks) <= MEMORY_LIMIT_MIB))  # fmt: skip
+    if soak:
+        out.append(
+            Verdict(
+                "soak",
+                f"RSS ≤ {MEMORY_LIMIT_MIB:.0f} MiB",
+                soak["max_mib"],
+                soak["max_mib"] <= MEMORY_LIMIT_MIB,
+            )
+        )
+        out.append(Verdict("soak", soak["flat_label"], soak["late_slope_mib_per_min"], soak["flat"]))
+    return out
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    return f"{value:.{digits}f}"
+
+
+def main_table(results: dict[str, ScenarioResult], found: list[Verdict]) -> str:
+    lines = [
+        "| scenario | metric | proxy | direct | added | target | result |",
+        "|---|---|---:|---:|---:|---|---|",
+    ]
+    by_metric = {(t.scenario, t.metric): t for t in TARGETS}
+    checks = {(v.scenario, v.label): v for v in found}
+    for key, res in results.items():
+        sc = res.scenario
+        proxy, direct = median_metrics(res.runs, "proxy"), median_metrics(res.runs, "direct")
+        for metric in JSON_ROWS if sc.kind == "json" else STREAM_ROWS:
+            p, d = proxy.get(metric, math.nan), direct.get(metric, math.nan)
+            added = p - d if metric.endswith("_ms") and not math.isnan(d) else None
+            target = by_metric.get((key, metric))
+            label, result = "", ""
+            if target is not None:
+                label = target.label
+                result = "PASS" if checks[(key, target.label)].passed else "**FAIL**"
+            elif metric in ("errors", "lost"):
+                label = "none"
+                result = "PASS" if p == 0 else "**FAIL**"
+            elif metric == "rss_peak_mib" and key in MEMORY_SCENARIOS:
+                label = f"≤ {MEMORY_LIMIT_MIB:.0f} MiB"
+                result = "PASS" if p <= MEMORY_LIMIT_MIB else "**FAIL**"
+            unit = UNITS.get(metric, "")
+            lines.append(
+                f"| {sc.title} | {NAMES.get(metric, metric)}{f' ({unit})' if unit else ''} | {fmt(p)} | "
+                f"{fmt(d)} | {fmt(added)} | {label} | {result} |"
+            )
+    return "\n".join(lines)
+
+
+def instrument_table(results: dict[str, ScenarioResult]) -> str:
+    lines = [
+        "| scenario | side | proxy | busiest worker | fake | load tool | bench | other | machine busy "
+        "| fake late p99 | client lag p99 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for res in results.values():
+        for side in ("proxy", "direct"):
+            m = median_metrics(res.runs, side)
+            lines.append(
+                f"| {res.scenario.key} | {side} | {fmt(m['proxy_cores']) if side == 'proxy' else '—'} | "
+                f"{fmt(m['busiest_worker_pct'], 0) + ' %' if side == 'proxy' else '—'} | "
+                f"{fmt(m['fake_cores'])} | {fmt(m['client_cores'])} | {fmt(m['bench_cores'])} | "
+                f"{fmt(m['other_cores'])} | {fmt(m['machine_busy_pct'], 0)} % | "
+                f"{fmt(m.get('fake_late_p99_ms'))} | {fmt(m.get('client_lag_p99_ms'))} |"
+            )
+    return "\n".join(lines)
+
+
+def disturbed(results: dict[str, ScenarioResult], limit_cores: float = 0.2) -> list[str]:
+    """Warnings for runs during which processes outside the bench used more than `limit_cores`."""
+    out = []
+    for key, res in results.items():
+        worst = max(run[side]["other_cores"] for run in res.runs for side in run)
+        if worst > limit_cores:
+            out.append(
+                f"{key}: other processes on the machine used up to {worst:.2f} cores during its runs; "
+                f"its figures may be disturbed: run it again (--only {key})"
+            )
+    return out
+
+
+def verdict_table(found: list[Verdict]) -> str:
+    lines = ["| scenario | target | value | result |", "|---|---|---:|---|"]
+    for v in found:
+        lines.append(f"| {v.scenario} | {v.label} | {fmt(v.value)} | {'PASS' if v.passed else '**FAIL**'} |")
+    return "\n".join(lines)
+
+
+def document(
+    header: dict, ceilings: dict, results: dict[str, ScenarioResult], found: list[Verdict], soak: dict | None
+) -> dict:
+    return {
+        **header,
+        "ceilings": ceilings,
+        "scenarios": {
+            key: {
+                "scenario": asdict(res.scenario),
+                "notes": res.notes,
+                "median": {side: median_metrics(res.runs, side) for side in ("proxy", "direct")},
+                "runs": res.runs,
+            }
+            for key, res in results.items()
+        },
+        "verdicts": [asdict(v) for v in found],
+        "soak": soak,
+    }

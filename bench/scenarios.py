@@ -1,0 +1,281 @@
+"""The scenarios: each starts its own fake upstream and proxy, warms up, then runs the same load through
+the proxy and directly against the fake, `runs` times, alternating which goes first.
+
+Every run of every side yields a flat dict of metrics (see `json_metrics`, `stream_metrics`); the
+report takes medians over runs. CPU is per owner (proxy tree, fake, load tools, this process, the
+rest of the machine), so a reader can see when the instrument rather than the proxy used the cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from bench.meter import CpuUse, Meter
+from bench.procs import KEY, FakeSettings, Proc, fake_lateness, pss_bytes, start_proxy, start_upstream
+from bench.sse_load import ClientRun, StreamPlan, run_streams
+from bench.wrk import WrkResult, wrk
+
+Metrics = dict[str, float]
+SIDES = ("proxy", "direct")
+MIB = 2**20
+LATE_STEP_MS = 0.25  # bench.fake_upstream.LATE_STEP_MS (not imported: that module is the fake's)
+
+
+def chat_body(total_bytes: int = 0) -> dict:
+    """A small chat request, or one padded so that its JSON is exactly `total_bytes` long."""
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "What is TypeScript?"}],
+        "max_tokens": 50,
+    }
+    if total_bytes:
+        body["messages"][0]["content"] = ""
+        body["messages"][0]["content"] = "x" * (total_bytes - len(json.dumps(body)))
+    return body
+
+
+STREAM_BODY = {"model": "gpt-4o-mini", "input": "Write a poem.", "stream": True}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    key: str
+    title: str
+    kind: str  # "json" or "stream"
+    connections: int = 1  # json
+    latency_ms: float = 0.0  # json
+    body_bytes: int = 0  # json: 0 = the small chat body
+    streams: int = 0  # stream
+    mode: str = ""  # stream: "steady" or "burst"
+
+
+@dataclass
+class ScenarioResult:
+    scenario: Scenario
+    runs: list[dict[str, Metrics]]  # per run: side -> metrics
+    notes: list[str]
+
+
+def median_metrics(runs: list[dict[str, Metrics]], side: str) -> Metrics:
+    """Median of each metric over runs; counts of failures are summed instead (one lost stream is a loss)."""
+    out: Metrics = {}
+    for key in runs[0][side]:
+        values = [r[side][key] for r in runs if not math.isnan(r[side].get(key, math.nan))]
+        if not values:
+            out[key] = math.nan
+        elif key in ("errors", "lost"):
+            out[key] = sum(values)
+        else:
+            out[key] = statistics.median(values)
+    return out
+
+
+def pct(values: list[float], q: float) -> float:
+    """The q-th percentile (nearest rank) of `values`; NaN when empty."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100.0 * len(ordered)) - 1))]
+
+
+def lateness_pct(before: list[int], after: list[int], q: float) -> float:
+    """Percentile of the fake's write lateness (ms) between two readings of its histogram."""
+    counts = [b - a for a, b in zip(before, after, strict=True)]
+    total = sum(counts)
+    if not total:
+        return math.nan
+    rank, seen = q / 100.0 * total, 0
+    for bucket, count in enumerate(counts):
+        seen += count
+        if seen >= rank:
+            return (bucket + 1) * LATE_STEP_MS
+    return len(counts) * LATE_STEP_MS
+
+
+def cpu_metrics(cpu: CpuUse) -> Metrics:
+    workers = sorted(cpu.workers_s, reverse=True)
+    busiest = 100.0 * workers[0] / sum(workers) if workers and sum(workers) else math.nan
+    return {
+        "proxy_cores": cpu.cores(cpu.proxy_s),
+        "busiest_worker_pct": busiest,
+        "fake_cores": cpu.cores(cpu.fake_s),
+        "client_cores": cpu.cores(cpu.client_s),
+        "bench_cores": cpu.cores(cpu.bench_s),
+        "other_cores": cpu.cores(cpu.other_s),
+        "machine_busy_pct": cpu.machine_busy_pct,
+    }
+
+
+# ---- JSON scenarios (wrk) ---------------------------------------------------------------------------
+
+
+def json_metrics(result: WrkResult, cpu: CpuUse, meter: Meter, proxy: Proc | None) -> Metrics:
+    requests = max(result.requests, 1)
+    metrics: Metrics = {
+        "rps": result.rps,
+        "p50_ms": result.p50_ms,
+        "p99_ms": result.p99_ms,
+        "max_ms": result.max_ms,
+        "errors": float(result.errors),
+        "proxy_cpu_ms_per_req": cpu.proxy_s * 1000.0 / requests if proxy else math.nan,
+        "fake_cpu_us_per_req": cpu.fake_s * 1e6 / requests,
+        "client_cpu_us_per_req": result.cpu_s * 1e6 / requests,
+        **cpu_metrics(cpu),
+        "rss_peak_mib": meter.rss_peak / MIB if proxy else math.nan,
+        "pss_mib": pss_bytes(proxy.pid) / MIB if proxy else math.nan,
+    }
+    return metrics
+
+
+def run_json(
+    sc: Scenario, opts: argparse.Namespace, workdir: Path, log: Callable[[str], None]
+) -> ScenarioResult:
+    settings = FakeSettings(latency_ms=sc.latency_ms, procs=opts.upstream_procs)
+    body = chat_body(sc.body_bytes)
+    payloads = {
+        "proxy": json.dumps({**body, "security_key": KEY}).encode(),
+        "direct": json.dumps(body).encode(),
+    }
+    with start_upstream(workdir, settings) as fake, start_proxy(workdir, fake, opts.max_parallel) as proxy:
+        targets = {"proxy": (proxy.port, "/openai"), "direct": (fake.port, "/v1/chat/completions")}
+
+        def once(side: str, seconds: float) -> Metrics:
+            port, path = targets[side]
+            meter = Meter(proxy.pid if side == "proxy" else None, fake.pid)
+            result = wrk(workdir, port, path, payloads[side], connections=sc.connections, seconds=seconds)
+            cpu = meter.stop()
+            return json_metrics(result, cpu, meter, proxy if side == "proxy" else None)
+
+        for side in SIDES:
+            once(side, opts.warmup_seconds)
+        runs = []
+        for i in range(opts.runs):
+            order = SIDES if i % 2 == 0 else SIDES[::-1]
+            runs.append({side: once(side, opts.seconds) for side in order})
+            p, d = runs[-1]["proxy"], runs[-1]["direct"]
+            log(f"  {sc.key} run {i + 1}/{opts.runs}: proxy {p['rps']:,.0f} req/s p50 {p['p50_ms']:.2f} ms, "
+                f"direct {d['rps']:,.0f} req/s p50 {d['p50_ms']:.2f} ms")  # fmt: skip
+    return ScenarioResult(sc, runs, [])
+
+
+# ---- stream scenarios ---------------------------------------------------------------------------------
+
+
+def open_streams(run: ClientRun, start: float, end: float, step: float = 0.05) -> float:
+    """Median number of streams open at `step`-spaced instants in [start, end) (seconds after t0)."""
+    spans = [(r.start, r.end if r.end is not None else math.inf) for r in run.records]
+    counts = []
+    t = start
+    while t < end:
+        counts.append(sum(1 for a, b in spans if a <= t < b))
+        t += step
+    return statistics.median(counts) if counts else math.nan
+
+
+def stream_metrics(
+    run: ClientRun, cpu: CpuUse, meter: Meter, proxy: Proc | None, late: float, gap_ms: float
+) -> Metrics:
+    plan = run.plan
+    measured = run.measured()
+    firsts = [r.first_s * 1000.0 for r in measured if r.first_s is not None]
+    gaps = [g * 1000.0 - gap_ms for r in measured if (g := r.worst_gap_s()) is not None]
+    events = sum(r.events for r in run.records)
+    ends = [r.end for r in run.records if r.end is not None]
+    span = max(ends) - min(r.start for r in run.records) if ends else math.nan
+    started_late = [
+        (r.start - r.scheduled) * 1000.0
+        for r in run.records
+        if plan.mode == "burst" or r.scheduled < plan.ramp_s
+    ]
+    window_end = plan.ramp_s + plan.hold_s if plan.mode == "steady" else plan.events * gap_ms / 1000.0
+    return {
+        "streams": float(len(run.records)),
+        "measured": float(len(measured)),
+        "lost": float(sum(1 for r in run.records if not r.complete)),
+        "open_streams": open_streams(run, plan.ramp_s if plan.mode == "steady" else 0.0, window_end),
+        "first_p50_ms": pct(firsts, 50),
+        "first_p99_ms": pct(firsts, 99),
+        "gap_p50_ms": pct(gaps, 50),
+        "gap_p99_ms": pct(gaps, 99),
+        "events_per_s": events / span if span and span > 0 else math.nan,
+        "proxy_cpu_us_per_event": cpu.proxy_s * 1e6 / max(events, 1) if proxy else math.nan,
+        "fake_cpu_us_per_event": cpu.fake_s * 1e6 / max(events, 1),
+        "client_cpu_us_per_event": run.cpu_s * 1e6 / max(events, 1),
+        **cpu_metrics(cpu),
+        "client_lag_p99_ms": pct(run.loop_lag_ms, 99),
+        "late_start_p99_ms": pct(started_late, 99),
+        "fake_late_p99_ms": late,
+        "rss_peak_mib": meter.rss_peak / MIB if proxy else math.nan,
+    }
+
+
+def stream_plan(sc: Scenario, opts: argparse.Namespace, port: int, side: str) -> StreamPlan:
+    duration = opts.events * opts.gap_ms / 1000.0
+    return StreamPlan(
+        port=port,
+        path="/openai2" if side == "proxy" else "/v1/responses",
+        body={**STREAM_BODY, "security_key": KEY} if side == "proxy" else dict(STREAM_BODY),
+        streams=sc.streams,
+        mode=sc.mode,
+        ramp_s=opts.ramp_s if opts.ramp_s is not None else duration,
+        hold_s=opts.hold_s,
+        events=opts.events,
+        want_done=side == "proxy",
+        timeout_s=duration + 30.0,
+        procs=opts.client_procs or max(1, min(os.cpu_count() or 1, math.ceil(sc.streams / 500))),
+        fresh_connections=opts.fresh_connections,
+        poll_ms=opts.poll_ms,
+    )
+
+
+def run_stream(
+    sc: Scenario, opts: argparse.Namespace, workdir: Path, log: Callable[[str], None]
+) -> ScenarioResult:
+    settings = FakeSettings(events=opts.events, gap_ms=opts.gap_ms, procs=opts.upstream_procs)
+    with start_upstream(workdir, settings) as fake, start_proxy(workdir, fake, opts.max_parallel) as proxy:
+        ports = {"proxy": proxy.port, "direct": fake.port}
+
+        def once(side: str, hold_s: float | None = None) -> Metrics:
+            plan = stream_plan(sc, opts, ports[side], side)
+            if hold_s is not None:
+                plan = replace(plan, hold_s=hold_s)
+            late0 = fake_lateness(fake.port)
+            meter = Meter(proxy.pid if side == "proxy" else None, fake.pid)
+            run = run_streams(plan, workdir)
+            cpu = meter.stop()
+            late = lateness_pct(late0, fake_lateness(fake.port), 99)
+            return stream_metrics(run, cpu, meter, proxy if side == "proxy" else None, late, opts.gap_ms)
+
+        for side in SIDES:
+            once(side, hold_s=0.0)
+        runs = []
+        for i in range(opts.runs):
+            order = SIDES if i % 2 == 0 else SIDES[::-1]
+            runs.append({side: once(side) for side in order})
+            p, d = runs[-1]["proxy"], runs[-1]["direct"]
+            log(f"  {sc.key} run {i + 1}/{opts.runs}: proxy first-event p99 {p['first_p99_ms']:.1f} ms, "
+                f"lost {p['lost']:.0f}; direct first-event p99 {d['first_p99_ms']:.1f} ms, lost {d['lost']:.0f}")  # fmt: skip
+        plan = stream_plan(sc, opts, 0, "proxy")
+        notes = [
+            f"{sc.mode}: {sc.streams} slots, {plan.procs} client process(es), "
+            + (
+                f"starts spread over {plan.ramp_s:g} s then each slot reopens at once for {plan.hold_s:g} s "
+                f"({'new connection' if plan.fresh_connections else 'keep-alive connection'} per stream)"
+                if sc.mode == "steady"
+                else "all opened at t0 on new connections"
+            )
+        ]
+    return ScenarioResult(sc, runs, notes)
+
+
+def run_scenario(
+    sc: Scenario, opts: argparse.Namespace, workdir: Path, log: Callable[[str], None]
+) -> ScenarioResult:
+    return (run_json if sc.kind == "json" else run_stream)(sc, opts, workdir, log)
