@@ -7,8 +7,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from flask import g, has_request_context
-
 
 def new_request_id() -> str:
     """A random (version 4) UUID string; several times cheaper than `str(uuid.uuid4())`."""
@@ -73,10 +71,3 @@ class RequestRecord:
         if upstream is None:
             return f"proxy;dur={total:.1f}"
         return f"upstream;dur={upstream:.1f}, proxy;dur={max(total - upstream, 0.0):.1f}"
-
-
-def current_record() -> RequestRecord | None:
-    """The record of the request being served, if this is an API request."""
-    if not has_request_context():
-        return None
-    return g.get("record")

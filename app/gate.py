@@ -134,7 +134,3 @@ class SlotGuard:
         slot, self._slot = self._slot, None
         if slot is not None:
             self._gate.release(slot)
-
-    @property
-    def held(self) -> bool:
-        return self._slot is not None
