@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
+from urllib.request import proxy_bypass_environment
 
 from dotenv import dotenv_values
 
@@ -17,6 +18,10 @@ log = logging.getLogger("openai_proxy.config")
 
 MIB = 1024 * 1024
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+
+class ConfigError(ValueError):
+    """A setting the proxy cannot start with; the message names the variable and what is wrong."""
 
 
 @dataclass(frozen=True)
@@ -37,8 +42,11 @@ class Config:
     sse_keepalive_interval_ms: int = 15_000
     max_body_bytes: int = 20 * MIB
     max_audio_bytes: int = 25 * MIB
+    max_response_bytes: int = 128 * MIB
+    max_sse_event_bytes: int = 16 * MIB
     runtime_dir: str | None = None
     outbound_proxy: str | None = None
+    ca_bundle: str | None = None
     workers: int = 0
     graceful_timeout_s: int = 60
     keepalive_s: int = 5
@@ -73,9 +81,7 @@ class Config:
 
 def _without_userinfo(url: str) -> str:
     parts = urlsplit(url)
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit(parts._replace(netloc=netloc))
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 # The grammar flask-limiter (the `limits` package) accepts, e.g. `60/minute` or `10 per 2 seconds;
@@ -100,6 +106,8 @@ _INT_VARS = {
     "OPENAI_PROXY_SSE_KEEPALIVE_INTERVAL_MS": "sse_keepalive_interval_ms",
     "OPENAI_PROXY_MAX_BODY_BYTES": "max_body_bytes",
     "OPENAI_PROXY_MAX_AUDIO_BYTES": "max_audio_bytes",
+    "OPENAI_PROXY_MAX_RESPONSE_BYTES": "max_response_bytes",
+    "OPENAI_PROXY_MAX_SSE_EVENT_BYTES": "max_sse_event_bytes",
     "OPENAI_PROXY_WORKERS": "workers",
     "OPENAI_PROXY_GRACEFUL_TIMEOUT_S": "graceful_timeout_s",
     "OPENAI_PROXY_KEEPALIVE_S": "keepalive_s",
@@ -115,7 +123,7 @@ _STR_VARS = {
     "access_token": ("ACCESS_TOKEN",),
     "default_model": ("DEFAULT_MODEL",),
     "runtime_dir": ("OPENAI_PROXY_RUNTIME_DIR",),
-    "outbound_proxy": ("OPENAI_PROXY_OUTBOUND_PROXY", "HTTPS_PROXY", "https_proxy"),
+    "ca_bundle": ("OPENAI_PROXY_CA_BUNDLE", "SSL_CERT_FILE"),
     "log_db": ("OPENAI_PROXY_LOG_DB",),
     "pages_rate_limit": ("OPENAI_PROXY_PAGES_RATE_LIMIT",),
     "health2_rate_limit": ("OPENAI_PROXY_HEALTH2_RATE_LIMIT",),
@@ -125,6 +133,64 @@ _RATE_LIMIT_VARS = {
     "pages_rate_limit": "OPENAI_PROXY_PAGES_RATE_LIMIT",
     "health2_rate_limit": "OPENAI_PROXY_HEALTH2_RATE_LIMIT",
 }
+
+
+def _base_url(raw: str) -> str:
+    url = urlsplit(raw)
+    if url.scheme not in ("http", "https") or not url.hostname or url.query or url.fragment:
+        raise ConfigError(
+            f"OPENAI_BASE_URL={raw!r} is not an http:// or https:// URL like {DEFAULT_BASE_URL}"
+        )
+    try:
+        url.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        raise ConfigError(f"OPENAI_BASE_URL={raw!r} has an invalid port") from None
+    return raw.rstrip("/")
+
+
+# (variable, applies to an https upstream, applies to an http upstream); the first one set wins.
+_PROXY_VARS = (
+    ("OPENAI_PROXY_OUTBOUND_PROXY", True, True),
+    ("HTTPS_PROXY", True, False),
+    ("https_proxy", True, False),
+    ("HTTP_PROXY", False, True),
+    ("http_proxy", False, True),
+)
+
+
+def outbound_proxy(values: Mapping[str, str], base_url: str) -> str | None:
+    """The forward proxy for `base_url`, or None (no proxy set, or the host is in NO_PROXY).
+
+    Only `http://[user:password@]host:port` is supported: anything else stops the server at start.
+    """
+    https = base_url.startswith("https:")
+    for name, for_https, for_http in _PROXY_VARS:
+        raw = (values.get(name) or "").strip()
+        if raw and (for_https if https else for_http):
+            break
+    else:
+        return None
+    parts = urlsplit(raw if "://" in raw else f"http://{raw}")
+    if parts.scheme != "http":
+        raise ConfigError(
+            f"{name}={_without_userinfo(raw)!r}: only http://[user:password@]host:port proxies are "
+            f"supported (HTTPS upstreams go through it with CONNECT); {parts.scheme}:// is not"
+        )
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+        bad_port = True
+    else:
+        bad_port = False
+    if not parts.hostname or bad_port or parts.path not in ("", "/"):
+        raise ConfigError(f"{name}={_without_userinfo(raw)!r} is not a proxy URL like http://host:3128")
+    no_proxy = values.get("NO_PROXY") or values.get("no_proxy") or ""
+    host = urlsplit(base_url).hostname or ""
+    if no_proxy and proxy_bypass_environment(host, {"no": no_proxy}):
+        return None
+    netloc = parts.netloc if port else f"{parts.netloc}:80"
+    return f"http://{netloc}"
 
 
 def read_environment(
@@ -172,7 +238,11 @@ def build_config(values: Mapping[str, str]) -> Config:
             if raw is not None and raw.strip() != "":
                 kwargs[attr] = raw.strip()
                 break
-    kwargs["openai_base_url"] = str(kwargs.get("openai_base_url", DEFAULT_BASE_URL)).rstrip("/")
+    kwargs["openai_base_url"] = base_url = _base_url(str(kwargs.get("openai_base_url", DEFAULT_BASE_URL)))
+    kwargs["outbound_proxy"] = outbound_proxy(values, base_url)
+    ca_bundle = kwargs.get("ca_bundle")
+    if isinstance(ca_bundle, str) and not os.path.isfile(ca_bundle):
+        raise ConfigError(f"OPENAI_PROXY_CA_BUNDLE / SSL_CERT_FILE: no such PEM file {ca_bundle!r}")
     for attr, var in _RATE_LIMIT_VARS.items():
         raw = kwargs.get(attr)
         if isinstance(raw, str) and not is_rate_limit(raw):

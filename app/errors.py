@@ -1,14 +1,38 @@
-"""ProxyError and its kinds, the one JSON error shape, and classification of upstream failures."""
+"""Errors: the ProxyError tree, classification of upstream failures, and the two JSON shapes.
+
+    ProxyError (500 internal_error)
+    ├── BadRequest 400 · Unauthorized 401 · Forbidden 403 · NotFound 404 · PayloadTooLarge 413
+    ├── RateLimited 429 · Overloaded 503 (+ Retry-After) · ClientCancelled 499 (nothing is sent)
+    ├── UpstreamAPIError (upstream's status) · UpstreamBadResponse 502 · UpstreamTransport 502
+    ├── UpstreamTimeout 504
+    └── Internal 500
+
+`classify` turns any exception of an upstream call into one of these, by type first. `render` answers
+one in either shape: the legacy routes' `{"error": {message, type, code, requestId, ...}}`, or
+OpenAI's own `{"error": {message, type, param, code}}` on `/v1`, so the SDKs raise the right class.
+`register` installs the handlers, on the app (legacy shape) or on a blueprint (its own shape).
+"""
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
 import httpx2
 import openai
+from flask import Blueprint, Flask, Response, g, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from app import jsonio
+from app.context import RequestRecord, new_request_id
 from app.redact import redact_text
+from app.upstream.client import BadUpstreamResponse
+
+log = logging.getLogger("openai_proxy")
+
+LEGACY = "legacy"
+OPENAI = "openai"
 
 
 class ProxyError(Exception):
@@ -18,6 +42,8 @@ class ProxyError(Exception):
     type = "internal_error"
     code = "OPENAI_PROXY_INTERNAL"
     result = "internal_error"
+    # The `type` in OpenAI's shape, where OpenAI has its own word for the case.
+    openai_type: str | None = None
 
     def __init__(
         self,
@@ -53,7 +79,7 @@ class ProxyError(Exception):
         return {
             "error": {
                 "message": f"{self.message} (proxy request id {request_id})",
-                "type": self.type,
+                "type": self.openai_type or self.type,
                 "param": None,
                 "code": self.code,
             }
@@ -62,6 +88,7 @@ class ProxyError(Exception):
 
 class BadRequest(ProxyError):
     status, type, code, result = 400, "validation_error", "OPENAI_PROXY_BAD_REQUEST", "validation_error"
+    openai_type = "invalid_request_error"
 
 
 class Unauthorized(ProxyError):
@@ -133,23 +160,32 @@ _TRANSPORT_WORDS = re.compile(
 )
 
 
-def upstream_error_message(err: openai.APIStatusError) -> tuple[str, dict[str, Any]]:
-    """The client-facing message (`"<status> <upstream message>"`, redacted) and the upstream summary."""
-    body = err.body
-    detail: dict[str, Any] = body.get("error", body) if isinstance(body, dict) else {}
-    if not isinstance(detail, dict):
-        detail = {"message": str(detail)}
+def upstream_api_error(status: int, headers: Any, body: bytes) -> UpstreamAPIError:
+    """Upstream's error answer as ours: `"<status> <upstream message>"` (redacted), its status, type,
+    code and request id, and its `Retry-After`."""
+    detail: dict[str, Any] = {}
+    try:
+        parsed = jsonio.loads(body) if body else None
+    except jsonio.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, dict):
+        inner = parsed.get("error", parsed)
+        detail = inner if isinstance(inner, dict) else {"message": str(inner)}
     message = detail.get("message")
     if not isinstance(message, str) or not message:
-        message = (err.response.text or "").strip()[:500] if not isinstance(body, dict) else err.message
-    upstream: dict[str, Any] = {"status": err.status_code}
-    if err.request_id:
-        upstream["requestId"] = err.request_id
+        message = body.decode("utf-8", "replace").strip()[:500] or "(no message)"
+    upstream: dict[str, Any] = {"status": status}
+    request_id = headers.get("x-request-id")
+    if request_id:
+        upstream["requestId"] = request_id
     for key in ("type", "code", "param"):
         value = detail.get(key)
         if value is not None:
             upstream[key] = redact_text(str(value))
-    return redact_text(f"{err.status_code} {message}"), upstream
+    extra = {"Retry-After": headers.get("retry-after")} if headers.get("retry-after") else {}
+    return UpstreamAPIError(
+        redact_text(f"{status} {message}"), status=status, headers=extra, upstream=upstream
+    )
 
 
 def classify(exc: BaseException) -> ProxyError:
@@ -157,16 +193,18 @@ def classify(exc: BaseException) -> ProxyError:
     if isinstance(exc, ProxyError):
         return exc
     if isinstance(exc, openai.APIStatusError):
-        message, upstream = upstream_error_message(exc)
-        headers = {}
-        retry_after = exc.response.headers.get("retry-after")
-        if retry_after:
-            headers["Retry-After"] = retry_after
-        return UpstreamAPIError(message, status=exc.status_code, headers=headers, upstream=upstream)
+        response = exc.response
+        return upstream_api_error(exc.status_code, response.headers, response.content)
+    if isinstance(exc, BadUpstreamResponse):
+        return UpstreamBadResponse(redact_text(f"OpenAI sent a response the proxy cannot read: {exc}"))
     if isinstance(exc, openai.APITimeoutError | httpx2.TimeoutException):
         return UpstreamTimeout("Timeout while waiting for OpenAI response")
+    if isinstance(exc, httpx2.LocalProtocolError):
+        return BadRequest(redact_text(str(exc)))
     if isinstance(exc, openai.APIConnectionError | httpx2.TransportError | ConnectionError):
-        cause = exc.__cause__ or exc
+        cause = exc.__cause__ if isinstance(exc, openai.APIConnectionError) and exc.__cause__ else exc
+        if isinstance(cause, BadUpstreamResponse):
+            return classify(cause)
         return UpstreamTransport(redact_text(f"Could not reach OpenAI: {type(cause).__name__}: {cause}"))
     if isinstance(exc, openai.APIResponseValidationError):
         return UpstreamBadResponse("OpenAI returned a response the proxy could not read")
@@ -177,3 +215,51 @@ def classify(exc: BaseException) -> ProxyError:
         if _TRANSPORT_WORDS.search(text):
             return UpstreamTransport(redact_text(f"Could not reach OpenAI: {text}"))
     return Internal("Internal proxy error")
+
+
+def render(err: ProxyError, shape: str = LEGACY) -> Response:
+    """The JSON error answer in `shape`; also settles the request's completion record."""
+    rec: RequestRecord | None = g.get("record")
+    request_id = g.get("request_id") or new_request_id()
+    incoming = rec.incoming_request_id if rec else g.get("incoming_request_id")
+    legacy = err.body(request_id, incoming)
+    body = err.openai_body(request_id) if shape == OPENAI else legacy
+    if rec is not None:
+        rec.status = err.status
+        rec.result = err.result
+        rec.cancelled = rec.cancelled or isinstance(err, ClientCancelled)
+        rec.error = {k: v for k, v in legacy["error"].items() if k not in ("requestId", "incomingRequestId")}
+    response = Response(jsonio.dumps(body), status=err.status, mimetype="application/json")
+    for name, value in err.headers.items():
+        response.headers[name] = value
+    return response
+
+
+def from_http_exception(err: HTTPException) -> ProxyError:
+    """werkzeug's own errors (routing, body limits) as ProxyErrors."""
+    if isinstance(err, RequestEntityTooLarge):
+        limit = g.get("body_limit") or request.max_content_length
+        return PayloadTooLarge(f"Request body exceeds the {limit}-byte limit")
+    if err.code in (404, 405):
+        return NotFound("Not Found")
+    if err.code == 400:
+        return BadRequest(err.description or "Bad request")
+    return ProxyError(err.description or err.name, status=err.code)
+
+
+def register(target: Flask | Blueprint, shape: str = LEGACY) -> None:
+    """Answer every error raised under `target` in `shape` (a blueprint's handlers win for its views)."""
+
+    def on_proxy_error(err: ProxyError) -> Response:
+        return render(err, shape)
+
+    def on_http_error(err: HTTPException) -> Response:
+        return render(from_http_exception(err), shape)
+
+    def on_bug(err: Exception) -> Response:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return render(Internal("Internal proxy error"), shape)
+
+    target.register_error_handler(ProxyError, on_proxy_error)
+    target.register_error_handler(HTTPException, on_http_error)
+    target.register_error_handler(Exception, on_bug)

@@ -10,21 +10,12 @@ import time
 
 from flask import Flask, Response, g, request
 from flask_cors import CORS
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.routing import BaseConverter
 
-from app import jsonio
+from app import errors
 from app.completion_log import CompletionLog
 from app.config import Config, load_config
 from app.context import RequestRecord, new_request_id
-from app.errors import (
-    BadRequest,
-    ClientCancelled,
-    Internal,
-    NotFound,
-    PayloadTooLarge,
-    ProxyError,
-)
 from app.gate import Gate
 from app.logstore import LogStore
 from app.metrics import Metrics
@@ -85,6 +76,7 @@ def build_app(config: Config | None = None) -> Flask:
     gate.on_new_peak = st.log_store.note_peak
 
     _register_hooks(app)
+    errors.register(app, errors.LEGACY)
     # Registered after our hooks so flask-cors runs first (after_request runs in reverse) and ours
     # then pins the contract's exact method/header lists on every response, not only preflights.
     CORS(
@@ -121,24 +113,6 @@ def _configure_logging() -> None:
     # replaced by ours, which carries the request id.
     for name in ("httpx2", "httpcore2", "openai"):
         logging.getLogger(name).setLevel(logging.WARNING)
-
-
-def error_response(err: ProxyError) -> Response:
-    """The one JSON error shape (OpenAI's own on `/v1`); also settles the request's completion record."""
-    rec: RequestRecord | None = g.get("record")
-    request_id = g.get("request_id") or new_request_id()
-    incoming = rec.incoming_request_id if rec else g.get("incoming_request_id")
-    legacy = err.body(request_id, incoming)
-    body = err.openai_body(request_id) if request.blueprint == "v1" else legacy
-    if rec is not None:
-        rec.status = err.status
-        rec.result = err.result
-        rec.cancelled = rec.cancelled or isinstance(err, ClientCancelled)
-        rec.error = {k: v for k, v in legacy["error"].items() if k not in ("requestId", "incomingRequestId")}
-    response = Response(jsonio.dumps(body), status=err.status, mimetype="application/json")
-    for name, value in err.headers.items():
-        response.headers[name] = value
-    return response
 
 
 def _register_hooks(app: Flask) -> None:
@@ -191,23 +165,3 @@ def _register_hooks(app: Flask) -> None:
                 rec.result = "ok"
             response.call_on_close(lambda: state.completion_log.emit(rec))
         return response
-
-    @app.errorhandler(ProxyError)
-    def handle_proxy_error(err: ProxyError) -> Response:
-        return error_response(err)
-
-    @app.errorhandler(HTTPException)
-    def handle_http_error(err: HTTPException) -> Response:
-        if isinstance(err, RequestEntityTooLarge):
-            limit = g.get("body_limit") or request.max_content_length
-            return error_response(PayloadTooLarge(f"Request body exceeds the {limit}-byte limit"))
-        if err.code in (404, 405):
-            return error_response(NotFound("Not Found"))
-        if err.code == 400:
-            return error_response(BadRequest(err.description or "Bad request"))
-        return error_response(ProxyError(err.description or err.name, status=err.code))
-
-    @app.errorhandler(Exception)
-    def handle_bug(err: Exception) -> Response:
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        return error_response(Internal("Internal proxy error"))

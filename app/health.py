@@ -17,12 +17,11 @@ from typing import Any
 
 from flask import Flask
 
-from app import __version__, jsonio
-from app.api import upstream_json
+from app import __version__, jsonio, pipeline
 from app.context import RequestRecord, TimeoutDecision
-from app.errors import Overloaded, classify
+from app.errors import ProxyError
 from app.state import ProxyState
-from app.upstream import CONNECT_TIMEOUT_S, JSON_HEADERS, READ_MARGIN_S, RETRIES_IDEMPOTENT, WRITE_TIMEOUT_S
+from app.upstream import CONNECT_TIMEOUT_S, JSON_HEADERS, READ_MARGIN_S, RETRIES_IDEMPOTENT, UpstreamCall
 
 # One output token of DEFAULT_MODEL: enough to prove the key, the network and the model work.
 HEALTH2_MAX_TOKENS = 1
@@ -36,7 +35,16 @@ RETRIED_ROUTES = {
     ("GET", "/openai2/<response_id>/input_items"),
     ("DELETE", "/openai2/<response_id>"),
 }
-VERSIONED = ("flask", "gunicorn", "gevent", "openai", "httpx2", "flask-limiter", "prometheus-client")
+VERSIONED = (
+    "flask",
+    "gunicorn",
+    "gevent",
+    "geventhttpclient",
+    "openai",
+    "httpx2",
+    "flask-limiter",
+    "prometheus-client",
+)
 _CONVERTER = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
 
 
@@ -81,27 +89,20 @@ def deep_check(st: ProxyState, request_id: str) -> tuple[dict[str, Any], int]:
     timeout = TimeoutDecision(float(min(HEALTH2_TIMEOUT_MS, config.upstream_timeout_ms)), "default")
     report: dict[str, Any] = {"model": config.default_model, "baseUrl": config.openai_base_url}
     started = time.perf_counter()
-    slot = st.gate.try_acquire()
+    call = UpstreamCall(
+        "POST",
+        "/chat/completions",
+        record=record,
+        timeout=timeout,
+        credentials=st.upstream.credentials(None, None, None),
+        body=jsonio.dumps(body),
+        headers=JSON_HEADERS,
+    )
     try:
-        if slot is None:
-            raise Overloaded()
-        response = st.upstream.send(
-            "POST",
-            "/chat/completions",
-            record=record,
-            credentials=st.upstream.credentials(None, None, None),
-            timeout=timeout,
-            content=jsonio.dumps(body),
-            headers=JSON_HEADERS,
-        )
-        upstream_json(response)
-    except Exception as exc:
-        err = classify(exc)
+        pipeline.fetch(call).json()
+    except ProxyError as err:
         report.update(latencyMs=_ms_since(started), error=err.body(request_id)["error"])
         return {"status": "fail", **report}, 503
-    finally:
-        if slot is not None:
-            st.gate.release(slot)
     report.update(latencyMs=_ms_since(started), upstreamRequestId=record.upstream_request_id)
     return {"status": "ok", **report}, 200
 
@@ -122,7 +123,7 @@ def runtime_info(st: ProxyState, app: Flask) -> dict[str, Any]:
             "meaning": "wait for upstream response headers, per attempt",
             "connectS": CONNECT_TIMEOUT_S,
             "readS": config.effective_max_timeout_ms / 1000.0 + READ_MARGIN_S,
-            "writeS": WRITE_TIMEOUT_S,
+            "writeS": READ_MARGIN_S + config.effective_max_timeout_ms / 1000.0,
             "sseKeepaliveMs": config.sse_keepalive_interval_ms,
         },
         "limits": {

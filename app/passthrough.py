@@ -13,16 +13,19 @@ import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote_plus
 
 from flask import request
 
 from app import jsonio
-from app.api import decide_timeout, read_limited_body
 from app.auth import bearer_token, constant_time_equal
-from app.context import TimeoutDecision
+from app.context import RequestRecord, TimeoutDecision
 from app.errors import BadRequest, Forbidden, PayloadTooLarge, Unauthorized
 from app.redact import redact_text
 from app.state import state
+from app.upstream import Credentials, UpstreamCall
+from app.validation import header_value
+from app.web import decide_timeout, read_limited_body
 
 HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
@@ -32,7 +35,7 @@ HOP_BY_HOP = frozenset(
 # proxy sets itself (length, encoding: bodies go upstream as identity so usage can be read).
 NOT_FORWARDED = HOP_BY_HOP | {
     "host", "authorization", "cookie", "x-security-key", "x-request-id", "accept-encoding", "content-length",
-    "expect", "openai-organization", "openai-project",
+    "expect", "openai-organization", "openai-project", "proxy-connection",
 }  # fmt: skip
 RELAYED_BACK = frozenset(
     {"content-type", "content-disposition", "x-request-id", "retry-after", "retry-after-ms", "x-should-retry",
@@ -56,11 +59,25 @@ class PassthroughRequest:
     path: str
     query: str
     headers: list[tuple[str, str]]
+    credentials: Credentials
     body: bytes | Iterator[bytes] | None
     content_length: int | None
     timeout: TimeoutDecision
     model: str | None = None
     strip_usage_chunk: bool = False
+
+    def call(self, record: RequestRecord) -> UpstreamCall:
+        return UpstreamCall(
+            self.method,
+            self.path,
+            record=record,
+            timeout=self.timeout,
+            credentials=self.credentials,
+            query=self.query,
+            headers=self.headers,
+            body=self.body,
+            content_length=self.content_length,
+        )
 
 
 def authorize() -> None:
@@ -89,9 +106,13 @@ def sdk_timeout(headers: Mapping[str, str]) -> TimeoutDecision:
 
 
 def upstream_target() -> tuple[str, str]:
-    """Path (below `/v1`) and query exactly as the client sent them; dot segments are refused."""
+    """Path (below `/v1`) and query as the client sent them, less a fragment and the proxy's own
+    `security_key`; dot segments are refused."""
     raw = request.environ.get("RAW_URI") or request.environ.get("REQUEST_URI") or request.full_path
+    raw = raw.partition("#")[0]
     path, _, query = raw.partition("?")
+    if "security_key" in query:  # the proxy's own secret, from a client of the legacy routes
+        query = "&".join(p for p in query.split("&") if unquote_plus(p.partition("=")[0]) != "security_key")
     if "://" in path:  # absolute-form request target
         path = "/" + path.split("://", 1)[1].partition("/")[2]
     path = path[len("/v1") :] if path.startswith("/v1/") else "/"
@@ -101,19 +122,26 @@ def upstream_target() -> tuple[str, str]:
 
 
 def upstream_headers() -> list[tuple[str, str]]:
-    """End-to-end client headers, plus the real key, and project/organization (the client's, else ours)."""
-    config = state().config
-    headers = [(k, v) for k, v in request.headers.items() if k.lower() not in NOT_FORWARDED]
-    headers.append(("Accept-Encoding", "identity"))
-    if config.openai_api_key:
-        headers.append(("Authorization", f"Bearer {config.openai_api_key}"))
-    project = request.headers.get("OpenAI-Project") or config.openai_project
-    organization = request.headers.get("OpenAI-Organization") or config.openai_organization
-    if project:
-        headers.append(("OpenAI-Project", project))
-    if organization:
-        headers.append(("OpenAI-Organization", organization))
-    return headers
+    """End-to-end client headers (RFC 9110 §7.6.1: not hop-by-hop, not named in `Connection`), each
+    checked as a header value."""
+    named = {token.strip().lower() for token in request.headers.get("Connection", "").split(",")}
+    return [
+        (name, header_value(f"Header {name}", value))
+        for name, value in request.headers.items()
+        if (key := name.lower()) not in NOT_FORWARDED and key not in named
+    ]
+
+
+def credentials() -> Credentials:
+    """The configured key; the client's project and organization, else the configured ones."""
+    headers = request.headers
+    project = headers.get("OpenAI-Project")
+    organization = headers.get("OpenAI-Organization")
+    return state().upstream.credentials(
+        None,
+        header_value("OpenAI-Project", project) if project else None,
+        header_value("OpenAI-Organization", organization) if organization else None,
+    )
 
 
 def build_request() -> PassthroughRequest:
@@ -122,7 +150,7 @@ def build_request() -> PassthroughRequest:
     path, query = upstream_target()
     method = request.method
     timeout = sdk_timeout(request.headers)
-    req = PassthroughRequest(method, path, query, upstream_headers(), None, None, timeout)
+    req = PassthroughRequest(method, path, query, upstream_headers(), credentials(), None, None, timeout)
     if method == "POST" and path in JSON_ENDPOINTS:
         req.body = read_limited_body(state().config.max_body_bytes)
         req.content_length = len(req.body)

@@ -15,7 +15,7 @@ from flask_limiter.util import get_remote_address
 from limits.errors import ConfigurationError
 
 from app.config import Config
-from app.errors import RateLimited
+from app.errors import RateLimited, render
 from app.routes import pages
 
 log = logging.getLogger("openai_proxy.ratelimit")
@@ -70,6 +70,4 @@ def _is_limiter_partial(func: object, limiter: Limiter) -> bool:
 
 
 def too_many_requests(err: RateLimitExceeded) -> Response:
-    from app.factory import error_response  # the factory imports this module
-
-    return error_response(RateLimited(f"Too many requests: {err.description}; try again later"))
+    return render(RateLimited(f"Too many requests: {err.description}; try again later"))

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import gevent
-from gevent.queue import Empty, Queue
 
 from app.context import RequestRecord
 from app.disconnect import DisconnectWatch, cancel
@@ -33,41 +32,6 @@ class ChunkSource(Protocol):
     def close(self) -> None: ...
 
 
-class QueuedSource:
-    """Adapts a blocking byte iterator (an SDK/httpx2 response) to `ChunkSource` with a reader greenlet."""
-
-    def __init__(self, response: Any) -> None:
-        self._response = response
-        self._queue: Queue = Queue()
-        self._reader = gevent.spawn(self._pump)
-
-    def _pump(self) -> None:
-        try:
-            for chunk in self._response.iter_bytes():
-                self._queue.put(chunk)
-            self._queue.put(b"")
-        except Exception as exc:
-            self._queue.put(exc)
-
-    def next_chunk(self, timeout: float | None) -> bytes | None:
-        try:
-            item = self._queue.get(timeout=timeout)
-        except Empty:
-            return None
-        if isinstance(item, Exception):
-            raise item
-        return item
-
-    def close(self) -> None:
-        self._reader.kill(block=True, timeout=1)
-        self._response.close()
-
-
-def as_source(response: Any) -> ChunkSource:
-    """The lean client's responses are sources already; SDK responses get the queued adapter."""
-    return response if hasattr(response, "next_chunk") else QueuedSource(response)
-
-
 class Relay:
     """Base relay: iteration, silence, disconnects, failures and cleanup; subclasses shape the bytes."""
 
@@ -80,6 +44,7 @@ class Relay:
         environ: dict[str, Any],
         idle_s: float | None,
         max_silence_s: float,
+        max_event_bytes: int | None = None,
     ) -> None:
         self._source = source
         self._record = record
@@ -87,6 +52,7 @@ class Relay:
         self._environ = environ
         self._idle_s = idle_s
         self._max_silence_s = max_silence_s
+        self._max_event_bytes = max_event_bytes
         self._watch = DisconnectWatch(environ)
         self._greenlet: Any = None
         self._waiting = False

@@ -30,34 +30,64 @@ _EVENT_END = re.compile(rb"\r?\n\r?\n")
 
 
 class SSEParser:
-    """Incremental parser of the `text/event-stream` format; yields (event name, data) pairs."""
+    """Incremental parser of the `text/event-stream` format; yields (event name, data) pairs.
 
-    __slots__ = ("_buffer", "_data", "_event")
+    Linear in the bytes fed: each byte is searched for a line end once, and a line that arrives in
+    pieces is joined once. An event larger than `max_event_bytes` is refused (502), so one endless
+    event cannot grow the worker without bound.
+    """
 
-    def __init__(self) -> None:
-        self._buffer = b""
+    __slots__ = ("_data", "_event", "_held", "_max", "_partial")
+
+    def __init__(self, max_event_bytes: int | None = None) -> None:
+        self._partial: list[bytes] = []  # the current line, not yet ended
         self._event: bytes | None = None
         self._data: list[bytes] = []
+        self._held = 0  # bytes held for the current event
+        self._max = max_event_bytes
 
     def feed(self, chunk: bytes) -> Iterator[tuple[bytes | None, bytes]]:
-        self._buffer += chunk
-        *lines, self._buffer = self._buffer.split(b"\n")
-        for line in lines:
+        start = 0
+        while True:
+            end = chunk.find(b"\n", start)
+            if end < 0:
+                if start < len(chunk):
+                    self._partial.append(chunk[start:])
+                    self._hold(len(chunk) - start)
+                return
+            line = chunk[start:end]
+            if self._partial:
+                line = b"".join((*self._partial, line))
+                self._partial.clear()
+            else:
+                self._hold(len(line))
+            start = end + 1
             if line.endswith(b"\r"):
                 line = line[:-1]
             if not line:
                 if self._data:
                     yield self._event, b"\n".join(self._data)
-                self._event, self._data = None, []
+                self._event, self._data, self._held = None, [], 0
             elif line.startswith(b"data:"):
                 self._data.append(line[6:] if line.startswith(b"data: ") else line[5:])
             elif line.startswith(b"event:"):
                 self._event = line[6:].strip()
             # comments (":") and other fields (id, retry) carry nothing we relay
 
+    def _hold(self, size: int) -> None:
+        self._held += size
+        check_event_size(self._held, self._max)
+
     def pending(self) -> bool:
         """Whether a partial event is waiting for its blank line."""
-        return bool(self._data or self._buffer.strip())
+        return bool(self._data or any(piece.strip() for piece in self._partial))
+
+
+def check_event_size(size: int, limit: int | None) -> None:
+    if limit is not None and size > limit:
+        raise UpstreamBadResponse(
+            f"OpenAI sent a stream event larger than {limit} bytes (OPENAI_PROXY_MAX_SSE_EVENT_BYTES)"
+        )
 
 
 def data_of(raw_event: bytes) -> bytes:
@@ -84,7 +114,7 @@ class EventRelay(Relay):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._parser = SSEParser()
+        self._parser = SSEParser(self._max_event_bytes)
         self._terminal = False
 
     def on_data(self, chunk: bytes) -> bytes | None:
@@ -131,21 +161,27 @@ class PassthroughEventRelay(Relay):
         self, *args: Any, strip_usage_chunk: bool = False, needs_end_marker: bool = True, **kwargs: Any
     ):
         super().__init__(*args, **kwargs)
-        self._buffer = b""
+        self._buffer = bytearray()
+        self._scanned = 0  # the buffer before this offset holds no event end
         self._strip_usage_chunk = strip_usage_chunk
         self._needs_end_marker = needs_end_marker
         self._ended = False
 
     def on_data(self, chunk: bytes) -> bytes | None:
-        self._buffer += chunk
+        buffer = self._buffer
+        buffer += chunk
         out = []
         start = 0
-        for match in _EVENT_END.finditer(self._buffer):
-            raw = self._buffer[start : match.end()]
+        # An event end is at most 4 bytes (\r\n\r\n): only its tail can straddle the old and new data.
+        for match in _EVENT_END.finditer(buffer, max(self._scanned - 3, 0)):
+            raw = bytes(buffer[start : match.end()])
             start = match.end()
             if self._keep(raw):
                 out.append(raw)
-        self._buffer = self._buffer[start:]
+        if start:
+            del buffer[:start]
+        self._scanned = len(buffer)
+        check_event_size(len(buffer), self._max_event_bytes)
         return b"".join(out) if out else None
 
     def _keep(self, raw: bytes) -> bool:

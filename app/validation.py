@@ -3,10 +3,25 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from app.errors import BadRequest
+
+# RFC 9110 §5.5: a field value is visible ASCII, space, tab and obs-text (latin-1 bytes 0x80-0xFF).
+# CR and LF would end the header (request smuggling), NUL and other controls are refused by servers.
+_FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
+
+
+def header_value(name: str, value: str) -> str:
+    """`value` if it can be sent as an HTTP header value as it is, else 400 naming `name`."""
+    if not _FIELD_VALUE.fullmatch(value):
+        raise BadRequest(
+            f"{name} contains characters that cannot go into an HTTP header "
+            "(control characters such as CR, LF or NUL, or text outside latin-1)"
+        )
+    return value
 
 
 def is_truthy(value: Any) -> bool:

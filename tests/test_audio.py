@@ -371,9 +371,9 @@ def test_the_sdk_gets_the_spooled_file_not_bytes(app, fake, spooled, monkeypatch
     real_send = upstream.send
     handed = []
 
-    def send(*args, **kwargs):
-        handed.append(kwargs["files"][0][1][1])
-        return real_send(*args, **kwargs)
+    def send(call):
+        handed.append(call.files[0][1][1])
+        return real_send(call)
 
     monkeypatch.setattr(upstream, "send", send)
     assert transcribe(app.test_client()).status_code == 200

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from app.api import decide_timeout
+from app.web import decide_timeout
 from tests.conftest import SECURITY_KEY, error_of, post_json
 from tests.fake_upstream import delay, error, reset, sse
 
@@ -76,13 +76,14 @@ def test_timeout_bounds_headers_not_the_body_of_a_stream(make_app, fake):
     app = make_app()
     upstream = app.extensions["openai_proxy"].upstream
     from app.context import RequestRecord, TimeoutDecision
+    from app.upstream import UpstreamCall
 
-    record = RequestRecord(endpoint="/t", method="POST")
-    creds = upstream.credentials(None, None, None)
-    with app.app_context():
-        response = upstream.send("POST", "/chat/completions", record=record, credentials=creds,
-                                 timeout=TimeoutDecision(200, "provided"), content=b"{}", stream=True)  # fmt: skip
-        body = response.read()
+    call = UpstreamCall(
+        "POST", "/chat/completions", record=RequestRecord(endpoint="/t", method="POST"),
+        timeout=TimeoutDecision(200, "provided"), credentials=upstream.credentials(None, None, None), body=b"{}",
+    )  # fmt: skip
+    response = upstream.send(call)
+    body = response.read_body(1 << 20)
     assert body.count(b"data: ") == 3
 
 

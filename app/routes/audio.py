@@ -8,11 +8,11 @@ from typing import Any
 from flask import Blueprint, Response
 from werkzeug.datastructures import FileStorage, MultiDict
 
-from app import api, jsonio
+from app import jsonio, pipeline, web
 from app.errors import BadRequest
 from app.multipart import size_of
 from app.state import state
-from app.upstream import MULTIPART_HEADERS
+from app.usage import usage_of
 from app.validation import optional_choice
 
 bp = Blueprint("audio", __name__)
@@ -25,22 +25,25 @@ TEXT_FORMATS = ("text", "srt", "vtt")
 NOT_FORWARDED = ("file", "stream")
 
 FileTuple = tuple[str, Any, str | None]
+# Tells the SDK to send `form` as form fields next to `files`; httpx2 adds the boundary.
+MULTIPART_HEADERS = [("Content-Type", "multipart/form-data")]
 
 
 @bp.post("/openai/audio/transcriptions")
 def create_transcription() -> Response:
-    with api.form_request(state().config.max_audio_bytes) as req:
+    with web.form_request(state().config.max_audio_bytes) as req:
         upload = audio_file(req.files)
         fields = build_transcription_fields(req.body)
-        response = api.call_upstream(
+        call = pipeline.json_call(
             "POST",
             "/audio/transcriptions",
             req,
-            body=fields,
+            form=fields,
             files=[("file", upload)],
             headers=MULTIPART_HEADERS,
         )
-    return transcription_answer(response, fields["response_format"])
+        fetched = pipeline.fetch(call)
+    return transcription_answer(fetched, fields["response_format"], req.record)
 
 
 def audio_file(files: MultiDict[str, FileStorage]) -> FileTuple:
@@ -87,8 +90,10 @@ def temperature(raw: str | list[str] | None) -> int | float:
     return int(value) if value.is_integer() else value
 
 
-def transcription_answer(response: Any, response_format: str) -> Response:
+def transcription_answer(fetched: pipeline.Fetched, response_format: str, record: Any) -> Response:
     """JSON formats: the upstream bytes as they are. Text formats: the text as a JSON string."""
     if response_format in TEXT_FORMATS:
-        return api.json_response(jsonio.dumps(response.text), response.status_code)
-    return api.relay_json(response)
+        text = fetched.body.decode("utf-8", "replace")
+        return pipeline.json_response(jsonio.dumps(text), fetched.status)
+    record.usage = usage_of(fetched.json())
+    return pipeline.json_response(fetched.body, fetched.status)

@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import Blueprint
 
-from app import api, jsonio
+from app import jsonio, pipeline, web
 from app.errors import BadRequest
 from app.state import state
 from app.usage import usage_of
@@ -20,20 +20,18 @@ SYSTEM_PROMPT = "You are an AI assistant."
 
 @bp.post("/openai")
 def chat_completions():
-    req = api.json_request()
+    req = web.json_request()
     body = build_chat_body(req.body)
-    response = api.call_upstream("POST", "/chat/completions", req, json=body)
-    return api.relay_json(response)
+    return pipeline.relay_json(pipeline.json_call("POST", "/chat/completions", req, json=body))
 
 
 @bp.post("/chatgpt")
 def simple_chat():
-    req = api.json_request()
+    req = web.json_request()
     body = build_simple_chat_body(req.body, state().config.default_model)
-    response = api.call_upstream("POST", "/chat/completions", req, json=body)
-    completion = api.upstream_json(response)
-    api.record().usage = usage_of(completion)
-    return api.json_response(jsonio.dumps(simple_chat_answer(completion)))
+    completion = pipeline.fetch(pipeline.json_call("POST", "/chat/completions", req, json=body)).json()
+    req.record.usage = usage_of(completion)
+    return pipeline.json_response(jsonio.dumps(simple_chat_answer(completion)))
 
 
 def image_part(image: Any) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from typing import Any
 
 from flask import Blueprint
 
-from app import api
+from app import pipeline, web
 from app.errors import BadRequest
 from app.validation import optional_choice, optional_positive_int
 
@@ -17,10 +17,9 @@ DEFAULT_EMBEDDING_MODEL = "text-embedding-3-large"
 
 @bp.post("/embeddings")
 def create_embeddings():
-    req = api.json_request()
+    req = web.json_request()
     body = build_embeddings_body(req.body)
-    response = api.call_upstream("POST", "/embeddings", req, json=body)
-    return api.relay_json(response)
+    return pipeline.relay_json(pipeline.json_call("POST", "/embeddings", req, json=body))
 
 
 def build_embeddings_body(body: dict[str, Any]) -> dict[str, Any]:

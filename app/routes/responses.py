@@ -7,8 +7,9 @@ from urllib.parse import quote
 
 from flask import Blueprint, request
 
-from app import api
+from app import pipeline, web
 from app.errors import BadRequest
+from app.pipeline import json_call
 from app.upstream import RETRIES_IDEMPOTENT
 from app.validation import is_truthy, optional_choice, query_int
 
@@ -28,66 +29,59 @@ INCLUDABLE = (
 
 @bp.post("/openai2")
 def create_response():
-    req = api.json_request()
+    req = web.json_request()
     if is_truthy(req.body.pop("stream", None)):
-        return api.stream_upstream("POST", "/responses", req, json={**req.body, "stream": True})
-    response = api.call_upstream("POST", "/responses", req, json=req.body)
-    return api.relay_json(response, with_output_text)
+        return pipeline.stream_events(json_call("POST", "/responses", req, json={**req.body, "stream": True}))
+    return pipeline.relay_json(json_call("POST", "/responses", req, json=req.body), with_output_text)
 
 
 @bp.post("/openai2/compact")
 def compact_response():
-    req = api.json_request()
-    response = api.call_upstream("POST", "/responses/compact", req, json=req.body)
-    return api.relay_json(response)
+    req = web.json_request()
+    return pipeline.relay_json(json_call("POST", "/responses/compact", req, json=req.body))
 
 
 @bp.post("/openai2/input_tokens")
 def count_input_tokens():
-    req = api.json_request(allow_empty=True)
-    response = api.call_upstream(
-        "POST", "/responses/input_tokens", req, json=req.body, retries=RETRIES_IDEMPOTENT
-    )
-    return api.relay_json(response)
+    req = web.json_request(allow_empty=True)
+    call = json_call("POST", "/responses/input_tokens", req, json=req.body, retries=RETRIES_IDEMPOTENT)
+    return pipeline.relay_json(call)
 
 
 @bp.get("/openai2", defaults={"response_id": ""})
 @bp.get("/openai2/<rid:response_id>")
 def retrieve_response(response_id: str):
-    req = api.query_request()
+    req = web.query_request()
     path = response_path(response_id)
     params = retrieve_params(request.args)
     if request.args.get("stream") == "true":
         params["stream"] = "true"
-        return api.stream_upstream("GET", path, req, params=params, retries=RETRIES_IDEMPOTENT)
-    response = api.call_upstream("GET", path, req, params=params, retries=RETRIES_IDEMPOTENT)
-    return api.relay_json(response, with_output_text)
+        return pipeline.stream_events(json_call("GET", path, req, params=params, retries=RETRIES_IDEMPOTENT))
+    call = json_call("GET", path, req, params=params, retries=RETRIES_IDEMPOTENT)
+    return pipeline.relay_json(call, with_output_text)
 
 
 @bp.get("/openai2/<rid:response_id>/input_items")
 def list_input_items(response_id: str):
-    req = api.query_request()
+    req = web.query_request()
     path = response_path(response_id) + "/input_items"
     params = input_items_params(request.args)
-    response = api.call_upstream("GET", path, req, params=params, retries=RETRIES_IDEMPOTENT)
-    return api.relay_json(response)
+    return pipeline.relay_json(json_call("GET", path, req, params=params, retries=RETRIES_IDEMPOTENT))
 
 
 @bp.post("/openai2/<rid:response_id>/cancel")
 def cancel_response(response_id: str):
-    req = api.json_request(allow_empty=True)
+    req = web.json_request(allow_empty=True)
     path = response_path(response_id) + "/cancel"
-    response = api.call_upstream("POST", path, req)
-    return api.relay_json(response)
+    return pipeline.relay_json(json_call("POST", path, req))
 
 
 @bp.delete("/openai2", defaults={"response_id": ""})
 @bp.delete("/openai2/<rid:response_id>")
 def delete_response(response_id: str):
-    req = api.query_request()
+    req = web.query_request()
     path = response_path(response_id)
-    response = api.call_upstream("DELETE", path, req, retries=RETRIES_IDEMPOTENT)
-    return api.relay_json(response)
+    return pipeline.relay_json(json_call("DELETE", path, req, retries=RETRIES_IDEMPOTENT))
 
 
 def response_path(response_id: str) -> str:

@@ -1,7 +1,7 @@
 """`/v1/...`: the OpenAI-compatible surface for the official SDKs (`base_url=<proxy>/v1`).
 
 Every path is relayed; the named ones only give the completion records and metrics a readable
-endpoint instead of `/v1/<path>`.
+endpoint instead of `/v1/<path>`. Errors here are in OpenAI's own shape.
 """
 
 from __future__ import annotations
@@ -11,16 +11,15 @@ from typing import Any
 
 from flask import Blueprint, Response
 
-from app import api, jsonio, passthrough
-from app.gate import SlotGuard
+from app import errors, jsonio, passthrough, pipeline, web
 from app.passthrough import PassthroughRequest
-from app.relay import Relay, as_source
+from app.pipeline import Forwarded
+from app.relay import Relay
 from app.sse import PassthroughEventRelay
-from app.state import state
-from app.upstream import MAX_ERROR_BODY
 from app.usage import usage_of
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")
+errors.register(bp, errors.OPENAI)
 
 METHODS = ["GET", "POST", "DELETE", "PUT", "PATCH"]
 NAMED_ENDPOINTS = (
@@ -28,22 +27,22 @@ NAMED_ENDPOINTS = (
     "/responses/<response_id>", "/responses/<response_id>/input_items", "/responses/<response_id>/cancel",
     "/embeddings", "/audio/transcriptions", "/models", "/models/<model>",
 )  # fmt: skip
-# JSON answers up to this size are read whole (usage for the record); bigger ones stream through.
+# JSON answers of a known size up to this are read whole (usage for the record); bigger ones stream
+# through. One without a length is read whole up to OPENAI_PROXY_MAX_RESPONSE_BYTES.
 READ_WHOLE_MAX = 8 * 1024 * 1024
 SSE_EXTRA_HEADERS = [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
 
 
 def relay_v1(**_route_args: Any) -> Response:
     req = passthrough.build_request()
-    record = api.record()
+    record = web.record()
     record.model, record.timeout = req.model, req.timeout
-    slot = api.take_slot()
+    forwarded = pipeline.forward(req.call(record))
     try:
-        upstream = api.watched(lambda: _send(req, record))
+        return _answer(forwarded, req, record)
     except BaseException:
-        slot.release()
+        forwarded.release()
         raise
-    return _answer(upstream, req, record, slot)
 
 
 for _rule in NAMED_ENDPOINTS:
@@ -51,46 +50,37 @@ for _rule in NAMED_ENDPOINTS:
 bp.add_url_rule("/<path:subpath>", view_func=relay_v1, methods=METHODS, endpoint="relay")
 
 
-def _send(req: PassthroughRequest, record: Any) -> Any:
-    return state().upstream.relay(
-        req.method, req.path, req.query, req.headers, req.body,
-        record=record, timeout=req.timeout, content_length=req.content_length,
-    )  # fmt: skip
-
-
-def _answer(upstream: Any, req: PassthroughRequest, record: Any, slot: SlotGuard) -> Response:
+def _answer(forwarded: Forwarded, req: PassthroughRequest, record: Any) -> Response:
     """Shape upstream's answer: errors and small JSON read whole, streams and the rest relayed."""
+    upstream = forwarded.response
     headers = passthrough.response_headers(upstream)
     content_type = upstream.headers.get("content-type") or ""
     length = upstream.headers.get("content-length")
+    size = int(length) if length is not None and length.isdigit() else None
     if upstream.status_code >= 400 or (
-        content_type.startswith("application/json") and (length is None or int(length) <= READ_WHOLE_MAX)
+        content_type.startswith("application/json") and (size is None or size <= READ_WHOLE_MAX)
     ):
-        return _read_whole(upstream, record, slot, headers)
+        return _read_whole(forwarded, record, headers)
     if content_type.startswith("text/event-stream"):
         record.stream = True
         relay: Relay = PassthroughEventRelay(
-            as_source(upstream),
+            upstream,
             strip_usage_chunk=req.strip_usage_chunk,
             needs_end_marker=req.path == "/chat/completions" or req.path.startswith("/responses"),
-            **api.relay_args(record, slot),
+            **pipeline.relay_args(record, forwarded.slot),
         )
-        return api.relay_response(relay, upstream.status_code, headers + SSE_EXTRA_HEADERS, None)
-    if length is not None:
-        headers.append(("Content-Length", length))
-    relay = Relay(as_source(upstream), **api.relay_args(record, slot, stream=False))
-    return api.relay_response(relay, upstream.status_code, headers, None)
+        return pipeline.relay_response(relay, upstream.status_code, headers + SSE_EXTRA_HEADERS, None)
+    if size is not None:
+        headers.append(("Content-Length", str(size)))
+    relay = Relay(upstream, **pipeline.relay_args(record, forwarded.slot, stream=False))
+    return pipeline.relay_response(relay, upstream.status_code, headers, None)
 
 
-def _read_whole(upstream: Any, record: Any, slot: SlotGuard, headers: list[tuple[str, str]]) -> Response:
-    try:
-        body = api.watched(upstream.read)
-    finally:
-        upstream.close()
-        slot.release()
-    status = upstream.status_code
+def _read_whole(forwarded: Forwarded, record: Any, headers: list[tuple[str, str]]) -> Response:
+    body = pipeline.read_whole(forwarded)
+    status = forwarded.response.status_code
     if status >= 400:
-        body, summary = passthrough.redacted_error_body(body[:MAX_ERROR_BODY])
+        body, summary = passthrough.redacted_error_body(body)
         record.result = "upstream_api_error"
         record.error = {**summary, "upstream": {"status": status, "requestId": record.upstream_request_id}}
     elif body[:1] == b"{":

@@ -1,39 +1,31 @@
-"""The shared request pipeline of the API routes.
+"""The inbound half of every API request: ids, size-limited bodies, auth, overrides, timeout.
 
-parse (size-limited) -> authenticate -> (route validates and builds its call) -> take a gate slot ->
-call upstream -> shape the answer. Routes compose these pieces; nothing here knows a route.
+parse (size-limited) -> authenticate -> (the route validates and builds its call: `app.pipeline`).
+Everything here happens before a gate slot is taken, so a bad request never costs one.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
-import httpx2
-from flask import Response, g, request
+from flask import g, request
 from werkzeug.datastructures import FileStorage, MultiDict
 
 from app import jsonio
 from app.auth import provided_security_key, require_security_key
 from app.context import RequestRecord, TimeoutDecision
-from app.disconnect import cancel_current_greenlet
-from app.errors import BadRequest, Overloaded, PayloadTooLarge, ProxyError, UpstreamBadResponse, classify
-from app.gate import SlotGuard
+from app.errors import BadRequest, PayloadTooLarge, ProxyError
 from app.multipart import Spool, read_limited_form
-from app.relay import Relay, as_source
-from app.sse import EventRelay
 from app.state import state
-from app.upstream import JSON_HEADERS, READ_MARGIN_S, Credentials
-from app.usage import usage_of
-
-T = TypeVar("T")
+from app.upstream import Credentials
+from app.validation import header_value
 
 # Never forwarded upstream, whatever the route.
 CONTROL_FIELDS = ("security_key", "openai_api_key", "project", "organization", "timeout")
 OVERRIDE_FIELDS = ("openai_api_key", "project", "organization")
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 @dataclass
@@ -107,7 +99,7 @@ def _override(sources: tuple[Mapping[str, Any], ...], name: str) -> str | None:
             continue
         if not isinstance(value, str):
             raise BadRequest(f"{name} must be a string")
-        return value
+        return header_value(name, value)
     return None
 
 
@@ -181,143 +173,3 @@ def form_request(limit: int) -> FormRequest:
     return FormRequest(
         body=fields, credentials=credentials, timeout=timeout, record=record(), files=files, spool=spool
     )
-
-
-def take_slot() -> SlotGuard:
-    """A gate slot for one upstream call, or 503 + Retry-After: 1 right away (never queues)."""
-    gate = state().gate
-    slot = gate.try_acquire()
-    if slot is None:
-        record().overloaded = True
-        raise Overloaded()
-    return SlotGuard(gate, slot)
-
-
-def _note_model(rec: RequestRecord, forwarded: Mapping[str, Any] | None) -> None:
-    """The model the client asked for (JSON body or form fields), for the completion record."""
-    model = forwarded.get("model") if isinstance(forwarded, Mapping) else None
-    if isinstance(model, str):
-        rec.model = model
-
-
-def _json_args(json: dict[str, Any] | None) -> dict[str, Any]:
-    return {} if json is None else {"content": jsonio.dumps(json), "headers": JSON_HEADERS}
-
-
-def watched(call: Callable[[], T]) -> T:
-    """Run an upstream call; a client that leaves meanwhile cancels it (ClientCancelled, 499), and
-    every failure comes out as a ProxyError."""
-    watch = cancel_current_greenlet(request.environ)
-    try:
-        return call()
-    except Exception as exc:
-        raise classify(exc) from exc
-    finally:
-        watch.stop()
-
-
-def _send_watched(method: str, path: str, req: ApiRequest, **send_args: Any) -> httpx2.Response:
-    upstream = state().upstream
-    return watched(
-        lambda: upstream.send(
-            method, path, record=req.record, credentials=req.credentials, timeout=req.timeout, **send_args
-        )
-    )
-
-
-def call_upstream(
-    method: str,
-    path: str,
-    req: ApiRequest,
-    *,
-    json: dict[str, Any] | None = None,
-    **send_args: Any,
-) -> httpx2.Response:
-    """Take a slot, make the call, give the slot back; failures come out as ProxyErrors."""
-    _note_model(req.record, json if json is not None else send_args.get("body"))
-    send_args.update(_json_args(json))
-    slot = take_slot()
-    try:
-        return _send_watched(method, path, req, **send_args)
-    finally:
-        slot.release()
-
-
-def stream_upstream(
-    method: str,
-    path: str,
-    req: ApiRequest,
-    *,
-    json: dict[str, Any] | None = None,
-    **send_args: Any,
-) -> Response:
-    """Open an upstream event stream and answer with the SSE relay; failures before it starts are JSON.
-
-    The gate slot is held until the relay is closed, i.e. for the whole stream.
-    """
-    req.record.stream = True
-    _note_model(req.record, json)
-    send_args.update(_json_args(json))
-    slot = take_slot()
-    try:
-        response = _send_watched(method, path, req, stream=True, **send_args)
-        _require_event_stream(response)
-    except BaseException:
-        slot.release()
-        raise
-    relay = EventRelay(as_source(response), **relay_args(req.record, slot))
-    return relay_response(relay, 200, SSE_HEADERS, "text/event-stream")
-
-
-def relay_args(rec: RequestRecord, slot: SlotGuard, *, stream: bool = True) -> dict[str, Any]:
-    """What every relay needs: the record, the slot it will free, the client, and how long to wait."""
-    config = state().config
-    return {
-        "record": rec,
-        "slot": slot,
-        "environ": request.environ,
-        "idle_s": config.sse_keepalive_interval_ms / 1000.0 if stream else None,
-        "max_silence_s": config.effective_max_timeout_ms / 1000.0 + READ_MARGIN_S,
-    }
-
-
-def relay_response(relay: Relay, status: int, headers: Any, content_type: str | None) -> Response:
-    """A Flask response whose body is `relay`, passed through as the WSGI body itself (no per-chunk
-    re-encoding layer); the relay then owns closing the response, so the record still goes out."""
-    response = Response(
-        relay, status=status, headers=headers, content_type=content_type, direct_passthrough=True
-    )
-    relay.on_close = response.close
-    return response
-
-
-def _require_event_stream(response: httpx2.Response) -> None:
-    content_type = response.headers.get("content-type", "")
-    if not content_type.startswith("text/event-stream"):
-        response.close()
-        raise UpstreamBadResponse(
-            f"OpenAI answered {response.status_code} without an event stream ({content_type or 'no type'})"
-        )
-
-
-def upstream_json(response: httpx2.Response) -> Any:
-    """Parse an upstream 2xx body; garbage becomes 502 upstream_bad_response."""
-    try:
-        return jsonio.loads(response.content)
-    except jsonio.JSONDecodeError:
-        raise UpstreamBadResponse(
-            f"OpenAI answered {response.status_code} with a body that is not JSON"
-        ) from None
-
-
-def json_response(payload: bytes, status: int = 200) -> Response:
-    return Response(payload, status=status, mimetype="application/json")
-
-
-def relay_json(response: httpx2.Response, transform: Callable[[Any], Any] | None = None) -> Response:
-    """Answer what upstream sent: its bytes as they are, unless `transform` must add to them."""
-    data = upstream_json(response)
-    record().usage = usage_of(data)
-    if transform is None:
-        return json_response(response.content, response.status_code)
-    return json_response(jsonio.dumps(transform(data)), response.status_code)

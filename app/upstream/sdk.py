@@ -1,0 +1,147 @@
+"""The official SDK, for the two jobs it does better than a plain call: retries and multipart.
+
+The SDK's retry policy (connection errors, timeouts, 408/409/429/5xx, `Retry-After`, back-off with
+jitter) serves the calls the contract retries, and its multipart encoding serves the legacy audio
+upload. Its HTTP goes through `WireTransport`, i.e. through the same `UpstreamClient` as every other
+call: one pool, one TLS trust, one outbound proxy, one set of caps. The transport also bounds each
+attempt's wait for response headers and logs each retry with the request id.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import httpx2
+
+from app.context import RequestRecord
+from app.jsonio import dumps_text
+from app.redact import redact_text
+from app.upstream.client import MAX_ERROR_BODY, UpstreamClient, UpstreamResponse
+
+log = logging.getLogger("openai_proxy.upstream")
+
+RetrySink = Callable[[dict[str, Any]], None]
+# Asks the SDK for the response unread (its streaming-response mechanism); not for upstream.
+RAW_RESPONSE_HEADER = "X-Stainless-Raw-Response"
+# Set by the client per request (content length, coding), or meant for the SDK: not forwarded.
+_NOT_SENT = frozenset(
+    {
+        b"host",
+        b"content-length",
+        b"transfer-encoding",
+        b"accept-encoding",
+        b"connection",
+        b"x-stainless-raw-response",
+    }
+)
+
+
+@dataclass
+class Attempts:
+    """One logical call across its attempts: what the transport needs to time and log each one."""
+
+    record: RequestRecord
+    header_timeout_s: float
+    retry_sinks: list[RetrySink]
+    count: int = 0
+    last_failure: str | None = None
+
+
+current_attempts: ContextVar[Attempts | None] = ContextVar("openai_proxy_attempts", default=None)
+
+
+# Where an httpx2 response keeps the `UpstreamResponse` it stands for (httpx2 wraps `stream`).
+WIRE = "openai_proxy.wire"
+
+
+class WireStream(httpx2.SyncByteStream):
+    """An httpx2 body backed by an `UpstreamResponse`; an error body is read only up to its cap."""
+
+    def __init__(self, wire: UpstreamResponse) -> None:
+        self.wire = wire
+
+    def __iter__(self) -> Iterator[bytes]:
+        # The SDK reads a body only to build its error for an error status (it gets the others
+        # unread), so this is the upstream error body, capped like every other.
+        yield self.wire.read_body(MAX_ERROR_BODY)
+
+    def close(self) -> None:
+        self.wire.close()
+
+
+class WireTransport(httpx2.BaseTransport):
+    """httpx2 transport over `UpstreamClient`: the SDK's calls take the same road as all others."""
+
+    def __init__(self, client: UpstreamClient) -> None:
+        self.client = client
+
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        attempts = current_attempts.get()
+        if attempts is None:
+            raise RuntimeError("SDK calls go through Upstream.send, which sets the attempt context")
+        attempts.count += 1
+        if attempts.count > 1:
+            _log_retry(attempts, request)
+        headers = [
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in request.headers.raw
+            if k.lower() not in _NOT_SENT
+        ]
+        headers.append(("Accept-Encoding", "identity"))
+        length = request.headers.get("content-length")
+        if isinstance(request.stream, httpx2.ByteStream):
+            body: Any = request.read()
+            length = None
+        else:
+            body = request.stream
+        target = request.url.raw_path.decode("ascii")
+        try:
+            wire = self.client.send(
+                request.method,
+                target,
+                headers,
+                body,
+                header_timeout=attempts.header_timeout_s,
+                content_length=int(length) if length is not None else None,
+            )
+        except httpx2.TransportError as exc:
+            attempts.last_failure = f"{type(exc).__name__}: {exc}"
+            raise
+        record = attempts.record
+        record.upstream_headers_at = time.perf_counter()
+        record.upstream_request_id = wire.headers.get("x-request-id") or record.upstream_request_id
+        if wire.status_code >= 400:
+            attempts.last_failure = f"HTTP {wire.status_code}"
+        return httpx2.Response(
+            wire.status_code,
+            headers=wire.headers.raw,
+            stream=WireStream(wire),
+            request=request,
+            extensions={WIRE: wire},
+        )
+
+
+def _log_retry(attempts: Attempts, request: httpx2.Request) -> None:
+    record = attempts.record
+    record.retries += 1
+    event = {
+        "event": "upstream_retry",
+        "requestId": record.request_id,
+        "endpoint": record.endpoint,
+        "attempt": attempts.count,
+        "retry": record.retries,
+        "upstreamPath": request.url.path,
+        "reason": redact_text(attempts.last_failure or "unknown"),
+    }
+    log.warning(dumps_text(event))
+    # The same event, once, to whoever else keeps retries (the log store).
+    for sink in attempts.retry_sinks:
+        try:
+            sink(event)
+        except Exception:
+            log.exception("retry sink %r failed", sink)
