@@ -30,6 +30,7 @@ UPSTREAM_KEY = "sk-test-upstream-0123456789abcdef"
 
 @pytest.fixture(scope="session")
 def fake_server():
+    """The fake upstream over HTTPS (as production talks to the API), signed by the session's test CA."""
     server = FakeUpstream().start()
     yield server
     server.stop()
@@ -42,12 +43,30 @@ def fake(fake_server):
     fake_server.reset()
 
 
+@pytest.fixture(scope="session")
+def plain_fake_server():
+    """The same fake over plain HTTP, for the few tests that need http://."""
+    server = FakeUpstream(tls=False).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def plain_fake(plain_fake_server):
+    """Point an app at it with `make_app(OPENAI_BASE_URL=plain_fake.url)` (gunicorn_server alike)."""
+    plain_fake_server.reset()
+    yield plain_fake_server
+    plain_fake_server.reset()
+
+
 def base_env(fake: FakeUpstream, **overrides: str) -> dict[str, str]:
     env = {
         "OPENAI_BASE_URL": fake.url,
         "OPENAI_API_KEY": UPSTREAM_KEY,
         "SECURITY_KEY": SECURITY_KEY,
         "ACCESS_TOKEN": ACCESS_TOKEN,
+        # Every app and gunicorn the tests start trusts the fake's CA (harmless with a plain fake).
+        "OPENAI_PROXY_CA_BUNDLE": fake.ca_path,
     }
     env.update(overrides)
     return {k: v for k, v in env.items() if v is not None}

@@ -4,6 +4,10 @@ It speaks HTTP/1.1 on raw gevent sockets (keep-alive, chunked bodies both ways),
 it do what a library server would refuse to: reset the connection, stop mid-body, send garbage,
 stream slowly, drop a stream, and notice when the proxy hangs up on it.
 
+It serves HTTPS by default, as the real API does, with a certificate from a throwaway CA made once
+per process (`ca_path()` is that CA's PEM file, for OPENAI_PROXY_CA_BUNDLE or `verify=`);
+`FakeUpstream(tls=False)` serves plain HTTP.
+
 Usage in tests::
 
     fake.push("POST", "/v1/chat/completions", error(429, "Slow down", headers={"Retry-After": "3"}))
@@ -14,15 +18,22 @@ Usage in tests::
 
 from __future__ import annotations
 
+import atexit
 import base64
 import contextlib
 import email.parser
 import email.policy
+import functools
 import hashlib
+import io
 import json
+import os
 import re
+import shutil
 import socket
+import ssl
 import struct
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -30,6 +41,8 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import gevent
+import gevent.ssl
+import trustme
 from gevent.server import StreamServer
 
 Handler = Callable[["Received", "Conn"], None]
@@ -94,9 +107,12 @@ class ClientGone(Exception):
 class Conn:
     """Response helpers on the raw socket of one request."""
 
-    def __init__(self, sock: socket.socket, req: Received) -> None:
+    def __init__(self, sock: socket.socket, req: Received, reader: io.BufferedReader) -> None:
         self.sock = sock
         self.req = req
+        # The connection's request reader: wait() peeks through it on TLS (see _hung_up).
+        self.reader = reader
+        self.tls = isinstance(sock, (ssl.SSLSocket, gevent.ssl.SSLSocket))
         self.keep_alive = True
 
     # -- plain answers -------------------------------------------------------------------------
@@ -134,12 +150,13 @@ class Conn:
 
     # -- faults ----------------------------------------------------------------------------------
     def reset(self) -> None:
-        """Abort the connection with a TCP RST."""
+        """Abort the connection with a TCP RST (over TLS too: no close_notify goes out first)."""
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.keep_alive = False
         self.sock.close()
 
     def close(self) -> None:
+        """Hang up with a FIN; over TLS without a close_notify, as a server that dies mid-answer."""
         self.keep_alive = False
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
@@ -158,13 +175,31 @@ class Conn:
                 continue
             except OSError:
                 self._gone()
-            try:
-                peek = self.sock.recv(1, socket.MSG_PEEK)
-            except OSError:
-                peek = b""
-            if not peek:
+            if self._hung_up():
                 self._gone()
             gevent.sleep(min(remaining, 0.02))
+
+    def _hung_up(self) -> bool:
+        """Once the socket is readable: is that the proxy hanging up (EOF, RST, TLS close_notify)?"""
+        if not self.tls:
+            try:
+                return not self.sock.recv(1, socket.MSG_PEEK)
+            except OSError:
+                return True
+        # An SSL socket refuses MSG_PEEK (ValueError), and peeking at the TCP bytes would not tell a
+        # close_notify from data: TLS 1.3 sends both as application-data records. So read one record
+        # without blocking, into the request reader's buffer, where any bytes the proxy did send stay
+        # for the next request. b"" is a close_notify or an EOF (ragged EOFs are suppressed).
+        timeout = self.sock.gettimeout()
+        self.sock.settimeout(0.0)
+        try:
+            return not self.reader.peek(1)
+        except ssl.SSLWantReadError:
+            return False  # a record without application data (a key update), or half a record
+        except OSError:
+            return True
+        finally:
+            self.sock.settimeout(timeout)
 
     def _gone(self) -> None:
         if self.req.client_closed_at is None:
@@ -491,6 +526,55 @@ def default_handler(req: Received, conn: Conn) -> None:
                                        "param": None, "code": "unknown_url"}})  # fmt: skip
 
 
+# ---- TLS: a throwaway CA, made once per process (so once per test session) --------------------------
+
+
+@functools.cache
+def session_ca() -> trustme.CA:
+    """The CA that signs every fake's certificate in this process."""
+    return trustme.CA()
+
+
+@functools.cache
+def _server_cert() -> trustme.LeafCert:
+    # Both names, so a client may use either in the base URL and still verify the host name.
+    return session_ca().issue_cert("127.0.0.1", "localhost")
+
+
+@functools.cache
+def ca_path() -> str:
+    """The session CA's certificate as a PEM file: OPENAI_PROXY_CA_BUNDLE, or `verify=` in requests."""
+    directory = tempfile.mkdtemp(prefix="fake-upstream-ca-")
+    owner = os.getpid()
+
+    def remove() -> None:
+        # Only the process that made it: a forked child exiting first must not take it from the parent.
+        if os.getpid() == owner:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    atexit.register(remove)
+    path = os.path.join(directory, "ca.pem")
+    session_ca().cert_pem.write_to_path(path)
+    return path
+
+
+def client_ssl_context() -> ssl.SSLContext:
+    """A client context that trusts the session CA (and verifies host names), e.g. httpx `verify=`."""
+    context = ssl.create_default_context()
+    session_ca().configure_trust(context)
+    return context
+
+
+def _server_ssl_context() -> gevent.ssl.SSLContext:
+    # gevent's context even when the process is not monkey-patched: its sockets wait cooperatively,
+    # so one connection's handshake or read never blocks the others.
+    context = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _server_cert().configure_cert(context)
+    # The fake speaks HTTP/1.1 only; say so to a client that offers h2.
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
 # ---- the server ------------------------------------------------------------------------------------
 
 
@@ -509,17 +593,34 @@ class _Script:
 
 @dataclass
 class FakeUpstream:
-    """The server: start(), url, push() faults, inspect `requests`, reset() between tests."""
+    """The server: start(), url, push() faults, inspect `requests`, reset() between tests.
 
+    HTTPS with a certificate from `session_ca()` unless `tls=False`.
+    """
+
+    tls: bool = True
     host: str = "127.0.0.1"
     requests: list[Received] = field(default_factory=list)
+    # TLS handshakes that failed, e.g. "127.0.0.1:51234: [SSL: TLSV1_ALERT_UNKNOWN_CA] ..." when a
+    # client does not trust the session CA (the connection is then dropped).
+    handshake_errors: list[str] = field(default_factory=list)
     _scripts: list[_Script] = field(default_factory=list)
     _server: StreamServer | None = None
 
-    def start(self) -> FakeUpstream:
-        self._server = StreamServer((self.host, 0), self._serve, backlog=4096)
+    def start(self, port: int = 0) -> FakeUpstream:
+        ssl_args: dict[str, Any] = {}
+        if self.tls:
+            # gevent wraps each accepted socket in that connection's own greenlet; the handshake is
+            # left to _serve so that a client rejecting the certificate is recorded, not printed as
+            # a crashed greenlet.
+            ssl_args = {"ssl_context": _server_ssl_context(), "do_handshake_on_connect": False}
+        self._server = StreamServer((self.host, port), self._serve, backlog=4096, **ssl_args)
         self._server.start()
         return self
+
+    def serve_forever(self) -> None:
+        assert self._server is not None, "start() first"
+        self._server.serve_forever()
 
     def stop(self) -> None:
         if self._server:
@@ -532,10 +633,21 @@ class FakeUpstream:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}/v1"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}/v1"
+
+    @property
+    def ca_path(self) -> str:
+        """The PEM file of the CA to trust, for `requests.get(fake.url + ..., verify=fake.ca_path)`.
+
+        Pass it per call: a Session's `.verify` loses to REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE when those
+        are set (requests only keeps it with `trust_env = False`). httpx takes `client_ssl_context()`.
+        The same file for a plain server (it has nothing to verify), so callers need not check.
+        """
+        return ca_path()
 
     def reset(self) -> None:
         self.requests.clear()
+        self.handshake_errors.clear()
         self._scripts.clear()
 
     def push(self, method: str, path: str | re.Pattern[str], handler: Handler, times: int | None = 1) -> None:
@@ -563,8 +675,15 @@ class FakeUpstream:
                 return script.handler
         return default_handler
 
-    def _serve(self, sock: socket.socket, _addr) -> None:
+    def _serve(self, sock: socket.socket, addr: tuple[str, int]) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as real servers do for streams
+        if self.tls:
+            try:
+                sock.do_handshake()  # type: ignore[attr-defined]
+            except (OSError, ValueError) as exc:
+                self.handshake_errors.append(f"{addr[0]}:{addr[1]}: {exc}")
+                sock.close()
+                return
         reader = sock.makefile("rb")
         try:
             while True:
@@ -572,7 +691,7 @@ class FakeUpstream:
                 if req is None:
                     return
                 self.requests.append(req)
-                conn = Conn(sock, req)
+                conn = Conn(sock, req, reader)
                 try:
                     self._pick(req.method, req.path)(req, conn)
                 except ClientGone:
@@ -624,16 +743,25 @@ def _read_request(reader) -> Received | None:
 def main() -> None:
     """Run the fake alone, e.g. to point a manually started proxy at it."""
     import argparse
+    import signal
+    import sys
 
     from gevent import monkey
 
     monkey.patch_all()
     parser = argparse.ArgumentParser(description="A fake OpenAI API on loopback")
     parser.add_argument("--port", type=int, default=8999)
+    # Plain HTTP unless asked: bench/audio_memory.py runs this module and points the proxy at http://.
+    parser.add_argument("--tls", action=argparse.BooleanOptionalAction, default=False,
+                        help="serve HTTPS with a throwaway CA (its PEM path is printed)")  # fmt: skip
     args = parser.parse_args()
-    server = StreamServer(("127.0.0.1", args.port), FakeUpstream()._serve, backlog=4096)
-    print(f"fake OpenAI API on http://127.0.0.1:{args.port}/v1", flush=True)
-    server.serve_forever()
+    fake = FakeUpstream(tls=args.tls).start(args.port)
+    print(f"fake OpenAI API on {fake.url}", flush=True)
+    if args.tls:
+        print(f"OPENAI_PROXY_CA_BUNDLE={fake.ca_path}", flush=True)
+        # Exit through atexit on SIGTERM too, so the CA's temporary directory is removed.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    fake.serve_forever()
 
 
 if __name__ == "__main__":
