@@ -4,13 +4,17 @@ set -euo pipefail
 cd "$(dirname "$0")"
 . scripts/bootstrap.sh
 bootstrap "[test]"
-# One test renders /log in headless Chromium (Debian package `chromium`). Install it quietly when it is
-# missing and we may (root with apt-get); otherwise that test says why it skips.
-if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  echo "Installing chromium for the browser test ..." >&2
-  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
-      > .venv/chromium-install.log 2>&1; then
-    echo "Could not install chromium (see .venv/chromium-install.log); the browser test will skip" >&2
+# Real servers some tests need, from Debian: `chromium` (one test renders /log in a headless browser)
+# and `tinyproxy` (the outbound-proxy tests run through a real forward proxy). Install what is missing
+# quietly when we may (root with apt-get); otherwise the tests that need them say why they skip.
+missing=()
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v tinyproxy >/dev/null 2>&1 || missing+=(tinyproxy)
+if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "Installing ${missing[*]} for the tests ..." >&2
+  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; } \
+      > .venv/apt-install.log 2>&1; then
+    echo "Could not install ${missing[*]} (see .venv/apt-install.log); the tests that need them will skip" >&2
   fi
 fi
 # One test drives /v1 with the official Node SDK; it needs npm (the test says why it skips otherwise).
