@@ -8,11 +8,17 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 
-from app.config import load_config
+from app.config import ConfigError, load_config
 
-_config = load_config(warn=False)
+try:
+    _config = load_config(warn=False)
+except ConfigError as exc:
+    # A setting the proxy cannot run with (an unsupported proxy scheme, a missing CA file, ...):
+    # say which and stop, rather than start and fail every request.
+    sys.exit(f"openai-proxy cannot start: {exc}")
 
 # One directory per server, shared by its workers (gate slots, the control socket). Created here,
 # in the master, so every worker inherits the path; removed when the server exits.

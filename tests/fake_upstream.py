@@ -26,6 +26,7 @@ import email.policy
 import functools
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
@@ -72,6 +73,7 @@ class Received:
     client_closed_at: float | None = None
     finished_at: float | None = None
     events_sent: int = 0
+    connection: int = 0  # which accepted connection carried it (FakeUpstream.connections)
 
     @property
     def query(self) -> dict[str, list[str]]:
@@ -604,6 +606,10 @@ class FakeUpstream:
     # TLS handshakes that failed, e.g. "127.0.0.1:51234: [SSL: TLSV1_ALERT_UNKNOWN_CA] ..." when a
     # client does not trust the session CA (the connection is then dropped).
     handshake_errors: list[str] = field(default_factory=list)
+    # Connections accepted since the last reset(); each Received says which one carried it (ids are
+    # never reused, so a connection kept from before a reset keeps its own).
+    connections: int = 0
+    _idle: dict[int, socket.socket] = field(default_factory=dict)
     _scripts: list[_Script] = field(default_factory=list)
     _server: StreamServer | None = None
 
@@ -649,6 +655,17 @@ class FakeUpstream:
         self.requests.clear()
         self.handshake_errors.clear()
         self._scripts.clear()
+        self.connections = 0
+
+    def close_idle(self) -> int:
+        """Close every kept-alive connection that waits for its next request, as servers do after
+        their idle timeout; returns how many were closed."""
+        idle = list(self._idle.values())
+        self._idle.clear()
+        for sock in idle:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        return len(idle)
 
     def push(self, method: str, path: str | re.Pattern[str], handler: Handler, times: int | None = 1) -> None:
         """Answer the next `times` matching requests with `handler` (None: every one until reset)."""
@@ -685,11 +702,18 @@ class FakeUpstream:
                 sock.close()
                 return
         reader = sock.makefile("rb")
+        self.connections += 1
+        number = next(_CONNECTION_IDS)
         try:
             while True:
-                req = _read_request(reader)
+                self._idle[number] = sock
+                try:
+                    req = _read_request(reader)
+                finally:
+                    self._idle.pop(number, None)
                 if req is None:
                     return
+                req.connection = number
                 self.requests.append(req)
                 conn = Conn(sock, req, reader)
                 try:
@@ -708,6 +732,9 @@ class FakeUpstream:
                 sock.close()
             except OSError:
                 pass
+
+
+_CONNECTION_IDS = itertools.count(1)
 
 
 def _read_request(reader) -> Received | None:
