@@ -11,6 +11,7 @@ Both send `: keep-alive` comments during silences and record usage from the fina
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -26,7 +27,9 @@ DONE = b"data: [DONE]\n\n"
 TERMINAL_EVENTS = frozenset({"response.completed", "response.failed", "response.incomplete", "error"})
 FAILED_EVENTS = frozenset({"response.failed", "error"})
 _TERMINAL_HINT = re.compile(rb'"type":\s*"(response\.(?:completed|failed|incomplete)|error)"')
-_EVENT_END = re.compile(rb"\r?\n\r?\n")
+# Final events larger than this have their usage read from the tail, not by parsing them whole.
+BIG_EVENT = 1024 * 1024
+_DECODER = json.JSONDecoder()
 
 
 class SSEParser:
@@ -96,6 +99,50 @@ def data_of(raw_event: bytes) -> bytes:
     return b"\n".join(
         line[6:] if line.startswith(b"data: ") else line[5:] for line in lines if line.startswith(b"data:")
     )
+
+
+def event_end(buffer: bytes | bytearray, pos: int) -> int:
+    """The offset just past the first blank line (`\n`, optional `\r`, `\n`) at or after `pos`, or -1.
+
+    `find` from `pos` (not a regex: `re` with a start position still walks the buffer from its
+    start, which made a large event quadratic)."""
+    size = len(buffer)
+    while (newline := buffer.find(b"\n", pos)) >= 0:
+        after = newline + 1
+        if after < size and buffer[after] == 0x0D:
+            after += 1
+        if after < size and buffer[after] == 0x0A:
+            return after + 1
+        pos = newline + 1
+    return -1
+
+
+def _parsed(raw: bytes) -> Any:
+    try:
+        return jsonio.loads(data_of(raw))
+    except jsonio.JSONDecodeError:
+        return None  # relayed as upstream sent it; the client's SDK judges it
+
+
+def final_usage(raw: bytes) -> dict[str, Any] | None:
+    """The `usage` object of a huge final event, read from its tail: a `response.completed` carrying
+    images is megabytes of base64, and parsing all of it would hold the worker for tens of ms.
+    OpenAI writes `usage` after `output` (only `user` and `metadata` follow), and a `"usage":` inside a
+    string is escaped, so the last `"usage":` whose value is an object with token counts is the
+    response's own. None when none is found: the caller then parses the whole event."""
+    end = len(raw)
+    for _ in range(4):  # a metadata key may be called "usage" too
+        at = raw.rfind(b'"usage":', 0, end)
+        if at < 0:
+            return None
+        try:
+            usage, _ = _DECODER.raw_decode(raw[at + 8 : at + 8 + 4096].decode("utf-8", "replace").lstrip())
+        except ValueError:
+            usage = None
+        if isinstance(usage, dict) and ("input_tokens" in usage or "output_tokens" in usage):
+            return usage
+        end = at
+    return None
 
 
 def note_terminal(record: Any, kind: str, event: dict[str, Any]) -> None:
@@ -173,9 +220,10 @@ class PassthroughEventRelay(Relay):
         out = []
         start = 0
         # An event end is at most 4 bytes (\r\n\r\n): only its tail can straddle the old and new data.
-        for match in _EVENT_END.finditer(buffer, max(self._scanned - 3, 0)):
-            raw = bytes(buffer[start : match.end()])
-            start = match.end()
+        pos = max(self._scanned - 3, 0)
+        while (end := event_end(buffer, pos)) > 0:
+            raw = bytes(memoryview(buffer)[start:end])  # one copy (a bytearray slice would be two)
+            start = pos = end
             if self._keep(raw):
                 out.append(raw)
         if start:
@@ -185,23 +233,31 @@ class PassthroughEventRelay(Relay):
         return b"".join(out) if out else None
 
     def _keep(self, raw: bytes) -> bool:
-        if b"[DONE]" in raw and data_of(raw) == b"[DONE]":
+        """Whether to relay this raw event; notes usage and the end. Whole-event scans are kept to
+        events that can be small (`[DONE]`, chat's usage chunk): a large event is looked at only
+        where OpenAI puts `type` (first) and `usage` (last)."""
+        big = len(raw) > BIG_EVENT
+        if len(raw) < 64 and b"[DONE]" in raw and data_of(raw) == b"[DONE]":
             self._ended = True
             return True
-        terminal = _TERMINAL_HINT.search(raw)
-        usage_chunk = b'"usage"' in raw and b'"choices":[]' in raw.replace(b" ", b"")
-        if not terminal and not usage_chunk:
+        terminal = _TERMINAL_HINT.search(raw, 0, 512) if big else _TERMINAL_HINT.search(raw)
+        if terminal is None and big and b'"type":' not in raw[:512]:
+            terminal = _TERMINAL_HINT.search(raw)  # not OpenAI's usual field order: look everywhere
+        if terminal:
+            kind = terminal.group(1).decode()
+            usage = (
+                final_usage(raw) if big and kind in ("response.completed", "response.incomplete") else None
+            )
+            event = {"type": kind, "response": {"usage": usage}} if usage else _parsed(raw)
+            if isinstance(event, dict) and event.get("type") in TERMINAL_EVENTS:
+                self._ended = True
+                note_terminal(self._record, event["type"], event)
             return True
-        try:
-            event = jsonio.loads(data_of(raw))
-        except jsonio.JSONDecodeError:
-            return True  # relayed as upstream sent it; the client's SDK judges it
-        if terminal and isinstance(event, dict) and event.get("type") in TERMINAL_EVENTS:
-            self._ended = True
-            note_terminal(self._record, event["type"], event)
-        if usage_chunk and isinstance(event, dict) and event.get("choices") == [] and event.get("usage"):
-            self._record.usage = usage_of(event)
-            return not self._strip_usage_chunk
+        if not big and b'"usage"' in raw and b'"choices":[]' in raw.replace(b" ", b""):
+            event = _parsed(raw)
+            if isinstance(event, dict) and event.get("choices") == [] and event.get("usage"):
+                self._record.usage = usage_of(event)
+                return not self._strip_usage_chunk
         return True
 
     def on_idle(self) -> bytes:

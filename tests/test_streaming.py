@@ -283,3 +283,57 @@ def test_sse_parser():
     assert parser.pending()
     assert list(parser.feed(b"\n\n")) == [(None, b"4")]
     assert not parser.pending()
+
+
+def test_sse_parser_joins_a_line_split_into_many_reads_once():
+    parser = SSEParser(max_event_bytes=1 << 20)
+    data = b'data: {"type":"x","delta":"' + b"a" * 300_000 + b'"}\r\n\r\n'
+    events = [ev for i in range(0, len(data), 1000) for ev in parser.feed(data[i : i + 1000])]
+    assert events == [(None, data[6:-4])]
+    assert not parser.pending()
+
+
+def test_sse_parser_refuses_an_event_past_its_cap():
+    parser = SSEParser(max_event_bytes=1000)
+    list(parser.feed(b"data: " + b"a" * 900))
+    with pytest.raises(Exception, match="larger than 1000 bytes"):
+        list(parser.feed(b"a" * 200))
+
+
+@pytest.mark.parametrize(
+    ("buffer", "end"),
+    [(b"a\n\nb", 3), (b"a\r\n\r\nb", 5), (b"a\n\r\nb", 4), (b"a\r\n\nb", 4), (b"a\n", -1), (b"a\n\r", -1),
+     (b"a\nb\n", -1), (b"\n\n", 2)],
+)  # fmt: skip
+def test_event_end(buffer, end):
+    from app.sse import event_end
+
+    assert event_end(buffer, 0) == end
+
+
+BIG_IMAGE = "A" * (3 * 1024 * 1024)  # past the size where usage is read from the event's tail
+
+
+def big_final_event(model: str) -> dict:
+    event = response_events(model)[-1]
+    event["response"]["output"].append({"type": "image_generation_call", "id": "ig_1", "result": BIG_IMAGE})
+    # Keys named "usage" after the usage object (metadata follows it): the tail reader must skip them.
+    event["response"]["metadata"] = {"usage": "high", "note": '"usage": {"input_tokens": 999}'}
+    return event
+
+
+@pytest.mark.parametrize("path", ["/openai2", "/v1/responses"])
+def test_a_multi_mib_final_event_is_relayed_whole_with_its_usage(client, fake, records, path):
+    events = [*response_events("gpt-4o")[:-1], big_final_event("gpt-4o")]
+    fake.push("POST", "/v1/responses", sse(events, event_names=True))
+    r = post_json(
+        client, path, {"model": "gpt-4o", "input": "draw", "stream": True},
+        headers={"Authorization": f"Bearer {SECURITY_KEY}"},
+    )  # fmt: skip
+    assert r.status_code == 200
+    last = [e for e in r.data.split(b"\n\n") if b"response.completed" in e][-1]
+    payload = json.loads(last.split(b"data: ", 1)[1])
+    assert payload["response"]["output"][-1]["result"] == BIG_IMAGE
+    assert records[-1]["usage"] == {"prompt_tokens": 36, "completion_tokens": 87, "cached_tokens": 4,
+                                    "total_tokens": 123}  # fmt: skip
+    assert records[-1]["result"] == "ok"

@@ -32,6 +32,9 @@ RECV = 64 * 1024
 DECODE_STEP = 1024 * 1024
 # An upstream error answer is read whole (to relay or summarise it) up to this size.
 MAX_ERROR_BODY = 1024 * 1024
+# Bytes handled back to back before the worker's other requests get a turn: a fast upstream sending a
+# large body would otherwise keep every recv ready and never let the greenlet yield.
+YIELD_EVERY = 256 * 1024
 # Writes of a request body to upstream; a bytes body this big or smaller goes in one write with its head.
 ONE_WRITE = 256 * 1024
 
@@ -80,6 +83,7 @@ class UpstreamResponse(HTTPSocketPoolResponse):
         self._read_timeout = client.settings.read_timeout
         self._decoder: Any = None
         self._undecoded = b""
+        self._since_yield = 0
         super().__init__(sock, client.pool, block_size=RECV, method=method)
         self._check_framing()
 
@@ -172,6 +176,10 @@ class UpstreamResponse(HTTPSocketPoolResponse):
         finally:
             if self._sock is not None:
                 sock.settimeout(self._read_timeout)
+        self._since_yield += len(data)
+        if self._since_yield >= YIELD_EVERY:
+            self._since_yield = 0
+            gevent.sleep(0)
         try:
             self.feed(data)  # b"" tells the parser the connection ended
         except HTTPParseError as exc:
