@@ -79,6 +79,7 @@ class UpstreamResponse(HTTPSocketPoolResponse):
     """
 
     def __init__(self, sock: Any, client: UpstreamClient, method: str) -> None:
+        self._failed = False
         self._head_size = 0
         self._read_timeout = client.settings.read_timeout
         self._decoder: Any = None
@@ -86,6 +87,18 @@ class UpstreamResponse(HTTPSocketPoolResponse):
         self._since_yield = 0
         super().__init__(sock, client.pool, block_size=RECV, method=method)
         self._check_framing()
+
+    def feed(self, data: str | bytes) -> None:
+        try:
+            super().feed(data)
+        except BaseException:
+            self._failed = True
+            raise
+
+    def should_close(self) -> bool:
+        # After a parse error (llhttp only pauses on a 101 upgrade, which the library does not count as
+        # a failure), what is left on the connection is unknown: never hand it to the next call.
+        return self._failed or self.get_code() == 101 or super().should_close()
 
     # -- the head -----------------------------------------------------------------------------
     def _count_head(self, text: str) -> None:
