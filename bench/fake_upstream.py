@@ -9,9 +9,17 @@ model producing tokens would not wait for the network).
 Everything runs from loop callbacks (no coroutine or task per request or event), so one emitted
 event costs one timer and one `send`. Every scheduled write also records how late it went out in a
 histogram shared by all processes (`GET /_bench/stats`), so a run can tell when the fake itself was
-too busy to keep its schedule.
+too busy to keep its schedule. It also counts the connections that carried a request (shared by all
+processes; the stats requests' own connections, and connections that never sent a request such as
+wrk's address probe, left out) and how many of them are still open, so a run can tell whether a
+client reused its connections or opened one per request.
+
+With `--tls-cert PEM` (a private key and certificate chain, e.g. from a throwaway `trustme.CA()`)
+it serves HTTPS instead: the same protocol object behind asyncio's SSL layer, which still hands it
+one read buffer (`BufferedProtocol`) and leaves TCP_NODELAY on the socket underneath.
 
     python -m bench.fake_upstream --port 9100 --latency-ms 50 --events 50 --gap-ms 20 --procs 1
+    python -m bench.fake_upstream --port 9100 --tls-cert /tmp/tls/server.pem
 """
 
 from __future__ import annotations
@@ -23,8 +31,9 @@ import mmap
 import os
 import signal
 import socket
+import ssl
 import sys
-from collections import deque
+from collections import Counter, deque
 
 from bench.fake_answers import (
     CHAT,
@@ -66,6 +75,33 @@ class Lateness:
             memoryview(self.shm)[i * _SLOT_BYTES : (i + 1) * _SLOT_BYTES].cast("q") for i in range(self.procs)
         ]
         return [sum(col) for col in zip(*rows, strict=True)]
+
+
+class Connections:
+    """Client connections opened and closed: two counters per process in anonymous shared memory."""
+
+    def __init__(self, procs: int) -> None:
+        self.shm = mmap.mmap(-1, 16 * procs)
+        self.counts = memoryview(self.shm).cast("q")  # [opened, closed] for each process
+        self.slot = 0
+
+    def use_slot(self, index: int) -> None:
+        self.slot = 2 * index
+
+    def opened(self) -> None:
+        self.counts[self.slot] += 1
+
+    def closed(self) -> None:
+        self.counts[self.slot + 1] += 1
+
+    def totals(self) -> tuple[int, int]:
+        """(opened, still open), over all processes."""
+        opened, closed = sum(self.counts[0::2]), sum(self.counts[1::2])
+        return opened, opened - closed
+
+
+# TLS version and cipher of each connection this process accepted (stats connections left out).
+TLS_SEEN: Counter[str] = Counter()
 
 
 class Wheel:
@@ -123,12 +159,21 @@ class Upstream(asyncio.BufferedProtocol):
     """One client connection: parse requests (Content-Length bodies), answer them in order."""
 
     def __init__(
-        self, opts: argparse.Namespace, events: list[bytes], lateness: Lateness, wheel: Wheel
+        self,
+        opts: argparse.Namespace,
+        events: list[bytes],
+        lateness: Lateness,
+        wheel: Wheel,
+        connections: Connections,
     ) -> None:
         self.opts = opts
         self.wheel = wheel
         self.events = events
         self.lateness = lateness
+        self.connections = connections
+        self.tls = ""  # "TLSv1.3 TLS_AES_256_GCM_SHA384" on an HTTPS connection
+        self.counted = False  # counted in `connections` at its first request
+        self.client = False  # that request was not the bench's own stats request
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.head_buf = bytearray()  # request head bytes until its blank line
@@ -146,10 +191,16 @@ class Upstream(asyncio.BufferedProtocol):
         # asyncio sets TCP_NODELAY only on sockets whose proto is IPPROTO_TCP, and accepted sockets
         # of a listener made with proto 0 are not: without this, Nagle holds an event back until
         # the peer's delayed ACK (~40 ms) on every kept-alive connection.
+        # Over TLS this is the TCP socket under asyncio's SSL layer (its transport passes the query on).
         transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            self.tls = f"{ssl_object.version()} {ssl_object.cipher()[0]}"
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.client:
+            self.connections.closed()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return _RECV
@@ -205,6 +256,13 @@ class Upstream(asyncio.BufferedProtocol):
         target = lines[0].split(" ", 2)[1]
         path = target.split("?", 1)[0]
         self.request_head = (path, target, length)
+        if not self.counted:
+            self.counted = True
+            if path != "/_bench/stats":  # the bench's own connection is not a client's
+                self.client = True
+                self.connections.opened()
+                if self.tls:
+                    TLS_SEEN[self.tls] += 1
         self.body_left = length
         # Only /v1/responses looks at its body (does it ask to stream?). Not keeping a 1 MiB chat
         # body saves copying it, and touching fresh pages costs more than the copy on a VM.
@@ -234,7 +292,14 @@ class Upstream(asyncio.BufferedProtocol):
         elif path == "/v1/embeddings":
             write(answer(200, EMBEDDINGS))
         elif path == "/_bench/stats":
-            write(answer(200, compact({"late_step_ms": LATE_STEP_MS, "late": self.lateness.totals()})))
+            stats = {
+                "late_step_ms": LATE_STEP_MS,
+                "late": self.lateness.totals(),
+                "connections": self.connections.totals()[0],
+                "connections_open": self.connections.totals()[1],
+                "tls": dict(TLS_SEEN),  # this process's connections only
+            }
+            write(answer(200, compact(stats)))
         elif path == "/v1/responses" and b'"stream":true' not in body.replace(b" ", b""):
             write(answer(200, RESPONSE))
         elif path == "/v1/responses" or (path.startswith("/v1/responses/") and "stream=true" in target):
@@ -265,13 +330,27 @@ class Upstream(asyncio.BufferedProtocol):
         self.next_request()
 
 
-def serve(opts: argparse.Namespace, sock: socket.socket, lateness: Lateness) -> None:
+def server_ssl_context(cert_pem: str) -> ssl.SSLContext:
+    """HTTPS with `cert_pem` (private key and certificate chain); the fake speaks HTTP/1.1 only."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_pem)
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+def serve(
+    opts: argparse.Namespace, sock: socket.socket, lateness: Lateness, connections: Connections
+) -> None:
     async def main() -> None:
         events = sse_events(opts.events)
         loop = asyncio.get_running_loop()
         wheel = Wheel()
+        context = server_ssl_context(opts.tls_cert) if opts.tls_cert else None
         server = await loop.create_server(
-            lambda: Upstream(opts, events, lateness, wheel), sock=sock, backlog=4096
+            lambda: Upstream(opts, events, lateness, wheel, connections),
+            sock=sock,
+            backlog=4096,
+            ssl=context,
         )
         async with server:
             await server.serve_forever()
@@ -286,6 +365,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--events", type=int, default=50)
     parser.add_argument("--gap-ms", type=float, default=20.0)
     parser.add_argument("--procs", type=int, default=1, help=f"processes sharing the socket (1-{MAX_PROCS})")
+    parser.add_argument(
+        "--tls-cert", metavar="PEM", help="serve HTTPS with this private key and certificate chain"
+    )
     opts = parser.parse_args(argv)
     opts.procs = min(max(opts.procs, 1), MAX_PROCS)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
@@ -293,14 +375,18 @@ def main(argv: list[str] | None = None) -> None:
     sock.bind(("127.0.0.1", opts.port))
     sock.listen(4096)
     sock.setblocking(False)
+    if opts.tls_cert:
+        server_ssl_context(opts.tls_cert)  # a bad PEM fails here, before any fork
     lateness = Lateness(opts.procs)
+    connections = Connections(opts.procs)
     children = []
     for index in range(1, opts.procs):
         pid = os.fork()
         if pid == 0:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             lateness.use_slot(index)
-            serve(opts, sock, lateness)
+            connections.use_slot(index)
+            serve(opts, sock, lateness, connections)
             os._exit(0)
         children.append(pid)
 
@@ -312,8 +398,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
 
     signal.signal(signal.SIGTERM, stop)
-    print(f"bench upstream on 127.0.0.1:{opts.port} ({opts.procs} process(es))", flush=True)
-    serve(opts, sock, lateness)
+    scheme = "https" if opts.tls_cert else "http"
+    print(f"bench upstream on {scheme}://127.0.0.1:{opts.port} ({opts.procs} process(es))", flush=True)
+    serve(opts, sock, lateness, connections)
 
 
 if __name__ == "__main__":

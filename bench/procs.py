@@ -13,6 +13,7 @@ import os
 import resource
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -175,25 +176,70 @@ class FakeSettings:
     events: int = 50
     gap_ms: float = 20.0
     procs: int = 1
+    tls: bool = False  # HTTPS, with a certificate from the run's throwaway CA (see tls_files)
 
 
-def start_upstream(workdir: Path, settings: FakeSettings) -> Proc:
+def tls_files(workdir: Path) -> tuple[Path, Path]:
+    """(CA certificate PEM, server key + chain PEM for 127.0.0.1): a throwaway CA, made once per run.
+
+    The CA is what the proxy is told to trust (OPENAI_PROXY_CA_BUNDLE) and what the bench's own stats
+    requests verify against; wrk does not verify certificates.
+    """
+    folder = workdir / "tls"
+    ca_pem, server_pem = folder / "ca.pem", folder / "server.pem"
+    if not server_pem.exists():
+        import trustme  # the [test] extra; only the HTTPS scenarios need it
+
+        folder.mkdir(exist_ok=True)
+        ca = trustme.CA()
+        ca.cert_pem.write_to_path(str(ca_pem))
+        ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(server_pem))
+    return ca_pem, server_pem
+
+
+class FakeProc(Proc):
+    """The fake upstream: a Proc that knows whether it serves HTTPS and which CA signed its certificate."""
+
+    def __init__(self, args: list[str], port: int, log: Path, ca_pem: Path | None) -> None:
+        self.ca_pem = ca_pem
+        super().__init__("fake upstream", args, dict(os.environ), port, log)
+
+    @property
+    def tls(self) -> bool:
+        return self.ca_pem is not None
+
+    def url(self, path: str = "") -> str:
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}{path}"
+
+    def stats(self) -> dict:
+        """The fake's counters: `late` (cumulative lateness histogram, see fake_upstream), `connections`
+        (those that carried a request so far, the stats requests' own left out), `connections_open`
+        (how many of those are still open) and `tls` (how many negotiated which version and cipher)."""
+        context = ssl.create_default_context(cafile=str(self.ca_pem)) if self.tls else None
+        with urllib.request.urlopen(self.url("/_bench/stats"), timeout=5, context=context) as r:
+            return json.loads(r.read())
+
+
+def start_upstream(workdir: Path, settings: FakeSettings) -> FakeProc:
     port = free_port()
     args = [
         sys.executable, "-m", "bench.fake_upstream", "--port", str(port),
         "--latency-ms", str(settings.latency_ms), "--events", str(settings.events),
         "--gap-ms", str(settings.gap_ms), "--procs", str(settings.procs),
     ]  # fmt: skip
-    return Proc("fake upstream", args, dict(os.environ), port, workdir / f"upstream-{port}.log")
+    ca_pem = None
+    if settings.tls:
+        ca_pem, server_pem = tls_files(workdir)
+        args += ["--tls-cert", str(server_pem)]
+    return FakeProc(args, port, workdir / f"upstream-{port}.log", ca_pem)
 
 
-def fake_lateness(port: int) -> list[int]:
+def fake_lateness(fake: FakeProc) -> list[int]:
     """The fake's cumulative histogram of how late its scheduled writes went out (see fake_upstream)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/_bench/stats", timeout=5) as r:
-        return json.loads(r.read())["late"]
+    return fake.stats()["late"]
 
 
-def proxy_env(workdir: Path, port: int, upstream_port: int, max_parallel: int) -> dict[str, str]:
+def proxy_env(workdir: Path, port: int, upstream: FakeProc, max_parallel: int) -> dict[str, str]:
     """The environment of the proxy: only what the bench must set, nothing from the caller's OPENAI_*."""
     env = {
         k: v
@@ -203,17 +249,19 @@ def proxy_env(workdir: Path, port: int, upstream_port: int, max_parallel: int) -
     }
     env.update(
         PORT=str(port),
-        OPENAI_BASE_URL=f"http://127.0.0.1:{upstream_port}/v1",
+        OPENAI_BASE_URL=upstream.url("/v1"),
         OPENAI_API_KEY="sk-bench-0000000000000000",
         SECURITY_KEY=KEY,
         OPENAI_PROXY_MAX_PARALLEL_REQUESTS=str(max_parallel),
         OPENAI_PROXY_LOG_DB=str(workdir / "log.sqlite3"),
         PYTHONPATH=str(ROOT),
     )
+    if upstream.ca_pem is not None:
+        env["OPENAI_PROXY_CA_BUNDLE"] = str(upstream.ca_pem)
     return env
 
 
-def start_proxy(workdir: Path, upstream: Proc, max_parallel: int) -> Proc:
+def start_proxy(workdir: Path, upstream: FakeProc, max_parallel: int) -> Proc:
     """gunicorn -c gunicorn.conf.py app.wsgi:app, as ./run.sh starts it, against the fake upstream.
 
     It runs in the temp dir so that a developer's `.env` in the checkout (read from the working
@@ -226,7 +274,7 @@ def start_proxy(workdir: Path, upstream: Proc, max_parallel: int) -> Proc:
     proc = Proc(
         "proxy",
         gunicorn,
-        proxy_env(workdir, port, upstream.port, max_parallel),
+        proxy_env(workdir, port, upstream, max_parallel),
         port,
         workdir / f"proxy-{port}.log",
         workdir,

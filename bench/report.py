@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from bench.scenarios import ScenarioResult, median_metrics
 
 IDEAL_C64_RPS = 64 / 0.050  # 64 connections, each waiting 50 ms upstream per request
 MEMORY_LIMIT_MIB = 200.0
-MEMORY_SCENARIOS = ("c64_50ms", "c64_0ms")
+MEMORY_SCENARIOS = ("c64_50ms", "c64_0ms", "c64_0ms_tls")
+TLS_TWINS = ("c1", "c64_0ms")  # the HTTPS scenarios (key + "_tls") share their plain twin's targets
 
 
 @dataclass(frozen=True)
@@ -34,9 +35,10 @@ TARGETS = (
     Target("streams_steady", "proxy_cpu_us_per_event", "proxy", "<=", 20.0, "proxy CPU ≤ 20 µs/event"),
     Target("body_1mib", "p50_ms", "added", "<=", 3.0, "added p50 ≤ 3 ms"),
 )
+TARGETS += tuple(replace(t, scenario=f"{t.scenario}_tls") for t in TARGETS if t.scenario in TLS_TWINS)
 
 # What the main table shows for each kind of scenario (all metrics go to the JSON).
-JSON_ROWS = ("rps", "p50_ms", "p99_ms", "proxy_cpu_ms_per_req", "errors", "rss_peak_mib")
+JSON_ROWS = ("rps", "p50_ms", "p99_ms", "proxy_cpu_ms_per_req", "errors", "rss_peak_mib", "fake_conns")
 STREAM_ROWS = (
     "lost", "open_streams", "first_p50_ms", "first_p99_ms", "gap_p50_ms", "gap_p99_ms",
     "events_per_s", "proxy_cpu_us_per_event",
@@ -45,7 +47,7 @@ UNITS = {
     "rps": "req/s", "p50_ms": "ms", "p99_ms": "ms", "proxy_cpu_ms_per_req": "ms", "errors": "",
     "rss_peak_mib": "MiB", "lost": "streams", "open_streams": "", "first_p50_ms": "ms",
     "first_p99_ms": "ms", "gap_p50_ms": "ms", "gap_p99_ms": "ms", "events_per_s": "events/s",
-    "proxy_cpu_us_per_event": "µs",
+    "proxy_cpu_us_per_event": "µs", "fake_conns": "",
 }  # fmt: skip
 NAMES = {
     "rps": "throughput", "p50_ms": "latency p50", "p99_ms": "latency p99",
@@ -55,6 +57,7 @@ NAMES = {
     "first_p99_ms": "first event p99", "gap_p50_ms": "worst added gap p50",
     "gap_p99_ms": "worst added gap p99", "events_per_s": "events relayed",
     "proxy_cpu_us_per_event": "proxy CPU per event",
+    "fake_conns": "connections opened to the fake, per run",
 }  # fmt: skip
 
 
@@ -142,9 +145,10 @@ def main_table(results: dict[str, ScenarioResult], found: list[Verdict]) -> str:
                 label = f"≤ {MEMORY_LIMIT_MIB:.0f} MiB"
                 result = "PASS" if p <= MEMORY_LIMIT_MIB else "**FAIL**"
             unit = UNITS.get(metric, "")
+            digits = 0 if metric == "fake_conns" else 2
             lines.append(
-                f"| {sc.title} | {NAMES.get(metric, metric)}{f' ({unit})' if unit else ''} | {fmt(p)} | "
-                f"{fmt(d)} | {fmt(added)} | {label} | {result} |"
+                f"| {sc.title} | {NAMES.get(metric, metric)}{f' ({unit})' if unit else ''} | {fmt(p, digits)} | "
+                f"{fmt(d, digits)} | {fmt(added)} | {label} | {result} |"
             )
     return "\n".join(lines)
 
@@ -181,6 +185,77 @@ def disturbed(results: dict[str, ScenarioResult], limit_cores: float = 0.2) -> l
     return out
 
 
+def not_reused(results: dict[str, ScenarioResult], share: float = 0.1) -> list[str]:
+    """Warnings for runs in which the proxy opened new upstream connections for more than `share` of
+    its requests. A pool still growing toward the load's concurrency opens a few (the table shows how
+    many); a proxy that does not reuse them opens about one per request, and then (over TLS above all)
+    its rows measure connection setups rather than relaying."""
+    out = []
+    for key, res in results.items():
+        if res.scenario.kind != "json":
+            continue
+        worst = max(run["proxy"]["fake_conns"] / max(run["proxy"]["requests"], 1.0) for run in res.runs)
+        if worst > share:
+            out.append(
+                f"{key}: the proxy opened a new upstream connection for up to {100 * worst:.1f} % of its "
+                "requests in a run: it is not reusing its connections to the fake"
+            )
+    return out
+
+
+# The HTTPS scenarios beside their plain twins: (label, side, metric); side "added" is proxy minus
+# direct of the same scenario's medians, as in the main table.
+TLS_ROWS = (
+    ("added latency p50 (ms)", "added", "p50_ms"),
+    ("added latency p99 (ms)", "added", "p99_ms"),
+    ("proxy CPU per request (ms)", "proxy", "proxy_cpu_ms_per_req"),
+    ("proxy cores", "proxy", "proxy_cores"),
+    ("throughput through the proxy (req/s)", "proxy", "rps"),
+    ("fake CPU per request, proxy side (µs)", "proxy", "fake_cpu_us_per_req"),
+    ("connections the proxy opened to the fake, per run", "proxy", "fake_conns"),
+    ("direct: throughput (req/s)", "direct", "rps"),
+    ("direct: latency p50 (ms)", "direct", "p50_ms"),
+    ("direct: fake CPU per request (µs)", "direct", "fake_cpu_us_per_req"),
+    ("direct: wrk CPU per request (µs)", "direct", "client_cpu_us_per_req"),
+)
+
+
+def tls_comparison(results: dict[str, ScenarioResult]) -> dict[str, dict[str, dict[str, float]]]:
+    """For each HTTPS scenario whose plain twin also ran: {label: {plain, tls, ratio}} (ratio = tls / plain)."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for key, res in results.items():
+        twin = res.scenario.plain_twin
+        if twin is None or twin not in results:
+            continue
+        rows: dict[str, dict[str, float]] = {}
+        for label, side, metric in TLS_ROWS:
+            pair = []
+            for r in (results[twin], res):
+                proxy, direct = median_metrics(r.runs, "proxy"), median_metrics(r.runs, "direct")
+                pair.append(proxy[metric] - direct[metric] if side == "added" else
+                            (proxy if side == "proxy" else direct)[metric])  # fmt: skip
+            plain, tls = pair
+            ratio = tls / plain if plain and not math.isnan(plain) and not math.isnan(tls) else math.nan
+            rows[label] = {"plain": plain, "tls": tls, "ratio": ratio}
+        out[key] = rows
+    return out
+
+
+def tls_table(comparison: dict[str, dict[str, dict[str, float]]]) -> str:
+    lines = [
+        "| scenario | figure (median of runs) | plain HTTP | HTTPS | HTTPS / plain |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for key, rows in comparison.items():
+        for label, v in rows.items():
+            digits = 0 if "connections" in label else 2
+            ratio = "—" if math.isnan(v["ratio"]) else f"{v['ratio']:.2f}x"
+            lines.append(
+                f"| {key} | {label} | {fmt(v['plain'], digits)} | {fmt(v['tls'], digits)} | {ratio} |"
+            )
+    return "\n".join(lines)
+
+
 def verdict_table(found: list[Verdict]) -> str:
     lines = ["| scenario | target | value | result |", "|---|---|---:|---|"]
     for v in found:
@@ -204,5 +279,6 @@ def document(
             for key, res in results.items()
         },
         "verdicts": [asdict(v) for v in found],
+        "tls_vs_plain": tls_comparison(results),
         "soak": soak,
     }

@@ -58,6 +58,10 @@ def scenarios(opts: argparse.Namespace) -> list[Scenario]:
             "streams200_burst", f"/openai2 {small} streams, burst", "stream", streams=small, mode="burst"
         ),
         Scenario("body_1mib", "1 MiB /openai body, c=1", "json", connections=1, body_bytes=MIB),
+        # The same loads as c1 and c64_0ms with the upstream on HTTPS (direct: wrk over HTTPS to the
+        # fake). Last, so the plain scenarios run exactly as before.
+        Scenario("c1_tls", "small /openai chat, c=1, HTTPS upstream", "json", connections=1, tls=True),
+        Scenario("c64_0ms_tls", "/openai c=64, upstream 0 ms, HTTPS", "json", connections=64, tls=True),
     ]
 
 
@@ -229,6 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     for res in results.values():
         for note in res.notes:
             print(f"\n- {res.scenario.key}: {note}")
+    tls_rows = report.tls_comparison(results)
+    if tls_rows:
+        print(
+            "\n## HTTPS upstream vs plain HTTP (same load; each figure against its own run's direct baseline)\n"
+        )
+        print(report.tls_table(tls_rows))
     if soak:
         print(f"\n## Memory soak ({soak['minutes']:g} min: {soak['load']})\n")
         print(f"RSS of the gunicorn tree: start {soak['start_mib']:.1f} MiB, middle {soak['middle_mib']:.1f} MiB, "
@@ -245,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.cpu_count()})\n"
     )
     print(report.instrument_table(results))
-    for warning in report.disturbed(results):
+    for warning in report.disturbed(results) + report.not_reused(results):
         print(f"\n**Warning**: {warning}")
     print(f"\ntotal time {time.monotonic() - started:.0f} s")
     if opts.json:

@@ -13,12 +13,22 @@ import json
 import math
 import os
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bench.meter import CpuUse, Meter
-from bench.procs import KEY, FakeSettings, Proc, fake_lateness, pss_bytes, start_proxy, start_upstream
+from bench.procs import (
+    KEY,
+    FakeProc,
+    FakeSettings,
+    Proc,
+    fake_lateness,
+    pss_bytes,
+    start_proxy,
+    start_upstream,
+)
 from bench.sse_load import ClientRun, StreamPlan, run_streams
 from bench.wrk import WrkResult, wrk
 
@@ -54,6 +64,12 @@ class Scenario:
     body_bytes: int = 0  # json: 0 = the small chat body
     streams: int = 0  # stream
     mode: str = ""  # stream: "steady" or "burst"
+    tls: bool = False  # json: the fake serves HTTPS (the proxy's upstream leg, and wrk's direct runs)
+
+    @property
+    def plain_twin(self) -> str | None:
+        """The key of the same load with a plain-HTTP upstream, for an HTTPS scenario."""
+        return self.key.removesuffix("_tls") if self.tls else None
 
 
 @dataclass
@@ -116,10 +132,17 @@ def cpu_metrics(cpu: CpuUse) -> Metrics:
 # ---- JSON scenarios (wrk) ---------------------------------------------------------------------------
 
 
-def json_metrics(result: WrkResult, cpu: CpuUse, meter: Meter, proxy: Proc | None) -> Metrics:
+def json_metrics(
+    result: WrkResult, cpu: CpuUse, meter: Meter, proxy: Proc | None, fake_conns: int
+) -> Metrics:
     requests = max(result.requests, 1)
     metrics: Metrics = {
         "rps": result.rps,
+        "requests": float(result.requests),
+        # Connections opened to the fake during the run (those that carried a request): wrk's own on
+        # the direct side; on the proxy side the proxy's new upstream connections (0 when the pool it
+        # filled during the warm-up is reused).
+        "fake_conns": float(fake_conns),
         "p50_ms": result.p50_ms,
         "p99_ms": result.p99_ms,
         "max_ms": result.max_ms,
@@ -137,32 +160,62 @@ def json_metrics(result: WrkResult, cpu: CpuUse, meter: Meter, proxy: Proc | Non
 def run_json(
     sc: Scenario, opts: argparse.Namespace, workdir: Path, log: Callable[[str], None]
 ) -> ScenarioResult:
-    settings = FakeSettings(latency_ms=sc.latency_ms, procs=opts.upstream_procs)
+    settings = FakeSettings(latency_ms=sc.latency_ms, procs=opts.upstream_procs, tls=sc.tls)
     body = chat_body(sc.body_bytes)
     payloads = {
         "proxy": json.dumps({**body, "security_key": KEY}).encode(),
         "direct": json.dumps(body).encode(),
     }
     with start_upstream(workdir, settings) as fake, start_proxy(workdir, fake, opts.max_parallel) as proxy:
-        targets = {"proxy": (proxy.port, "/openai"), "direct": (fake.port, "/v1/chat/completions")}
+        # The proxy always listens on plain HTTP; with sc.tls its upstream leg and the direct runs are HTTPS.
+        targets = {
+            "proxy": (proxy.port, "/openai", False),
+            "direct": (fake.port, "/v1/chat/completions", sc.tls),
+        }
+        conns_start = fake.stats()["connections"]  # the proxy's start-up check
 
         def once(side: str, seconds: float) -> Metrics:
-            port, path = targets[side]
+            port, path, tls = targets[side]
+            conns0 = fake.stats()["connections"]
             meter = Meter(proxy.pid if side == "proxy" else None, fake.pid)
-            result = wrk(workdir, port, path, payloads[side], connections=sc.connections, seconds=seconds)
+            result = wrk(
+                workdir, port, path, payloads[side], connections=sc.connections, seconds=seconds, tls=tls
+            )
             cpu = meter.stop()
-            return json_metrics(result, cpu, meter, proxy if side == "proxy" else None)
+            conns = fake.stats()["connections"] - conns0
+            return json_metrics(result, cpu, meter, proxy if side == "proxy" else None, conns)
 
-        for side in SIDES:
-            once(side, opts.warmup_seconds)
+        warm = {side: once(side, opts.warmup_seconds) for side in SIDES}
         runs = []
         for i in range(opts.runs):
             order = SIDES if i % 2 == 0 else SIDES[::-1]
             runs.append({side: once(side, opts.seconds) for side in order})
             p, d = runs[-1]["proxy"], runs[-1]["direct"]
             log(f"  {sc.key} run {i + 1}/{opts.runs}: proxy {p['rps']:,.0f} req/s p50 {p['p50_ms']:.2f} ms, "
-                f"direct {d['rps']:,.0f} req/s p50 {d['p50_ms']:.2f} ms")  # fmt: skip
-    return ScenarioResult(sc, runs, [])
+                f"direct {d['rps']:,.0f} req/s p50 {d['p50_ms']:.2f} ms; connections opened to the fake: "
+                f"{p['fake_conns']:.0f} by the proxy, {d['fake_conns']:.0f} by wrk direct")  # fmt: skip
+        notes = [tls_note(fake, conns_start, warm, runs)] if sc.tls else []
+    return ScenarioResult(sc, runs, notes)
+
+
+def tls_note(
+    fake: FakeProc, conns_start: int, warm: dict[str, Metrics], runs: list[dict[str, Metrics]]
+) -> str:
+    """What TLS the fake negotiated, and how many connections were opened to it in the whole scenario."""
+    time.sleep(0.2)  # the last wrk has just closed its connections: let the fake see them go
+    stats = fake.stats()
+    seen = ", ".join(f"{n} x {what}" for what, n in sorted(stats["tls"].items())) or "none"
+    in_runs = {side: sum(int(r[side]["fake_conns"]) for r in runs) for side in SIDES}
+    proxy_total = conns_start + int(warm["proxy"]["fake_conns"]) + in_runs["proxy"]
+    return (
+        f"upstream over HTTPS (certificate for 127.0.0.1 from a throwaway trustme CA, trusted by the proxy "
+        f"through OPENAI_PROXY_CA_BUNDLE; TLS negotiated: {seen}). Connections opened to the fake in the "
+        f"whole scenario: {stats['connections']}; by the proxy {proxy_total} (start-up check {conns_start}, "
+        f"warm-up {warm['proxy']['fake_conns']:.0f}, measured runs {in_runs['proxy']} for "
+        f"{sum(r['proxy']['requests'] for r in runs):,.0f} requests); by wrk direct "
+        f"{int(warm['direct']['fake_conns']) + in_runs['direct']} (warm-up included); still open at the "
+        f"end (wrk's are closed, so: the proxy's pool): {stats['connections_open']}"
+    )
 
 
 # ---- stream scenarios ---------------------------------------------------------------------------------
@@ -246,11 +299,11 @@ def run_stream(
             plan = stream_plan(sc, opts, ports[side], side)
             if hold_s is not None:
                 plan = replace(plan, hold_s=hold_s)
-            late0 = fake_lateness(fake.port)
+            late0 = fake_lateness(fake)
             meter = Meter(proxy.pid if side == "proxy" else None, fake.pid)
             run = run_streams(plan, workdir)
             cpu = meter.stop()
-            late = lateness_pct(late0, fake_lateness(fake.port), 99)
+            late = lateness_pct(late0, fake_lateness(fake), 99)
             return stream_metrics(run, cpu, meter, proxy if side == "proxy" else None, late, opts.gap_ms)
 
         for side in SIDES:

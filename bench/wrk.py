@@ -46,9 +46,21 @@ def available() -> bool:
 
 
 def wrk(
-    workdir: Path, port: int, path: str, body: bytes, *, connections: int, seconds: float, threads: int = 1
+    workdir: Path,
+    port: int,
+    path: str,
+    body: bytes,
+    *,
+    connections: int,
+    seconds: float,
+    threads: int = 1,
+    tls: bool = False,
 ) -> WrkResult:
-    """POST `body` to 127.0.0.1:`port``path` from `connections` keep-alive connections for `seconds`."""
+    """POST `body` to 127.0.0.1:`port``path` from `connections` keep-alive connections for `seconds`.
+
+    With `tls`, over HTTPS: wrk makes one TLS handshake per connection (before its first request, so
+    outside its latency figures) and does not verify the certificate.
+    """
     body_file = workdir / f"wrk-body-{len(body)}.json"
     if not body_file.exists() or body_file.read_bytes() != body:
         body_file.write_bytes(body)
@@ -65,7 +77,7 @@ def wrk(
             "10s",
             "-s",
             str(script),
-            f"http://127.0.0.1:{port}{path}",
+            f"{'https' if tls else 'http'}://127.0.0.1:{port}{path}",
         ],
         capture_output=True,
         text=True,
