@@ -81,14 +81,17 @@ def forward(call: UpstreamCall) -> Forwarded:
 
 
 def read_whole(forwarded: Forwarded) -> bytes:
-    """The whole body (capped: an error answer at MAX_ERROR_BODY, others at the configured limit);
-    the response and the slot are released whatever happens."""
-    response = forwarded.response
-    limit = MAX_ERROR_BODY if response.status_code >= 400 else state().config.max_response_bytes
+    """The whole body (capped); the response and the slot are released whatever happens."""
     try:
-        return watched(lambda: response.read_body(limit))
+        return watched(lambda: _read_capped(forwarded.response))
     finally:
         forwarded.release()
+
+
+def _read_capped(response: UpstreamResponse) -> bytes:
+    """An error answer is read up to MAX_ERROR_BODY, others up to the configured limit."""
+    limit = MAX_ERROR_BODY if response.status_code >= 400 else state().config.max_response_bytes
+    return response.read_body(limit)
 
 
 @dataclass
@@ -108,11 +111,24 @@ class Fetched:
 
 
 def fetch(call: UpstreamCall) -> Fetched:
-    """Call upstream and read its answer whole; an error status raises UpstreamAPIError."""
-    forwarded = forward(call)
-    body = read_whole(forwarded)
+    """Call upstream and read its answer whole; an error status raises UpstreamAPIError.
+
+    Sending and reading are one watched piece of work (one client watch, not two)."""
+    slot = take_slot(call.record)
+    upstream = state().upstream
+
+    def send_and_read() -> tuple[UpstreamResponse, bytes]:
+        response = upstream.send(call)
+        try:
+            return response, _read_capped(response)
+        finally:
+            response.close()
+
+    try:
+        response, body = watched(send_and_read)
+    finally:
+        slot.release()
     call.record.upstream_done_at = time.perf_counter()
-    response = forwarded.response
     if response.status_code >= 400:
         raise upstream_api_error(response.status_code, response.headers, body)
     return Fetched(response.status_code, response.headers, body)

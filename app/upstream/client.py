@@ -85,12 +85,19 @@ class UpstreamResponse(HTTPSocketPoolResponse):
         self._decoder: Any = None
         self._undecoded = b""
         self._since_yield = 0
+        self._view: Headers | None = None
         super().__init__(sock, client.pool, block_size=RECV, method=method)
-        self._check_framing()
+        self._check_codings()
 
     def feed(self, data: str | bytes) -> None:
         try:
             super().feed(data)
+            if not self.headers_complete:
+                # Counted per read, not per header callback: the head's fields are held in memory
+                # until it ends, so it must end within MAX_HEAD bytes.
+                self._head_size += len(data)
+                if self._head_size > MAX_HEAD:
+                    raise HTTPParseError(f"response head larger than {MAX_HEAD} bytes")
         except BaseException:
             self._failed = True
             raise
@@ -101,33 +108,15 @@ class UpstreamResponse(HTTPSocketPoolResponse):
         return self._failed or self.get_code() == 101 or super().should_close()
 
     # -- the head -----------------------------------------------------------------------------
-    def _count_head(self, text: str) -> None:
-        self._head_size += len(text)
-        if self._head_size > MAX_HEAD:
-            raise HTTPParseError(f"response head larger than {MAX_HEAD} bytes")
-
-    def _on_status(self, msg: str) -> None:
-        self._count_head(msg)
-        super()._on_status(msg)
-
-    def _on_header_field(self, string: str) -> None:
-        self._count_head(string)
-        super()._on_header_field(string)
-
-    def _on_header_value(self, string: str) -> None:
-        self._count_head(string)
-        super()._on_header_value(string)
-
-    def _check_framing(self) -> None:
+    def _check_codings(self) -> None:
         """Refuse codings we cannot undo; set up decoding of the ones we can."""
-        raw = list(self.items())
-        coding = (self.get("transfer-encoding") or "").strip().lower()
+        index = self._headers_index
+        coding = ",".join(index.getlist("transfer-encoding")).strip().lower()
         if coding not in ("", "chunked"):
             self.close()
             raise BadUpstreamResponse(f"upstream used an unsupported transfer coding {coding!r}")
-        encoding = ",".join(v.strip().lower() for k, v in raw if k.lower() == "content-encoding")
+        encoding = ",".join(v.strip().lower() for v in index.getlist("content-encoding"))
         if encoding in ("", "identity"):
-            self.headers_view = Headers(raw)
             return
         if encoding in ("gzip", "x-gzip"):
             self._decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
@@ -136,14 +125,17 @@ class UpstreamResponse(HTTPSocketPoolResponse):
         else:
             self.close()
             raise BadUpstreamResponse(f"upstream used an unsupported content coding {encoding!r}")
-        # What we hand on is the decoded body: its coding and length no longer describe it.
-        self.headers_view = Headers(
-            [(k, v) for k, v in raw if k.lower() not in ("content-encoding", "content-length")]
-        )
 
     @property
     def headers(self) -> Headers:  # type: ignore[override]
-        return self.headers_view
+        view = self._view
+        if view is None:
+            raw = list(self.items())
+            if self._decoder is not None:
+                # What we hand on is the decoded body: its coding and length no longer describe it.
+                raw = [(k, v) for k, v in raw if k.lower() not in ("content-encoding", "content-length")]
+            view = self._view = Headers(raw)
+        return view
 
     # -- the body -----------------------------------------------------------------------------
     def next_chunk(self, timeout: float | None = None) -> bytes | None:
