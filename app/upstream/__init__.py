@@ -53,6 +53,7 @@ class Upstream:
         sdk = openai.OpenAI(api_key="unset", base_url=config.openai_base_url, max_retries=0)
         self.settings = ClientSettings.from_config(config, sdk.user_agent)
         self.client = UpstreamClient(self.settings)
+        self._static_headers = [("User-Agent", sdk.user_agent), *_STATIC_HEADERS]
         self._http = httpx2.Client(transport=WireTransport(self.client), timeout=None, trust_env=False)
         sdk = sdk.with_options(http_client=self._http)
         self._sdk = {0: sdk, RETRIES_IDEMPOTENT: sdk.with_options(max_retries=RETRIES_IDEMPOTENT)}
@@ -75,7 +76,7 @@ class Upstream:
             return self._send_sdk(call)
         query = call.query or (self._sdk[0].qs.stringify(call.params) if call.params else "")
         target = self.settings.base_path + call.path + (f"?{query}" if query else "")
-        headers = [*_STATIC_HEADERS, *call.credentials.header_list(), *call.headers]
+        headers = [*self._static_headers, *call.credentials.header_list(), *call.headers]
         response = self.client.send(
             call.method,
             target,

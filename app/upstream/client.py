@@ -20,6 +20,7 @@ from typing import Any
 
 import gevent
 import httpx2
+from gevent.monkey import get_original
 from geventhttpclient.client import HTTPClient, _iter_chunked
 from geventhttpclient.response import HTTPParseError, HTTPSocketPoolResponse
 
@@ -52,23 +53,32 @@ class ResponseTooLarge(BadUpstreamResponse):
 
 
 class Headers:
-    """Response headers: the raw list in order, and case-insensitive lookup."""
+    """Response headers: `get` (case-insensitive; repeated fields joined with ", ") and `raw`, the
+    (name, value) pairs as upstream sent them. A view over the parser's own multimap."""
 
-    __slots__ = ("_index", "raw")
+    __slots__ = ("_drop", "_index", "_raw")
 
-    def __init__(self, raw: list[tuple[str, str]]) -> None:
-        self.raw = raw
-        index: dict[str, str] = {}
-        for name, value in raw:
-            key = name.lower()
-            index[key] = f"{index[key]}, {value}" if key in index else value
+    def __init__(self, index: Any, drop: tuple[str, ...] = ()) -> None:
         self._index = index
+        self._drop = drop
+        self._raw: list[tuple[str, str]] | None = None
 
     def get(self, name: str, default: str | None = None) -> str | None:
-        return self._index.get(name.lower(), default)
+        if name.lower() in self._drop:
+            return default
+        value = self._index.get(name)
+        if value is None:
+            return default
+        return value if isinstance(value, str) else ", ".join(value)
 
     def __contains__(self, name: str) -> bool:
-        return name.lower() in self._index
+        return self.get(name) is not None
+
+    @property
+    def raw(self) -> list[tuple[str, str]]:
+        if self._raw is None:
+            self._raw = [(k, v) for k, v in self._index.items() if k.lower() not in self._drop]
+        return self._raw
 
 
 class UpstreamResponse(HTTPSocketPoolResponse):
@@ -130,11 +140,9 @@ class UpstreamResponse(HTTPSocketPoolResponse):
     def headers(self) -> Headers:  # type: ignore[override]
         view = self._view
         if view is None:
-            raw = list(self.items())
-            if self._decoder is not None:
-                # What we hand on is the decoded body: its coding and length no longer describe it.
-                raw = [(k, v) for k, v in raw if k.lower() not in ("content-encoding", "content-length")]
-            view = self._view = Headers(raw)
+            # What we hand on is the decoded body: its coding and length no longer describe it.
+            drop = ("content-encoding", "content-length") if self._decoder is not None else ()
+            view = self._view = Headers(self._headers_index, drop)
         return view
 
     # -- the body -----------------------------------------------------------------------------
@@ -180,7 +188,7 @@ class UpstreamResponse(HTTPSocketPoolResponse):
             raise UpstreamClosed(f"reading from upstream failed: {exc}") from exc
         finally:
             if self._sock is not None:
-                sock.settimeout(self._read_timeout)
+                sock.settimeout(None)  # pooled connections carry no timeout (see UpstreamClient)
         self._since_yield += len(data)
         if self._since_yield >= YIELD_EVERY:
             self._since_yield = 0
@@ -251,6 +259,26 @@ class _Sized:
         return iter(self._chunks)
 
 
+# The OS's select, not gevent's: gevent's select(..., 0) yields to the hub on every call, which for a
+# liveness check made once per request is a greenlet round trip for nothing.
+_select = get_original("select", "select")
+
+
+def _idle_and_open(sock: Any) -> bool:
+    """A pooled connection is reusable only if the peer has neither closed it nor sent anything
+    (readable while idle means a FIN or stray bytes; over TLS, decrypted bytes may also be pending)."""
+    try:
+        if sock.fileno() < 0:
+            return False
+        pending = getattr(sock, "pending", None)
+        if pending is not None and pending():
+            return False
+        readable, _, _ = _select([sock], [], [], 0)
+        return not readable
+    except (OSError, ValueError):
+        return False
+
+
 class UpstreamClient(HTTPClient):
     """Keep-alive connections to one upstream origin (direct or through an outbound proxy)."""
 
@@ -263,14 +291,18 @@ class UpstreamClient(HTTPClient):
             ssl=settings.tls,
             ssl_context_factory=(lambda **_: settings.ssl_context) if settings.tls else None,
             connection_timeout=settings.connect_timeout,
-            network_timeout=settings.read_timeout,
+            # No timeout on the socket itself: the wait for the head is bounded by the call's gevent.Timeout,
+            # body reads and streamed uploads set their own; a socket timeout would cost a timer per wait.
+            network_timeout=None,
             concurrency=settings.max_connections,
             proxy_host=proxy.host if proxy else None,
             proxy_port=proxy.port if proxy else None,
             proxy_user=proxy.user if proxy else None,
             proxy_password=proxy.password if proxy else None,
-            headers={"User-Agent": settings.user_agent},
         )
+        self.default_headers.clear()  # the User-Agent comes with each call's headers: one merge less
+        # The pool's own check is right but costs a hub switch per call (see _select).
+        self._connection_pool._is_socket_alive = _idle_and_open
 
     @property
     def pool(self) -> Any:
@@ -361,10 +393,13 @@ class UpstreamClient(HTTPClient):
         elif body is None:
             sock.sendall(head)
         else:
+            # At the client's pace, but an upstream that stops taking the body is bounded.
+            sock.settimeout(self.settings.read_timeout)
             sock.sendall(head)
             for block in _iter_chunked(body, RECV) if chunked else body:
                 if block:
                     sock.sendall(block)
+            sock.settimeout(None)
 
     def _response(self, sock: Any, method: str) -> UpstreamResponse:
         try:
