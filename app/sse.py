@@ -35,36 +35,33 @@ _DECODER = json.JSONDecoder()
 class SSEParser:
     """Incremental parser of the `text/event-stream` format; yields (event name, data) pairs.
 
-    Linear in the bytes fed: each byte is searched for a line end once, and a line that arrives in
-    pieces is joined once. An event larger than `max_event_bytes` is refused (502), so one endless
+    Linear in the bytes fed: a line that arrives in many reads is kept in pieces (each read is
+    searched for a line end once) and joined once, when its end arrives. An event larger than `max_event_bytes` is refused (502), so one endless
     event cannot grow the worker without bound.
     """
 
-    __slots__ = ("_data", "_event", "_held", "_max", "_partial")
+    __slots__ = ("_data", "_event", "_held", "_max", "_partial", "_partial_len")
 
     def __init__(self, max_event_bytes: int | None = None) -> None:
         self._partial: list[bytes] = []  # the current line, not yet ended
+        self._partial_len = 0
         self._event: bytes | None = None
         self._data: list[bytes] = []
-        self._held = 0  # bytes held for the current event
+        self._held = 0  # bytes of the current event's complete data lines
         self._max = max_event_bytes
 
     def feed(self, chunk: bytes) -> Iterator[tuple[bytes | None, bytes]]:
-        start = 0
-        while True:
-            end = chunk.find(b"\n", start)
-            if end < 0:
-                if start < len(chunk):
-                    self._partial.append(chunk[start:])
-                    self._hold(len(chunk) - start)
+        if self._partial:  # the common case (whole lines per read) skips all of this
+            if chunk.find(b"\n") < 0:
+                self._partial.append(chunk)
+                self._partial_len += len(chunk)
+                check_event_size(self._held + self._partial_len, self._max)
                 return
-            line = chunk[start:end]
-            if self._partial:
-                line = b"".join((*self._partial, line))
-                self._partial.clear()
-            else:
-                self._hold(len(line))
-            start = end + 1
+            chunk = b"".join((*self._partial, chunk))
+            self._partial.clear()
+            self._partial_len = 0
+        *lines, rest = chunk.split(b"\n")
+        for line in lines:
             if line.endswith(b"\r"):
                 line = line[:-1]
             if not line:
@@ -73,13 +70,14 @@ class SSEParser:
                 self._event, self._data, self._held = None, [], 0
             elif line.startswith(b"data:"):
                 self._data.append(line[6:] if line.startswith(b"data: ") else line[5:])
+                self._held += len(line)
             elif line.startswith(b"event:"):
                 self._event = line[6:].strip()
             # comments (":") and other fields (id, retry) carry nothing we relay
-
-    def _hold(self, size: int) -> None:
-        self._held += size
-        check_event_size(self._held, self._max)
+        if rest:
+            self._partial.append(rest)
+            self._partial_len = len(rest)
+        check_event_size(self._held + self._partial_len, self._max)
 
     def pending(self) -> bool:
         """Whether a partial event is waiting for its blank line."""

@@ -287,7 +287,7 @@ def test_sse_parser():
 
 def test_sse_parser_joins_a_line_split_into_many_reads_once():
     parser = SSEParser(max_event_bytes=1 << 20)
-    data = b'data: {"type":"x","delta":"' + b"a" * 300_000 + b'"}\r\n\r\n'
+    data = b'data: {"type":"x","delta":"' + b"a" * 700_000 + b'"}\r\n\r\n'
     events = [ev for i in range(0, len(data), 1000) for ev in parser.feed(data[i : i + 1000])]
     assert events == [(None, data[6:-4])]
     assert not parser.pending()

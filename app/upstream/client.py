@@ -96,6 +96,7 @@ class UpstreamResponse(HTTPSocketPoolResponse):
         self._undecoded = b""
         self._since_yield = 0
         self._view: Headers | None = None
+        self._sock_timeout: float | None = None
         super().__init__(sock, client.pool, block_size=RECV, method=method)
         self._check_codings()
 
@@ -177,7 +178,10 @@ class UpstreamResponse(HTTPSocketPoolResponse):
         sock = self._sock
         if sock is None:
             raise UpstreamClosed("the upstream connection is already closed")
-        sock.settimeout(timeout if timeout is not None else self._read_timeout)
+        wanted = timeout if timeout is not None else self._read_timeout
+        if wanted != self._sock_timeout:  # a stream sets it once, not per event
+            sock.settimeout(wanted)
+            self._sock_timeout = wanted
         try:
             data = sock.recv(RECV)
         except TimeoutError:
@@ -186,9 +190,6 @@ class UpstreamResponse(HTTPSocketPoolResponse):
             raise httpx2.ReadTimeout("upstream went silent in the middle of its response") from None
         except OSError as exc:
             raise UpstreamClosed(f"reading from upstream failed: {exc}") from exc
-        finally:
-            if self._sock is not None:
-                sock.settimeout(None)  # pooled connections carry no timeout (see UpstreamClient)
         self._since_yield += len(data)
         if self._since_yield >= YIELD_EVERY:
             self._since_yield = 0
@@ -234,6 +235,13 @@ class UpstreamResponse(HTTPSocketPoolResponse):
                 raise ResponseTooLarge(f"upstream sent a body larger than the {limit}-byte limit")
             parts.append(piece)
         return b"".join(parts)
+
+    def release(self) -> None:
+        sock = self._sock
+        if sock is not None and self._sock_timeout is not None:
+            sock.settimeout(None)  # pooled connections carry no timeout (see UpstreamClient)
+            self._sock_timeout = None
+        super().release()
 
     def close(self) -> None:
         """Give the connection back if the body was read to its end, else close it."""
