@@ -4,11 +4,12 @@ set -euo pipefail
 cd "$(dirname "$0")"
 . scripts/bootstrap.sh
 bootstrap "[test]"
-# Real servers some tests need, from Debian: `chromium` (one test renders /log in a headless browser)
-# and `tinyproxy` (the outbound-proxy tests run through a real forward proxy). Install what is missing
+# Real servers some tests need, from Debian: `chromium` and `chromium-driver` (the pages are rendered
+# and driven in a headless browser) and `tinyproxy` (the outbound-proxy tests run through a real forward proxy). Install what is missing
 # quietly when we may (root with apt-get); otherwise the tests that need them say why they skip.
 missing=()
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 command -v tinyproxy >/dev/null 2>&1 || missing+=(tinyproxy)
 if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "Installing ${missing[*]} for the tests ..." >&2

@@ -1,8 +1,9 @@
 """Throttling of the guarded operator pages with flask-limiter; a breach is the contract's JSON 429.
 
-Limits count per client address, per page. Storage `memory://` (the default) counts in each worker
-process, so a client may get up to one limit per worker; a `redis://` URI makes the limits exact across
-workers and hosts. API routes and `/` are never throttled here.
+Limits count per client address, per page; the sign-in form (`/signin`) counts as a page, so guessing
+ACCESS_TOKEN there is throttled like guessing it in a page's query. Storage `memory://` (the default)
+counts in each worker process, so a client may get up to one limit per worker; a `redis://` URI makes
+the limits exact across workers and hosts. API routes and `/` are never throttled here.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ log = logging.getLogger("openai_proxy.ratelimit")
 
 
 def init_limiter(app: Flask, config: Config) -> Limiter:
-    """Attach a limiter to `app`: `OPENAI_PROXY_PAGES_RATE_LIMIT` per guarded page, less for /health2."""
+    """Attach a limiter to `app`: `OPENAI_PROXY_PAGES_RATE_LIMIT` per guarded page and for /signin, less
+    for /health2."""
     options = {
         "headers_enabled": True,  # Retry-After and X-RateLimit-* on the pages
         # A storage outage (e.g. redis down) falls back to counting in memory, never fails the page.
@@ -40,7 +42,7 @@ def init_limiter(app: Flask, config: Config) -> Limiter:
     def limit_for_page() -> str:
         return config.health2_rate_limit if request.endpoint == pages.HEALTH2 else config.pages_rate_limit
 
-    limiter.limit(limit_for_page, exempt_when=lambda: request.endpoint not in pages.GUARDED)(pages.bp)
+    limiter.limit(limit_for_page, exempt_when=lambda: request.endpoint not in pages.THROTTLED)(pages.bp)
     app.register_error_handler(RateLimitExceeded, too_many_requests)
     _scope_hooks_to_pages(app, limiter)
     return limiter

@@ -6,6 +6,8 @@ import re
 
 from tests.conftest import ACCESS_TOKEN, SECURITY_KEY
 
+# `?{TOKEN}` opens the JSON pages; on /log and /log_errors it signs a browser in (303 and a cookie, the
+# token gone from the address), so tests read those pages as a script does, with AUTH.
 TOKEN = f"access_token={ACCESS_TOKEN}"
 AUTH = {"Authorization": f"Bearer {ACCESS_TOKEN}"}
 # For real servers: an idle keep-alive connection would hold up a graceful stop of gunicorn.

@@ -12,11 +12,11 @@ import requests
 from app.logstore import LogStore
 from tests.conftest import SECURITY_KEY, post_json
 from tests.fake_upstream import delay, error
-from tests.logpage import AUTH, CHAT, CLOSE, TOKEN, counters, rows, served_by
+from tests.logpage import AUTH, CHAT, CLOSE, counters, rows, served_by
 
 
 def log_html(client, path: str = "/log", query: str = "") -> str:
-    r = client.get(f"{path}?{TOKEN}{query}")
+    r = client.get(f"{path}?{query}", headers=AUTH)
     assert r.status_code == 200, r.get_data(as_text=True)[:500]
     return r.get_data(as_text=True)
 
@@ -119,7 +119,7 @@ def test_a_broken_database_never_fails_requests(make_app, fake, tmp_path):
     path.write_bytes(b"this is not an SQLite file" * 100)
     client = make_app(OPENAI_PROXY_LOG_DB=str(path)).test_client()
     assert [post_json(client, "/openai", CHAT).status_code for _ in range(3)] == [200] * 3
-    r = client.get(f"/log?{TOKEN}")
+    r = client.get("/log", headers=AUTH)
     assert r.status_code == 503
     assert "The log store cannot be read: DatabaseError: file is not a database" in r.get_data(as_text=True)
     health = client.get("/health", headers=AUTH)
@@ -164,7 +164,7 @@ def test_records_from_every_worker_on_every_workers_page_and_after_a_restart(gun
     # Each worker's page shows the records the other worker wrote.
     seen_from: dict[int, set[int]] = {}
     for _ in range(40):
-        html = requests.get(f"{server.url}/log?{TOKEN}&per_page=500", headers=CLOSE, timeout=10).text
+        html = requests.get(f"{server.url}/log?per_page=500", headers={**CLOSE, **AUTH}, timeout=10).text
         seen_from.setdefault(served_by(html), set()).update(pid for _, _, pid in rows(html))
         if len(seen_from) == 2:
             break
@@ -173,7 +173,7 @@ def test_records_from_every_worker_on_every_workers_page_and_after_a_restart(gun
     server.stop()  # SIGTERM: each worker flushes what it still has queued
 
     again = gunicorn_server(workers=1, **env)
-    html = requests.get(f"{again.url}/log?{TOKEN}&per_page=500", headers=CLOSE, timeout=10).text
+    html = requests.get(f"{again.url}/log?per_page=500", headers={**CLOSE, **AUTH}, timeout=10).text
     assert {rid for _, rid, _ in rows(html)} == sent
     assert counters(html)["Request count"] == str(len(sent))
 
@@ -181,7 +181,7 @@ def test_records_from_every_worker_on_every_workers_page_and_after_a_restart(gun
 def _wait_for(url: str, request_ids: set[str]) -> str:
     deadline = time.monotonic() + 5
     while True:
-        html = requests.get(f"{url}/log?{TOKEN}&per_page=500", headers=CLOSE, timeout=10).text
+        html = requests.get(f"{url}/log?per_page=500", headers={**CLOSE, **AUTH}, timeout=10).text
         if request_ids <= {rid for _, rid, _ in rows(html)} or time.monotonic() > deadline:
             return html
         time.sleep(0.1)

@@ -1,22 +1,34 @@
-"""The operator pages: access token, rate limits, escaping, redaction, filters, health, runtime info."""
+"""The operator pages: access token, sign-in cookie, rate limits, escaping, redaction, filters, health,
+runtime info."""
 
 from __future__ import annotations
 
 import html as htmllib
+import re
 import shutil
 import socket
 import subprocess
 import tempfile
+import time
+from email.utils import parsedate_to_datetime
+from urllib.parse import urlencode
 
 import pytest
+import requests
 from gevent.pywsgi import WSGIServer
 from markupsafe import escape
 
+from app.auth import SESSION_COOKIE, session_cookie_valid, session_cookie_value
+from app.routes.pages import HTML_CSP
 from tests.conftest import ACCESS_TOKEN, SECURITY_KEY, UPSTREAM_KEY, free_port, post_json
 from tests.fake_upstream import error
-from tests.logpage import AUTH, CHAT, TOKEN, counters, rows
+from tests.logpage import AUTH, CHAT, CLOSE, TOKEN, counters, rows
+from tests.webdriver import CHROMEDRIVER, Browser
 
 GUARDED = ("/health", "/health2", "/log", "/log_errors", "/debug/runtime", "/metrics")
+HTML_PAGES = ("/log", "/log_errors")
+JSON_PAGES = ("/health", "/health2", "/debug/runtime", "/metrics")
+BROWSER = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
 XSS_ID = "<script>document.title='pwned'</script>"
 XSS_MODEL = "<img src=x onerror=\"document.title='pwned'\">"
 
@@ -34,8 +46,10 @@ def test_pages_need_the_access_token(client, path):
     r = client.post(f"{path}?access_token=wrong")
     assert r.status_code == 403
     assert r.get_json() == expected_error(r, "Invalid access_token", "forbidden", "OPENAI_PROXY_FORBIDDEN")
-    assert client.get(f"{path}?{TOKEN}").status_code in (200, 503)
-    assert client.get(path, headers=AUTH).status_code in (200, 503)
+    assert "Set-Cookie" not in r.headers
+    # The HTML pages trade a token in the query for the sign-in cookie (below); the others answer at once.
+    assert client.get(f"{path}?{TOKEN}").status_code == (303 if path in HTML_PAGES else 200)
+    assert client.get(path, headers=AUTH).status_code == 200
 
 
 @pytest.mark.parametrize("path", GUARDED)
@@ -51,6 +65,228 @@ def test_pages_are_closed_without_an_access_token_configured(make_app, path):
     )
 
 
+def set_cookie(response) -> tuple[str, str, dict[str, str]]:
+    """The one Set-Cookie of `response`: name, value and attributes (names lowercased, flags map to "")."""
+    headers = response.headers.getlist("Set-Cookie")
+    assert len(headers) == 1, headers
+    first, *attributes = headers[0].split("; ")
+    name, _, value = first.partition("=")
+    return name, value, {k.lower(): v for k, _, v in (a.partition("=") for a in attributes)}
+
+
+def sign_in(client, path: str = "/log") -> str:
+    """Sign `client` in through a page's query; the cookie's value."""
+    r = client.get(f"{path}?{TOKEN}")
+    assert r.status_code == 303, r.get_data(as_text=True)[:300]
+    return client.get_cookie(SESSION_COOKIE).value
+
+
+@pytest.mark.parametrize("path", HTML_PAGES)
+def test_a_token_in_the_query_becomes_a_cookie_and_leaves_the_address(client, fake, path):
+    post_json(client, "/openai", {**CHAT, "security_key": "no"})
+    r = client.get(f"{path}?status=4xx&{TOKEN}&per_page=2&access_token=again", headers=BROWSER)
+    assert r.status_code == 303
+    assert r.headers["Location"] == f"{path}?status=4xx&per_page=2"  # relative, other parameters kept
+    assert (r.headers["Referrer-Policy"], r.headers["Cache-Control"]) == ("no-referrer", "no-store")
+    name, value, attributes = set_cookie(r)
+    assert name == "openai_proxy_pages"
+    assert re.fullmatch(r"[0-9]+\.[0-9a-f]{64}", value) and ACCESS_TOKEN not in value
+    assert 0 <= time.time() - int(value.split(".")[0]) < 60  # issued now
+    assert attributes.keys() == {"expires", "max-age", "httponly", "path", "samesite"}  # no Secure over http
+    assert (attributes["max-age"], attributes["path"], attributes["samesite"]) == ("43200", "/", "Strict")
+    expires = parsedate_to_datetime(attributes["expires"]).timestamp()
+    assert time.time() + 43200 - 60 < expires <= time.time() + 43200 + 1
+    # The browser follows with the cookie alone: the page, with no token anywhere in it.
+    page = client.get(r.headers["Location"], headers=BROWSER)
+    assert page.status_code == 200 and "Set-Cookie" not in page.headers
+    html = page.get_data(as_text=True)
+    assert counters(html)["Error count"] == "1" and len(rows(html)) == (path == "/log_errors")
+    assert "access_token" not in html and ACCESS_TOKEN not in html
+
+
+def test_the_cookie_is_secure_over_https(client):
+    r = client.get(f"/log?{TOKEN}", base_url="https://proxy.example")
+    assert r.status_code == 303 and r.headers["Location"] == "/log"
+    assert "secure" in set_cookie(r)[2]
+    r = client.post("/signin", data={"access_token": ACCESS_TOKEN}, base_url="https://proxy.example")
+    assert r.status_code == 303 and "secure" in set_cookie(r)[2]
+    r = client.post("/signout", base_url="https://proxy.example")
+    assert set_cookie(r)[2].keys() == {"expires", "max-age", "httponly", "path", "samesite", "secure"}
+
+
+def test_a_signed_in_page_carries_no_token_in_links_forms_or_pagers(client, fake):
+    for _ in range(5):
+        post_json(client, "/openai", CHAT)
+    sign_in(client)
+    for path in ("/log?per_page=2", "/log?per_page=2&page=2&status=2xx", "/log_errors?per_page=1"):
+        r = client.get(path, headers=BROWSER)
+        assert r.status_code == 200
+        html = r.get_data(as_text=True)
+        assert "access_token" not in html and ACCESS_TOKEN not in html, path
+        assert (r.headers["Referrer-Policy"], r.headers["Content-Security-Policy"]) == (
+            "no-referrer",
+            HTML_CSP,
+        )
+        assert '<form class="signout" method="post" action="/signout">' in html
+    html = client.get("/log?per_page=2&page=2", headers=BROWSER).get_data(as_text=True)
+    assert (
+        'href="/log?per_page=2" rel="prev"' in html and 'href="/log?per_page=2&amp;page=3" rel="next"' in html
+    )
+    assert '<input type="hidden" name="per_page" value="2">' in html
+    assert '<a href="/log">Requests</a>' not in html  # the current tab is marked, the other plain
+    assert '<a href="/log_errors">Errors</a>' in html and '<a href="/log">Clear</a>' in html
+
+
+def test_a_browser_without_the_cookie_gets_the_sign_in_form_and_scripts_get_json(client):
+    r = client.get("/log_errors?status=5xx&page=1", headers=BROWSER)
+    assert r.status_code == 401
+    assert r.headers["WWW-Authenticate"] == 'Bearer realm="openai-proxy pages"'
+    assert r.headers["Content-Type"] == "text/html; charset=utf-8" and "Set-Cookie" not in r.headers
+    assert (r.headers["Referrer-Policy"], r.headers["Content-Security-Policy"]) == ("no-referrer", HTML_CSP)
+    assert r.headers["Cache-Control"] == "no-store"
+    html = r.get_data(as_text=True)
+    assert "<title>openai-proxy · Sign in</title>" in html and 'role="alert"' not in html
+    assert '<form method="post" action="/signin">' in html
+    assert '<input type="hidden" name="next" value="/log_errors?status=5xx&amp;page=1">' in html
+    assert html.count('type="password"') == 1 and "<script" not in html
+    # A wrong token: the form again, saying so, with 403 and no cookie.
+    r = client.get("/log?access_token=wrong&status=4xx", headers=BROWSER)
+    assert r.status_code == 403 and "Set-Cookie" not in r.headers
+    html = r.get_data(as_text=True)
+    assert '<div class="banner" role="alert">That access token is not valid.</div>' in html
+    assert 'name="next" value="/log?status=4xx"' in html and "wrong" not in html
+    # Scripts (no text/html asked for by name) keep the JSON 403.
+    for accept in ({}, {"Accept": "*/*"}, {"Accept": "application/json"}, {"Accept": "text/html;q=0"}):
+        r = client.get("/log", headers=accept)
+        assert r.status_code == 403
+        assert r.get_json() == expected_error(
+            r, "Missing access_token", "forbidden", "OPENAI_PROXY_FORBIDDEN"
+        )
+    # The JSON pages never show the form.
+    r = client.get("/health", headers=BROWSER)
+    assert r.status_code == 403 and r.get_json()["error"]["message"] == "Missing access_token"
+
+
+def test_the_sign_in_form(client):
+    r = client.get("/signin?next=/log_errors%3Fstatus%3D4xx")
+    assert r.status_code == 200 and "WWW-Authenticate" not in r.headers
+    assert (r.headers["Referrer-Policy"], r.headers["Content-Security-Policy"]) == ("no-referrer", HTML_CSP)
+    assert (r.headers["Cache-Control"], r.headers["X-Content-Type-Options"]) == ("no-store", "nosniff")
+    assert '<input type="hidden" name="next" value="/log_errors?status=4xx">' in r.get_data(as_text=True)
+    for token, message in (("wrong", "That access token is not valid."), ("", "Enter the access token.")):
+        r = client.post("/signin", data={"access_token": token, "next": "/log_errors?status=4xx"})
+        assert r.status_code == 403 and "Set-Cookie" not in r.headers
+        assert f'<div class="banner" role="alert">{message}</div>' in r.get_data(as_text=True)
+        assert client.get_cookie(SESSION_COOKIE) is None
+    r = client.post("/signin", data={"access_token": ACCESS_TOKEN, "next": "/log_errors?status=4xx"})
+    assert r.status_code == 303 and r.headers["Location"] == "/log_errors?status=4xx"
+    assert r.headers["Referrer-Policy"] == "no-referrer" and set_cookie(r)[0] == SESSION_COOKIE
+    assert client.get("/log_errors?status=4xx", headers=BROWSER).status_code == 200
+    # Without `next` the sign-in lands on /log.
+    assert client.post("/signin", data={"access_token": ACCESS_TOKEN}).headers["Location"] == "/log"
+
+
+def test_the_sign_in_form_says_when_the_pages_are_disabled(make_app):
+    client = make_app(ACCESS_TOKEN=None).test_client()
+    for r in (client.get("/signin"), client.post("/signin", data={"access_token": "anything"})):
+        assert r.status_code == 403 and "Set-Cookie" not in r.headers
+        assert "The proxy has no ACCESS_TOKEN configured; the pages are disabled." in r.get_data(as_text=True)
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["https://evil.example/", "//evil.example", "//evil.example/log", "/\\evil.example", "\\\\evil.example",
+     "https:/evil.example/log", "http://localhost/log", "javascript:alert(1)", "/\t/evil.example",
+     " //evil.example", "/log/../..//evil.example", "/signout", "/health", "/log@evil.example", "log", ""],
+)  # fmt: skip
+def test_sign_in_never_redirects_away_from_the_pages(client, target):
+    r = client.post("/signin", data={"access_token": ACCESS_TOKEN, "next": target})
+    assert r.status_code == 303 and r.headers["Location"] == "/log"
+    html = client.get(f"/signin?{urlencode({'next': target})}").get_data(as_text=True)
+    assert '<input type="hidden" name="next" value="/log">' in html
+
+
+def test_sign_in_keeps_a_page_query_but_never_a_token_in_it(client):
+    r = client.post("/signin", data={"access_token": ACCESS_TOKEN,
+                                     "next": "/log_errors?access_token=x&endpoint=/openai&status=4xx#top"})  # fmt: skip
+    assert r.headers["Location"] == "/log_errors?endpoint=%2Fopenai&status=4xx"
+
+
+def test_the_cookie_opens_every_guarded_page_and_a_bearer_header_never_redirects(client, fake):
+    sign_in(client)
+    for path in GUARDED:
+        r = client.get(path, headers=BROWSER)
+        assert r.status_code == 200, path
+        assert "Set-Cookie" not in r.headers and r.headers["Referrer-Policy"] == "no-referrer"
+    other = client.application.test_client()  # no cookie: scripts and Prometheus
+    for path in GUARDED:
+        for headers in (AUTH, {**AUTH, **BROWSER}):
+            r = other.get(path, headers=headers)
+            assert r.status_code == 200 and "Set-Cookie" not in r.headers and "Location" not in r.headers
+    for path in JSON_PAGES:  # monitoring scripts keep their query token, with no redirect and no cookie
+        r = other.get(f"{path}?{TOKEN}", headers=BROWSER)
+        assert r.status_code == 200 and "Set-Cookie" not in r.headers, path
+    # A token that was sent is judged alone: a valid cookie does not excuse a wrong one.
+    r = client.get("/health?access_token=wrong")
+    assert r.status_code == 403 and r.get_json()["error"]["message"] == "Invalid access_token"
+
+
+def test_the_cookie_stops_working_when_the_access_token_changes(make_app):
+    first = make_app().test_client()
+    cookie = sign_in(first)
+    assert first.get("/log", headers=BROWSER).status_code == 200
+    rotated = make_app(ACCESS_TOKEN="a-new-access-token").test_client()
+    rotated.set_cookie(SESSION_COOKIE, cookie)
+    r = rotated.get("/log?status=4xx", headers=BROWSER)
+    assert r.status_code == 401
+    assert "Your sign-in has expired or the access token changed; sign in again." in r.get_data(as_text=True)
+    name, value, attributes = set_cookie(r)  # the stale cookie is cleared
+    assert (name, value, attributes["max-age"]) == (SESSION_COOKIE, "", "0")
+    rotated.set_cookie(SESSION_COOKIE, cookie)
+    for path in GUARDED:
+        r = rotated.get(path)
+        assert r.status_code == 403, path
+        assert r.get_json() == expected_error(
+            r, "Sign-in expired or ACCESS_TOKEN changed; sign in again", "forbidden", "OPENAI_PROXY_FORBIDDEN"
+        )
+    assert rotated.get("/log", headers={"Authorization": "Bearer a-new-access-token"}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "value",
+    [ACCESS_TOKEN, "", "garbage", "1.2", f"{int(time.time())}.{'0' * 64}",
+     session_cookie_value(ACCESS_TOKEN, now=time.time() - 43200 - 5),  # older than 12 h
+     session_cookie_value(ACCESS_TOKEN, now=time.time() + 3600),  # issued in the future
+     session_cookie_value(ACCESS_TOKEN) + "0", "x" + session_cookie_value(ACCESS_TOKEN)],
+)  # fmt: skip
+def test_forged_expired_or_mangled_cookies_are_refused(client, value):
+    client.set_cookie(SESSION_COOKIE, value)
+    assert client.get("/log", headers=BROWSER).status_code == 401
+    assert client.get("/metrics").status_code == 403
+
+
+def test_cookie_validity_by_age():
+    now = 1_800_000_000
+    assert session_cookie_valid(session_cookie_value("t", now=now), "t", now=now + 43200)
+    assert not session_cookie_valid(session_cookie_value("t", now=now), "t", now=now + 43201)
+    assert session_cookie_valid(session_cookie_value("t", now=now + 30), "t", now=now)  # a little clock skew
+    assert not session_cookie_valid(session_cookie_value("t", now=now), "u", now=now)
+
+
+def test_sign_out_clears_the_cookie_and_shows_the_sign_in_page(client):
+    sign_in(client)
+    r = client.post("/signout")
+    assert r.status_code == 303 and r.headers["Location"] == "/signin"
+    assert r.headers["Referrer-Policy"] == "no-referrer"
+    name, value, attributes = set_cookie(r)
+    assert (name, value, attributes["max-age"], attributes["path"]) == (SESSION_COOKIE, "", "0", "/")
+    assert attributes["expires"] == "Thu, 01 Jan 1970 00:00:00 GMT"
+    assert client.get_cookie(SESSION_COOKIE) is None
+    assert client.get("/log", headers=BROWSER).status_code == 401
+    assert client.get("/signin").status_code == 200
+    assert client.get("/signout").status_code == 404  # state changes only by POST
+
+
 def test_pages_are_rate_limited_with_the_json_error(make_app, fake):
     client = make_app(
         OPENAI_PROXY_PAGES_RATE_LIMIT="2/minute", OPENAI_PROXY_HEALTH2_RATE_LIMIT="1/minute"
@@ -63,13 +299,21 @@ def test_pages_are_rate_limited_with_the_json_error(make_app, fake):
     )
     assert 0 < int(r.headers["Retry-After"]) <= 60
     # Each page counts on its own; /health2 (which spends tokens) has its own lower limit.
-    assert [client.get(f"/log?{TOKEN}").status_code for _ in range(3)] == [200, 200, 429]
+    assert [client.get("/log", headers=AUTH).status_code for _ in range(3)] == [200, 200, 429]
     assert [client.get("/health2", headers=AUTH).status_code for _ in range(2)] == [200, 429]
     assert client.get("/health2", headers=AUTH).get_json()["error"]["message"] == (
         "Too many requests: 1 per 1 minute; try again later"
     )
     # Guessing the token is throttled too.
     assert [client.get("/debug/runtime?access_token=guess").status_code for _ in range(3)] == [403, 403, 429]
+    # ... on the sign-in form as well, and a right token after the limit gets no cookie.
+    assert [client.post("/signin", data={"access_token": "guess"}).status_code for _ in range(2)] == [
+        403,
+        403,
+    ]
+    r = client.post("/signin", data={"access_token": ACCESS_TOKEN})
+    assert r.status_code == 429 and "Set-Cookie" not in r.headers
+    assert r.get_json()["error"]["code"] == "OPENAI_PROXY_RATE_LIMITED"
     # `/` and the API routes are never throttled here.
     assert {client.get("/").status_code for _ in range(5)} == {200}
     assert {post_json(client, "/openai", CHAT).status_code for _ in range(5)} == {200}
@@ -78,7 +322,7 @@ def test_pages_are_rate_limited_with_the_json_error(make_app, fake):
 def test_values_are_escaped_and_counters_keep_the_original_labels(client, fake):
     r = post_json(client, "/openai", {**CHAT, "model": XSS_MODEL}, headers={"X-Request-Id": XSS_ID})
     assert r.status_code == 200
-    page = client.get(f"/log?{TOKEN}")
+    page = client.get("/log", headers=AUTH)
     text = page.get_data(as_text=True)
     assert page.headers["Content-Type"] == "text/html; charset=utf-8"
     assert "<script>document.title" not in text and "<img src=x" not in text
@@ -94,7 +338,7 @@ def test_secrets_are_redacted_on_the_pages(client, fake):
     post_json(
         client, "/openai", {**CHAT, "openai_api_key": secret}, headers={"X-Request-Id": f"Bearer {secret}"}
     )
-    text = client.get(f"/log_errors?{TOKEN}").get_data(as_text=True)
+    text = client.get("/log_errors", headers=AUTH).get_data(as_text=True)
     assert "401 Incorrect API key provided: ***5678" in text
     assert "abcdefghijklmnop" not in text
     assert "client: Bearer ***5678" in text
@@ -112,7 +356,7 @@ def test_filters_and_pagination(client, fake):
     post_json(client, "/embeddings", {"security_key": SECURITY_KEY})  # 400 missing input
 
     def ids(path: str, query: str = "") -> list[str]:
-        r = client.get(f"{path}?{TOKEN}{query}")
+        r = client.get(f"{path}?{query}", headers=AUTH)
         assert r.status_code == 200
         return [rid for _, rid, _ in rows(r.get_data(as_text=True))]
 
@@ -123,15 +367,16 @@ def test_filters_and_pagination(client, fake):
     assert ids("/log", f"&request_id={ok[0]}") == [ok[0]]
     assert ids("/log_errors", "&status=403") == [denied]
     assert len(ids("/log_errors", "&status=4xx")) == 2
-    page2 = client.get(f"/log?{TOKEN}&per_page=2&page=2&status=2xx").get_data(as_text=True)
+    page2 = client.get("/log?per_page=2&page=2&status=2xx", headers=AUTH).get_data(as_text=True)
     assert [rid for _, rid, _ in rows(page2)] == ok[:0:-1] and "page 2 of 3" in page2
-    assert f'href="/log?status=2xx&amp;per_page=2&amp;{TOKEN}&amp;page=3"' in page2  # links keep filters
+    assert 'href="/log?status=2xx&amp;per_page=2&amp;page=3"' in page2  # links keep filters
+    assert 'href="/log?status=2xx&amp;per_page=2"' in page2
     for query, message in (
         ("&status=abc", "status must be a code like 404 or a class like 4xx"),
         ("&page=0", "page must be an integer from 1 to 1000000"),
         ("&per_page=501", "per_page must be an integer from 1 to 500"),
     ):
-        r = client.get(f"/log?{TOKEN}{query}")
+        r = client.get(f"/log?{query}", headers=AUTH)
         assert r.status_code == 400
         assert r.get_json() == expected_error(r, message, "validation_error", "OPENAI_PROXY_BAD_REQUEST")
 
@@ -228,3 +473,78 @@ def test_log_page_in_a_real_browser_shows_records_and_runs_no_injected_script(cl
     assert sent.headers["X-Proxy-Request-Id"] in dom
     assert htmllib.escape(XSS_ID, quote=False) in dom  # shown as text
     assert "Request count: 1" in dom
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None or CHROMEDRIVER is None,
+    reason="Chromium and its WebDriver are not installed (Debian packages `chromium` and `chromium-driver`), "
+    "so signing in to /log cannot be tried in a real browser",
+)
+def test_sign_in_page_through_filter_and_sign_out_in_a_real_browser(gunicorn_server, fake, tmp_path):
+    server = gunicorn_server(workers=2)
+    sent = [requests.post(f"{server.url}/openai", json=CHAT, headers=CLOSE, timeout=10) for _ in range(5)]
+    assert {r.status_code for r in sent} == {200}
+    denied = requests.post(
+        f"{server.url}/openai", json={**CHAT, "security_key": "no"}, headers=CLOSE, timeout=10
+    )
+    assert denied.status_code == 403
+    ok_ids = [r.headers["X-Proxy-Request-Id"] for r in sent][::-1]  # newest first
+    screens = tmp_path / "screenshots"
+    browser = Browser(tmp_path / "profile", screens)
+    try:
+        # 1. A bookmarked URL with the token: the cookie is set and the address bar loses the token.
+        browser.get(f"{server.url}/log?per_page=2&{TOKEN}")
+        assert browser.url == f"{server.url}/log?per_page=2"
+        assert browser.title == "openai-proxy · Requests"
+        (cookie,) = browser.cookies()
+        assert (cookie["name"], cookie["httpOnly"], cookie["sameSite"], cookie["path"], cookie["secure"]) == (
+            SESSION_COOKIE, True, "Strict", "/", False
+        )  # fmt: skip
+        assert ACCESS_TOKEN not in cookie["value"]
+        html = browser.source
+        assert "page 1 of 3" in html and "access_token" not in html and ACCESS_TOKEN not in html
+        assert [rid for _, rid, _ in rows(html)] == ok_ids[:2]
+        assert "Request count: 6" in html  # the counters, as scripts scrape them
+        browser.screenshot("1-signed-in-page-1")
+        # 2. Page through with the pager links.
+        browser.click("a[rel=next]")
+        assert browser.url == f"{server.url}/log?per_page=2&page=2"
+        assert [rid for _, rid, _ in rows(browser.source)] == ok_ids[2:4]
+        browser.click("a[rel=next]")
+        assert browser.url == f"{server.url}/log?per_page=2&page=3"
+        assert [rid for _, rid, _ in rows(browser.source)] == ok_ids[4:]
+        browser.screenshot("2-page-3")
+        # 3. The errors tab, filtered with the form.
+        browser.click("nav a:not([aria-current])")
+        assert browser.url == f"{server.url}/log_errors"
+        browser.type("input[name=status]", "403")
+        browser.click(".filters button[type=submit]")
+        assert browser.url == f"{server.url}/log_errors?status=403&endpoint=&request_id="
+        html = browser.source
+        assert [rid for _, rid, _ in rows(html)] == [denied.headers["X-Proxy-Request-Id"]]
+        assert "Invalid security_key" in html and "access_token" not in html
+        browser.screenshot("3-errors-filtered")
+        # 4. Sign out: back to the sign-in page, the cookie gone, the pages closed again.
+        browser.click(".signout button")
+        assert browser.url == f"{server.url}/signin"
+        assert browser.cookies() == []
+        browser.screenshot("4-signed-out")
+        browser.get(f"{server.url}/log_errors?status=4xx")
+        assert browser.title == "openai-proxy · Sign in"
+        assert rows(browser.source) == []
+        # 5. The form: a wrong token is refused, the right one leads back to the page asked for.
+        browser.type("input[name=access_token]", "not-the-token")
+        browser.click("form button[type=submit]")
+        assert browser.url == f"{server.url}/signin"
+        assert browser.text(".banner") == "That access token is not valid."
+        assert browser.cookies() == []
+        browser.screenshot("5-wrong-token")
+        browser.type("input[name=access_token]", ACCESS_TOKEN)
+        browser.click("form button[type=submit]")
+        assert browser.url == f"{server.url}/log_errors?status=4xx"
+        assert [rid for _, rid, _ in rows(browser.source)] == [denied.headers["X-Proxy-Request-Id"]]
+        assert [c["name"] for c in browser.cookies()] == [SESSION_COOKIE]
+        browser.screenshot("6-signed-in-with-the-form")
+    finally:
+        browser.close()
+    print(f"screenshots in {screens}")

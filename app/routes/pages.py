@@ -1,7 +1,13 @@
 """Operator-facing pages. `/` says the proxy runs and shows no secrets; the others need ACCESS_TOKEN.
 
-`/health`, `/health2`, `/log`, `/log_errors`, `/debug/runtime`, `/metrics`: `?access_token=` or a Bearer
-header, and throttled by `app.ratelimit` (checked first, so guessing tokens is throttled too).
+`/health`, `/health2`, `/log`, `/log_errors`, `/debug/runtime`, `/metrics`: a Bearer header,
+`?access_token=` or the sign-in cookie, and throttled by `app.ratelimit` (checked first, so guessing
+tokens is throttled too, on `/signin` as well).
+
+Browsers sign in once: `?access_token=` on an HTML page, or the form of `/signin`, sets an HttpOnly
+cookie (an HMAC keyed by ACCESS_TOKEN, never the token) and redirects (303) to the page without the
+token, so no link, form or history entry of the pages carries it. A browser without a valid cookie
+gets the sign-in form (401; 403 after a wrong token); scripts keep getting the JSON 403.
 """
 
 from __future__ import annotations
@@ -9,15 +15,24 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from flask import Blueprint, Response, current_app, g, render_template, request, url_for
+from flask import Blueprint, Response, current_app, g, redirect, render_template, request, url_for
 
 from app import __version__, jsonio
-from app.auth import require_access_token
-from app.errors import BadRequest
+from app.auth import (
+    QUERY,
+    SESSION_COOKIE,
+    SESSION_MAX_AGE,
+    constant_time_equal,
+    presented_access_token,
+    require_access_token,
+    session_cookie_value,
+)
+from app.errors import BadRequest, Forbidden
 from app.health import deep_check, liveness, runtime_info
 from app.logdb import LogFilter, LogPage, empty_counters
 from app.state import state
@@ -33,6 +48,11 @@ GUARDED = {
     "pages.metrics",
 }
 HEALTH2 = "pages.health2"
+# Pages a person reads in a browser: they sign in with a cookie instead of a token in every link.
+HTML_PAGES = {"/log": "pages.log", "/log_errors": "pages.log_errors"}
+SIGNIN, SIGNOUT = "pages.signin", "pages.signout"
+# What app.ratelimit throttles: the guarded pages and the sign-in form (guessing the token there too).
+THROTTLED = GUARDED | {SIGNIN}
 # The guarded pages answer any method, as the original did.
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 PER_PAGE, MAX_PER_PAGE = 50, 500
@@ -42,20 +62,128 @@ HTML_CSP = "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; b
 
 
 @bp.before_request
-def guard() -> None:
-    if request.endpoint in GUARDED:
-        require_access_token(state().config.access_token, request.headers, request.args)
+def guard() -> Response | None:
+    endpoint = request.endpoint
+    if endpoint not in GUARDED:
+        return None
+    expected = state().config.access_token
+    if endpoint not in HTML_PAGES.values():
+        require_access_token(expected, request.headers, request.args, request.cookies)
+        return None
+    here = page_url(request.path, request.args.items(multi=True))
+    try:
+        source = require_access_token(expected, request.headers, request.args, request.cookies)
+    except Forbidden:
+        if not expected or not wants_html():
+            raise
+        if presented_access_token(request.headers, request.args)[0]:
+            return signin_form(here, "That access token is not valid.", 403)
+        if SESSION_COOKIE in request.cookies:
+            response = signin_form(
+                here, "Your sign-in has expired or the access token changed; sign in again."
+            )
+            _clear_cookie(response)
+            return response
+        return signin_form(here)
+    if source == QUERY:
+        return _signed_in(expected, here)  # the same page, the token out of the address bar
+    return None
 
 
 @bp.after_request
 def page_headers(response: Response) -> Response:
-    if request.endpoint in GUARDED:
+    if request.endpoint in THROTTLED or request.endpoint == SIGNOUT:
         response.headers["Cache-Control"] = "no-store"
-        response.headers["Referrer-Policy"] = "no-referrer"  # the token may be in the URL
+        # Nothing the pages link to learns where the operator came from (the page, its filters).
+        response.headers["Referrer-Policy"] = "no-referrer"
         response.headers["X-Content-Type-Options"] = "nosniff"
         if response.mimetype == "text/html":
             response.headers["Content-Security-Policy"] = HTML_CSP
     return response
+
+
+@bp.route("/signin", methods=["GET", "POST"])
+def signin():
+    target = local_page(request.form.get("next") if request.method == "POST" else request.args.get("next"))
+    expected = state().config.access_token
+    if not expected:
+        return signin_form(target, "The proxy has no ACCESS_TOKEN configured; the pages are disabled.", 403)
+    if request.method == "GET":
+        return signin_form(target, status=200)
+    token = request.form.get("access_token", "")
+    if not token:
+        return signin_form(target, "Enter the access token.", 403)
+    if not constant_time_equal(token, expected):
+        return signin_form(target, "That access token is not valid.", 403)
+    return _signed_in(expected, target)
+
+
+@bp.post("/signout")
+def signout():
+    response = redirect(url_for(SIGNIN), 303)
+    _clear_cookie(response)
+    return response
+
+
+def signin_form(target: str, error: str | None = None, status: int = 401) -> Response:
+    """The sign-in page, posting to `/signin` and then going on to `target` (a local page path)."""
+    html = render_template(
+        "signin.html",
+        action=url_for(SIGNIN),
+        next=target,
+        error=error,
+        hours=SESSION_MAX_AGE // 3600,
+        version=__version__,
+    )
+    response = Response(html, status=status, mimetype="text/html")
+    if status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="openai-proxy pages"'
+    return response
+
+
+def _signed_in(access_token: str, target: str) -> Response:
+    response = redirect(target, 303)
+    response.set_cookie(
+        SESSION_COOKIE,
+        session_cookie_value(access_token),
+        max_age=SESSION_MAX_AGE,
+        path="/",
+        secure=request.is_secure,
+        httponly=True,
+        samesite="Strict",
+    )
+    return response
+
+
+def _clear_cookie(response: Response) -> None:
+    response.delete_cookie(
+        SESSION_COOKIE, path="/", secure=request.is_secure, httponly=True, samesite="Strict"
+    )
+
+
+def wants_html() -> bool:
+    """A browser asks for text/html by name; scripts send no Accept or `*/*` and get JSON errors."""
+    return any(value == "text/html" and quality > 0 for value, quality in request.accept_mimetypes)
+
+
+def page_url(path: str, params: Iterable[tuple[str, str]]) -> str:
+    """`path` with its query parameters, minus any access_token."""
+    query = urlencode([(k, v) for k, v in params if k != "access_token"])
+    return f"{path}?{query}" if query else path
+
+
+def local_page(target: str | None) -> str:
+    """`target` when it is one of the HTML pages of this server (path and query), else `/log`.
+
+    Only a known path is ever redirected to, so no `next` can send a browser elsewhere (no open redirect).
+    """
+    default = "/log"
+    if not target or not target.startswith("/") or any(c in target for c in "\\\r\n\t"):
+        return default
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc or parts.path not in HTML_PAGES:
+        return default
+    return page_url(parts.path, parse_qsl(parts.query, keep_blank_values=True))
 
 
 @bp.get("/")
@@ -110,14 +238,13 @@ def _log_page(level: str, title: str) -> Response:
     except Exception as exc:
         error = f"The log store cannot be read: {type(exc).__name__}: {exc}"
         result = LogPage([], 0, empty_counters(), [])
-    token = {"access_token": request.args["access_token"]} if "access_token" in request.args else {}
     filters = {"status": request.args.get("status", "").strip(), "endpoint": where.endpoint,
                "request_id": where.request_id, "per_page": per_page if per_page != PER_PAGE else None}  # fmt: skip
     pages = max(1, -(-result.total // per_page))
 
     def here(page: int) -> str:
-        params = {**filters, **token, "page": page if page > 1 else None}
-        return f"{request.path}?{urlencode({k: v for k, v in params.items() if v})}"
+        params = {**filters, "page": page if page > 1 else None}
+        return page_url(request.path, [(k, str(v)) for k, v in params.items() if v])
 
     html = render_template(
         "log.html",
@@ -129,11 +256,12 @@ def _log_page(level: str, title: str) -> Response:
         pages=pages,
         newer=here(page - 1) if page > 1 else None,
         older=here(page + 1) if page < pages else None,
-        tabs=[(name, url_for(ep, **token), ep == request.endpoint) for name, ep in TABS],
-        clear=url_for(request.endpoint or "pages.log", **token),
+        tabs=[(name, url_for(ep), ep == request.endpoint) for name, ep in TABS],
+        clear=url_for(request.endpoint or "pages.log"),
+        signout=url_for(SIGNOUT),
         endpoints=result.endpoints,
         filters=filters,
-        hidden={**token, **({"per_page": per_page} if filters["per_page"] else {})},
+        hidden={"per_page": per_page} if filters["per_page"] else {},
         error=error,
         store=st.log_store.stats(),
         pid=os.getpid(),
