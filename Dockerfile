@@ -20,8 +20,10 @@ RUN useradd --system --uid 10001 --home-dir /srv/openai-proxy proxy \
 USER proxy
 
 EXPOSE 3002
-# `/` is unauthenticated, cheap and makes no upstream call.
+# `/ready` is public, cheap, makes no upstream call, and answers 503 once the server is draining.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-    CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/' % os.environ.get('PORT', '3002'), timeout=4)"
+    CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/ready' % os.environ.get('PORT', '3002'), timeout=4)"
+# In-flight requests get OPENAI_PROXY_GRACEFUL_TIMEOUT_S (60 s) after SIGTERM: stop with `docker stop -t 70`.
+STOPSIGNAL SIGTERM
 
 CMD ["gunicorn", "-c", "gunicorn.conf.py", "app.wsgi:app"]

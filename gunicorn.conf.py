@@ -1,17 +1,21 @@
 """gunicorn settings: gevent workers, bind from PORT, long requests, a runtime dir shared by workers.
 
-Settings come from the same place as the app's (environment, `.env.local`, `.env`).
+Settings come from the same place as the app's (environment, `.env.local`, `.env`). gunicorn runs this
+file in the master at start, and again on every SIGHUP (a reload) in the same master process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import tempfile
 
 from app.config import ConfigError, load_config
+from app.worker import clear_server_stopping, mark_server_stopping
 
 try:
     _config = load_config(warn=False)
@@ -20,10 +24,27 @@ except ConfigError as exc:
     # say which and stop, rather than start and fail every request.
     sys.exit(f"openai-proxy cannot start: {exc}")
 
-# One directory per server, shared by its workers (gate slots, the control socket). Created here,
-# in the master, so every worker inherits the path; removed when the server exits.
-_owned_runtime_dir = None if _config.runtime_dir else tempfile.mkdtemp(prefix="openai-proxy-")
-_runtime_dir = _config.runtime_dir or _owned_runtime_dir
+# One directory per server, shared by its workers (gate slots, Prometheus samples, the stop marker,
+# the control socket). Made here, in the master, so every worker inherits the path; removed when the
+# server exits if the proxy made it. A reload runs this file again: the master remembers in its
+# environment which directory it made ("<pid>:<path>"), so old and new workers share the same one and
+# it is still removed at exit, never one more per reload.
+_OWNED_VAR = "OPENAI_PROXY_OWNED_RUNTIME_DIR"
+
+
+def _choose_runtime_dir() -> tuple[str, bool]:
+    """(the directory, whether this server made it)."""
+    pid, _, made = os.environ.get(_OWNED_VAR, "").partition(":")
+    if pid == str(os.getpid()) and made == _config.runtime_dir and os.path.isdir(made):
+        return made, True  # a reload of the master that made it
+    if _config.runtime_dir:
+        return _config.runtime_dir, False
+    made = tempfile.mkdtemp(prefix="openai-proxy-")
+    os.environ[_OWNED_VAR] = f"{os.getpid()}:{made}"
+    return made, True
+
+
+_runtime_dir, _owns_runtime_dir = _choose_runtime_dir()
 os.makedirs(_runtime_dir, exist_ok=True)
 os.environ["OPENAI_PROXY_RUNTIME_DIR"] = _runtime_dir
 # Prometheus multiprocess mode: each worker writes its samples under this directory and any worker
@@ -33,18 +54,24 @@ _metrics_dir = os.path.join(_runtime_dir, "metrics")
 os.makedirs(_metrics_dir, exist_ok=True)
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
 
+# `gunicorn -c gunicorn.conf.py` alone serves the proxy; an app named on the command line still wins.
+wsgi_app = "app.wsgi:app"
+# `-b`/`--bind` on the command line wins over this; when_ready logs what is really bound.
 bind = f"0.0.0.0:{_config.port}"
-worker_class = "gevent"
+# gunicorn's gevent worker, plus: `/ready` turns 503 and idle connections close as soon as the server
+# is told to stop, `OPENAI_PROXY_DRAIN_DELAY_S`, and JSON instead of gunicorn's HTML error pages.
+worker_class = "app.worker.ProxyWorker"
 workers = _config.workers or multiprocessing.cpu_count()
 # Concurrent connections per worker (streams included); the gate bounds upstream work separately.
 worker_connections = 2000
 # gevent workers heartbeat from their own greenlet, so this only fires for a truly stuck worker;
 # long upstream calls and 15-minute streams are not affected by it.
 timeout = 30
-# On SIGTERM, in-flight requests and streams get this long to finish before workers are killed.
+# On SIGTERM, in-flight requests and streams get this long to finish (the drain delay included)
+# before workers are killed; counted from the signal, by the master and by each worker.
 graceful_timeout = _config.graceful_timeout_s
-# Idle keep-alive connections are held this long; a graceful stop waits for them too, so it stays
-# short. Behind a load balancer that reuses connections, set it above the balancer's idle timeout.
+# Idle keep-alive connections are held this long (a stop closes them at once). Behind a load balancer
+# that reuses connections, set it above the balancer's idle timeout.
 keepalive = _config.keepalive_s
 accesslog = None
 errorlog = "-"
@@ -60,21 +87,51 @@ def on_starting(server):
     for message in _config.warnings:
         server.log.warning("CONFIG WARNING: %s", message)
     os.environ["OPENAI_PROXY_CONFIG_REPORTED"] = "1"
-    # Samples of an earlier server in the same runtime dir would be summed into this one's.
+    # Samples of an earlier server in the same runtime dir would be summed into this one's, and its
+    # stop marker would make this one look like it is stopping.
     shutil.rmtree(_metrics_dir, ignore_errors=True)
     os.makedirs(_metrics_dir, exist_ok=True)
+    clear_server_stopping(_runtime_dir)
+
+
+def when_ready(server):
+    # The listeners exist now: log what is really bound (`-b` on the command line wins over `bind`).
     server.log.info(
-        "openai-proxy on %s: %d gevent workers, max %d parallel upstream requests server-wide (runtime dir %s)",
-        bind,
-        workers,
+        "openai-proxy listening on %s with %d gevent workers, max %d parallel upstream requests "
+        "server-wide (runtime dir %s)",
+        ", ".join(str(listener) for listener in server.LISTENERS),
+        server.cfg.workers,
         _config.max_parallel_requests,
         _runtime_dir,
     )
+    # The arbiter's SIGTERM handler only queues the signal; the stop marker goes down first, in the
+    # handler itself, so `/ready` says 503 before any worker or listener is touched. Installed here
+    # because the arbiter sets its handlers after on_starting; a reload does not reinstall them.
+    queue_signal = signal.getsignal(signal.SIGTERM)
+    runtime_dir = _runtime_dir
+
+    def on_sigterm(signum, frame):
+        # No logging in a signal handler (gunicorn's rule too); the directory lives as long as the server.
+        with contextlib.suppress(OSError):
+            mark_server_stopping(runtime_dir)
+        queue_signal(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def pre_exec(server):
+    # SIGUSR2 starts a new master from the environment gunicorn saved; a directory this master made (and
+    # removes when it exits) must not be handed to it: the new master makes its own.
+    if _owns_runtime_dir:
+        for name in (_OWNED_VAR, "OPENAI_PROXY_RUNTIME_DIR", "PROMETHEUS_MULTIPROC_DIR"):
+            server.cfg.env_orig.pop(name, None)
 
 
 def on_exit(server):
-    if _owned_runtime_dir:
-        shutil.rmtree(_owned_runtime_dir, ignore_errors=True)
+    if _owns_runtime_dir:
+        shutil.rmtree(_runtime_dir, ignore_errors=True)
+    else:
+        clear_server_stopping(_runtime_dir)
 
 
 def worker_exit(server, worker):

@@ -42,6 +42,7 @@ class Config:
     sse_keepalive_interval_ms: int = 15_000
     max_body_bytes: int = 20 * MIB
     max_audio_bytes: int = 25 * MIB
+    upload_idle_timeout_s: int = 30
     max_response_bytes: int = 128 * MIB
     max_sse_event_bytes: int = 16 * MIB
     runtime_dir: str | None = None
@@ -49,6 +50,7 @@ class Config:
     ca_bundle: str | None = None
     workers: int = 0
     graceful_timeout_s: int = 60
+    drain_delay_s: float = 0.0
     keepalive_s: int = 5
     log_db: str = "var/openai-proxy.sqlite3"
     log_retention: int = 10_000
@@ -106,6 +108,7 @@ _INT_VARS = {
     "OPENAI_PROXY_SSE_KEEPALIVE_INTERVAL_MS": "sse_keepalive_interval_ms",
     "OPENAI_PROXY_MAX_BODY_BYTES": "max_body_bytes",
     "OPENAI_PROXY_MAX_AUDIO_BYTES": "max_audio_bytes",
+    "OPENAI_PROXY_UPLOAD_IDLE_TIMEOUT_S": "upload_idle_timeout_s",
     "OPENAI_PROXY_MAX_RESPONSE_BYTES": "max_response_bytes",
     "OPENAI_PROXY_MAX_SSE_EVENT_BYTES": "max_sse_event_bytes",
     "OPENAI_PROXY_WORKERS": "workers",
@@ -193,6 +196,46 @@ def outbound_proxy(values: Mapping[str, str], base_url: str) -> str | None:
     return f"http://{netloc}"
 
 
+_URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _log_db(raw: str) -> str:
+    """OPENAI_PROXY_LOG_DB: a SQLite file path. A URL stops the server rather than become a folder
+    named like `postgresql:` in the working directory."""
+    url = _URL_SCHEME.match(raw)
+    if url is None:
+        return raw
+    scheme, shown = url.group(0)[:-3].lower(), _without_userinfo(raw)
+    if scheme.partition("+")[0] in ("postgresql", "postgres"):
+        raise ConfigError(
+            f"OPENAI_PROXY_LOG_DB={shown!r}: PostgreSQL is not supported yet; "
+            "use a SQLite file path such as var/openai-proxy.sqlite3"
+        )
+    raise ConfigError(
+        f"OPENAI_PROXY_LOG_DB={shown!r} is a {scheme}:// URL, not a file path; only a SQLite file path "
+        "such as var/openai-proxy.sqlite3 is supported"
+    )
+
+
+def _drain_delay(values: Mapping[str, str], graceful_timeout_s: int, warnings: list[str]) -> float:
+    """OPENAI_PROXY_DRAIN_DELAY_S: seconds (fractions too) >= 0 and below the graceful timeout, which
+    it is part of; anything else is 0 with a warning."""
+    raw = (values.get("OPENAI_PROXY_DRAIN_DELAY_S") or "").strip()
+    if not raw:
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if 0 <= value < graceful_timeout_s:
+        return value
+    warnings.append(
+        f"OPENAI_PROXY_DRAIN_DELAY_S={raw!r} is not a number of seconds >= 0 and below "
+        f"OPENAI_PROXY_GRACEFUL_TIMEOUT_S ({graceful_timeout_s}); using 0"
+    )
+    return 0.0
+
+
 def read_environment(
     environ: Mapping[str, str] | None = None, directory: str | os.PathLike[str] | None = None
 ) -> dict[str, str]:
@@ -243,6 +286,9 @@ def build_config(values: Mapping[str, str]) -> Config:
     ca_bundle = kwargs.get("ca_bundle")
     if isinstance(ca_bundle, str) and not os.path.isfile(ca_bundle):
         raise ConfigError(f"OPENAI_PROXY_CA_BUNDLE / SSL_CERT_FILE: no such PEM file {ca_bundle!r}")
+    log_db = kwargs.get("log_db")
+    if isinstance(log_db, str):
+        kwargs["log_db"] = _log_db(log_db)
     for attr, var in _RATE_LIMIT_VARS.items():
         raw = kwargs.get(attr)
         if isinstance(raw, str) and not is_rate_limit(raw):
@@ -253,6 +299,8 @@ def build_config(values: Mapping[str, str]) -> Config:
             del kwargs[attr]
 
     config = Config(**kwargs)  # type: ignore[arg-type]
+    drain_delay_s = _drain_delay(values, config.graceful_timeout_s, warnings)
+    config = dataclasses.replace(config, drain_delay_s=drain_delay_s)
     if config.upstream_max_timeout_ms < config.upstream_timeout_ms:
         warnings.append(
             f"OPENAI_PROXY_UPSTREAM_MAX_TIMEOUT_MS ({config.upstream_max_timeout_ms}) is below the default "

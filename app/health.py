@@ -58,13 +58,16 @@ def _uptime(st: ProxyState) -> dict[str, Any]:
 
 
 def liveness(st: ProxyState) -> dict[str, Any]:
-    """Ready means API routes can serve (a key is configured); a log store problem only degrades."""
+    """Ready means API routes can serve (a key is configured); a log store problem only degrades; a
+    server told to stop is draining and not ready (in-flight work finishes, `/ready` says 503)."""
     config = st.config
     store_error = st.log_store.check_writable()
-    ready = bool(config.security_key)
+    draining = st.draining()
+    ready = bool(config.security_key) and not draining
     return {
-        "status": "ok" if ready and store_error is None else "degraded",
+        "status": "draining" if draining else "ok" if ready and store_error is None else "degraded",
         "ready": ready,
+        "draining": draining,
         **_uptime(st),
         "config": {
             "loaded": True,
@@ -146,7 +149,7 @@ def retries_per_route(app: Flask) -> dict[str, int]:
     """`"METHOD /path": retries` for every API route the app serves."""
     out: dict[str, int] = {}
     for rule in app.url_map.iter_rules():
-        if rule.endpoint.startswith(("pages.", "static")):
+        if rule.endpoint.startswith(("pages.", "ready.", "static")):
             continue
         path = _CONVERTER.sub(r"<\1>", rule.rule)
         for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):

@@ -15,6 +15,7 @@ from app.gate import Gate
 from app.logstore import LogStore
 from app.metrics import Metrics
 from app.upstream import Upstream
+from app.worker import server_stopping
 
 
 @dataclass
@@ -28,6 +29,10 @@ class ProxyState:
     metrics: Metrics
     limiter: Limiter | None = None
     started_at: float = field(default_factory=time.time)
+
+    def draining(self) -> bool:
+        """Whether the server was told to stop (SIGTERM): in-flight work finishes, new work goes elsewhere."""
+        return server_stopping(self.runtime_dir)
 
 
 def state() -> ProxyState:

@@ -1,4 +1,4 @@
-"""One blueprint per OpenAI resource, plus the operator pages."""
+"""One blueprint per OpenAI resource, plus the operator pages and the balancer's `/ready`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from flask import Flask
 
 
 def register_blueprints(app: Flask) -> None:
-    from app.routes import audio, chat, embeddings, pages, responses, v1
+    from app.routes import audio, chat, embeddings, pages, ready, responses, v1
 
-    for module in (pages, chat, responses, embeddings, audio, v1):
+    for module in (pages, ready, chat, responses, embeddings, audio, v1):
         app.register_blueprint(module.bp)
