@@ -12,7 +12,7 @@ from typing import Any, TextIO
 
 from app.context import RequestRecord
 from app.jsonio import dumps_text
-from app.redact import redact, redact_text
+from app.redact import end_of_request, redact, redact_text
 
 log = logging.getLogger("openai_proxy.completion")
 
@@ -23,7 +23,8 @@ def build_entry(record: RequestRecord) -> dict[str, Any]:
     """The record as a flat, redacted dict (the shape stored and printed).
 
     Only the fields that carry text from outside (the client, upstream) can hold a secret, so only
-    they go through redaction; the rest are our own ids, numbers and route templates.
+    they go through redaction; the rest are our own ids, numbers and route templates. Redaction masks
+    the configured secrets and the request's own override key by value (`app.redact`).
     """
     timeout = record.timeout
     upstream_ms = record.upstream_ms()
@@ -64,7 +65,10 @@ class CompletionLog:
         if record.finished:
             return None
         record.finished = True
-        entry = build_entry(record)
+        try:
+            entry = build_entry(record)
+        finally:
+            end_of_request()  # the request's own secrets were needed up to here, and not after
         out = self._stream or sys.stdout
         try:
             out.write(dumps_text(entry) + "\n")

@@ -1,8 +1,9 @@
 """Errors: the ProxyError tree, classification of upstream failures, and the two JSON shapes.
 
     ProxyError (500 internal_error)
-    ├── BadRequest 400 · Unauthorized 401 · Forbidden 403 · NotFound 404 · PayloadTooLarge 413
-    ├── RateLimited 429 · Overloaded 503 (+ Retry-After) · ClientCancelled 499 (nothing is sent)
+    ├── BadRequest 400 · Unauthorized 401 · Forbidden 403 · NotFound 404 · RequestTimeout 408
+    ├── PayloadTooLarge 413 · RateLimited 429 · Overloaded 503 (+ Retry-After)
+    ├── ClientCancelled 499 (nothing is sent)
     ├── UpstreamAPIError (upstream's status) · UpstreamBadResponse 502 · UpstreamTransport 502
     ├── UpstreamTimeout 504
     └── Internal 500
@@ -101,6 +102,13 @@ class Forbidden(ProxyError):
 
 class NotFound(ProxyError):
     status, type, code, result = 404, "not_found", "OPENAI_PROXY_NOT_FOUND", "not_found"
+
+
+class RequestTimeout(ProxyError):
+    """The client stopped sending its body (a streamed upload holds a gate slot while it arrives)."""
+
+    status, type, code, result = 408, "request_timeout", "OPENAI_PROXY_REQUEST_TIMEOUT", "request_timeout"
+    openai_type = "invalid_request_error"
 
 
 class PayloadTooLarge(ProxyError):

@@ -7,6 +7,8 @@ import os
 import re
 import tempfile
 import time
+import weakref
+from urllib.parse import unquote, urlsplit
 
 from flask import Flask, Response, g, request
 from flask_cors import CORS
@@ -19,7 +21,7 @@ from app.context import RequestRecord, new_request_id
 from app.gate import Gate
 from app.logstore import LogStore
 from app.metrics import Metrics
-from app.redact import redact_text
+from app.redact import SECRETS, WHOLE_WORD_BELOW, redact_text
 from app.state import ProxyState
 from app.upstream import Upstream
 
@@ -58,6 +60,7 @@ def build_app(config: Config | None = None) -> Flask:
     app.url_map.merge_slashes = False
     app.url_map.redirect_defaults = False
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    _register_secrets(app, config)
 
     runtime_dir = _runtime_dir(config)
     gate = Gate(os.path.join(runtime_dir, "gate.slots"), config.max_parallel_requests)
@@ -95,8 +98,42 @@ def build_app(config: Config | None = None) -> Flask:
     return app
 
 
+def configured_secrets(config: Config) -> dict[str, str]:
+    """The configured secrets by where they come from (keys, tokens, passwords inside URLs)."""
+    found = {
+        "OPENAI_API_KEY": config.openai_api_key,
+        "SECURITY_KEY": config.security_key,
+        "ACCESS_TOKEN": config.access_token,
+    }
+    for name, url in (
+        ("the outbound proxy URL", config.outbound_proxy),
+        ("OPENAI_PROXY_RATELIMIT_STORAGE_URI", config.ratelimit_storage_uri),
+    ):
+        password = urlsplit(url).password if url and "@" in url else None
+        found[f"the password in {name}"] = unquote(password) if password else None
+    return {name: value for name, value in found.items() if value}
+
+
+def _register_secrets(app: Flask, config: Config) -> None:
+    """Mask the configured secrets by value wherever they would leave the process, while `app` lives
+    (a test may build several apps in one process; the log handlers are shared)."""
+    secrets = configured_secrets(config)
+    for name, value in secrets.items():
+        if len(value) < WHOLE_WORD_BELOW:
+            log.warning(
+                "CONFIG WARNING: %s is only %d characters long; it is masked in logs, pages and error "
+                "messages only where it stands alone, not inside longer words. Use a long random value.",
+                name,
+                len(value),
+            )
+    group = ("config", id(app))
+    SECRETS.replace(group, secrets.values())
+    weakref.finalize(app, SECRETS.replace, group, ())
+
+
 class RedactingFormatter(logging.Formatter):
-    """Log lines (tracebacks included) pass through redaction before they leave the process."""
+    """Log lines (tracebacks included) pass through redaction before they leave the process: known
+    secret values (`app.redact.SECRETS`, and the current request's own key) and secret shapes."""
 
     def format(self, record: logging.LogRecord) -> str:
         return redact_text(super().format(record))

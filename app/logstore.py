@@ -25,6 +25,7 @@ from gevent.threadpool import ThreadPool
 
 from app import logdb
 from app.logdb import LogFilter, LogPage, Queued
+from app.redact import redact
 
 log = logging.getLogger("openai_proxy.logstore")
 
@@ -155,8 +156,14 @@ class LogStore:
 
     # -- reads (pages, /health) ---------------------------------------------------------------------
     def page(self, level: str, where: LogFilter, page: int, per_page: int) -> LogPage:
-        """Records of one level, newest first, with the counters and the endpoints seen."""
-        return self._call(lambda: logdb.read_page(self._connect(), level, where, page, per_page))
+        """Records of one level, newest first, with the counters and the endpoints seen.
+
+        Records are stored redacted; they are masked once more on the way out, with the secrets known
+        now, since rows written by an older version of the proxy may still hold one in clear.
+        """
+        result = self._call(lambda: logdb.read_page(self._connect(), level, where, page, per_page))
+        result.records = redact(result.records)
+        return result
 
     def check_writable(self) -> str | None:
         """None when this worker can take the database's write lock right now, else why not."""

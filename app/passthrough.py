@@ -15,12 +15,14 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote_plus
 
+import gevent
 from flask import request
+from werkzeug.exceptions import ClientDisconnected
 
 from app import jsonio
 from app.auth import bearer_token, constant_time_equal
 from app.context import RequestRecord, TimeoutDecision
-from app.errors import BadRequest, Forbidden, PayloadTooLarge, Unauthorized
+from app.errors import BadRequest, ClientCancelled, Forbidden, PayloadTooLarge, RequestTimeout, Unauthorized
 from app.redact import redact_text
 from app.state import state
 from app.upstream import Credentials, UpstreamCall
@@ -186,19 +188,44 @@ def chat_body(req: PassthroughRequest, body: dict[str, Any]) -> None:
 
 
 def streamed_body(limit: int | None) -> tuple[Iterator[bytes], int | None]:
-    """The client's body as it arrives (never whole in memory); `limit` bytes at most, else 413."""
+    """The client's body as it arrives (never whole in memory); `limit` bytes at most, else 413.
+
+    It is read while a gate slot is held, so a client that stalls longer than the upload idle timeout
+    between two pieces gets 408 (the upstream call is dropped, the slot comes back). A client that
+    goes away mid-body is ClientCancelled, never mistaken for upstream failing to take the body.
+    """
     length = request.content_length
     if limit is not None and length is not None and length > limit:
         raise PayloadTooLarge(f"Request body exceeds the {limit}-byte limit")
     # The relay has no size limit of its own (None would mean "the app default" to Flask).
     request.max_content_length = limit if limit is not None else sys.maxsize
     stream = request.stream
+    idle_s = state().config.upload_idle_timeout_s
+
+    def read() -> bytes:
+        timer = gevent.Timeout.start_new(idle_s)
+        try:
+            return stream.read(CHUNK)
+        except gevent.Timeout as exc:
+            if exc is not timer:
+                raise
+            raise RequestTimeout(f"The request body stalled: nothing arrived for {idle_s} s") from None
+        except (OSError, ClientDisconnected):
+            # Raised as an OSError (a reset, gunicorn's NoMoreData), the client's failure would reach the
+            # upstream client's send, which takes a reset for upstream answering early and waits for it.
+            raise ClientCancelled("The client went away while sending the request body") from None
+        finally:
+            timer.close()
 
     def chunks() -> Iterator[bytes]:
         sent = 0
         while True:
-            chunk = stream.read(CHUNK)
+            chunk = read()
             if not chunk:
+                # gunicorn ends `wsgi.input` quietly when the client closes early: upstream would
+                # wait for the missing bytes, and the call for its response, while the slot is held.
+                if length is not None and sent < length:
+                    raise ClientCancelled("The client went away while sending the request body")
                 return
             sent += len(chunk)
             if limit is not None and sent > limit:

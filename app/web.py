@@ -19,6 +19,7 @@ from app.auth import provided_security_key, require_security_key
 from app.context import RequestRecord, TimeoutDecision
 from app.errors import BadRequest, PayloadTooLarge, ProxyError
 from app.multipart import Spool, read_limited_form
+from app.redact import mask_in_this_request
 from app.state import state
 from app.upstream import Credentials
 from app.validation import header_value
@@ -107,7 +108,10 @@ def authorize(*sources: Mapping[str, Any]) -> Credentials:
     """Check the security key and resolve the per-request upstream credentials."""
     st = state()
     require_security_key(st.config.security_key, provided_security_key(request.headers, *sources))
-    return st.upstream.credentials(*(_override(sources, name) for name in OVERRIDE_FIELDS))
+    api_key, project, organization = (_override(sources, name) for name in OVERRIDE_FIELDS)
+    # Upstream may echo the key back ("Incorrect API key provided: ..."), whatever it looks like.
+    mask_in_this_request(api_key)
+    return st.upstream.credentials(api_key, project, organization)
 
 
 def _timeout_from(*sources: Mapping[str, Any]) -> TimeoutDecision:

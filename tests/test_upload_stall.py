@@ -1,0 +1,182 @@
+"""A client that stalls while sending its body cannot hold the gate: streamed `/v1` uploads time out
+(408) and give their slot back; routes that read the body first never take a slot for it."""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import time
+
+import pytest
+import requests
+
+from tests.conftest import ACCESS_TOKEN, SECURITY_KEY
+from tests.fake_upstream import error
+from tests.logpage import CHAT, CLOSE
+
+pytestmark = pytest.mark.gunicorn
+
+PAGES = {"Authorization": f"Bearer {ACCESS_TOKEN}", **CLOSE}
+DECLARED = 100_000  # Content-Length the stalling clients announce
+SAFETY_S = 15  # only a bound for a broken proxy; nothing here is timed
+
+
+def open_upload(server, path: str, trace_id: str, content_type: str, first_bytes: bytes,
+                headers: str = f"Authorization: Bearer {SECURITY_KEY}\r\n") -> socket.socket:  # fmt: skip
+    """A raw client that sends a request head announcing DECLARED bytes, then only `first_bytes`."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=SAFETY_S)
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}Content-Type: {content_type}\r\n"
+        f"Content-Length: {DECLARED}\r\nX-Request-Id: {trace_id}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + first_bytes)
+    return sock
+
+
+def open_file_upload(server, trace_id: str, path: str = "/v1/files") -> socket.socket:
+    part = b'--x\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nassistants\r\n'
+    return open_upload(server, path, trace_id, "multipart/form-data; boundary=x", part)
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers and body of one HTTP/1.1 response with a Content-Length."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before a response: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    while len(body) < int(headers.get("content-length", "0")):
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed in the middle of the body"
+        body += chunk
+    return int(lines[0].split(" ")[1]), headers, body
+
+
+def gate_in_use(server) -> int:
+    r = requests.get(server.url + "/health", headers=PAGES, timeout=SAFETY_S)
+    assert r.status_code == 200
+    return r.json()["gate"]["inUse"]
+
+
+def in_flight(server) -> float:
+    text = requests.get(server.url + "/metrics", headers=PAGES, timeout=SAFETY_S).text
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("openai_proxy_requests_in_flight")
+    )
+
+
+def wait_until(condition, what: str) -> None:
+    deadline = time.monotonic() + SAFETY_S
+    while not condition():
+        assert time.monotonic() < deadline, f"still waiting for {what}"
+        time.sleep(0.05)
+
+
+def record_of(server, trace_id: str) -> dict:
+    found: list[dict] = []
+
+    def seen() -> bool:
+        for line in server.log_text().splitlines():
+            if line.startswith('{"event":"completion"') and trace_id in line:
+                entry = json.loads(line)
+                if entry["incomingRequestId"] == trace_id:
+                    found.append(entry)
+                    return True
+        return False
+
+    wait_until(seen, f"the completion record of {trace_id}")
+    return found[0]
+
+
+def chat_ok(server) -> int:
+    return requests.post(server.url + "/openai", json=CHAT, headers=CLOSE, timeout=SAFETY_S).status_code
+
+
+@pytest.mark.parametrize("path", ["/v1/files", "/v1/audio/transcriptions"])
+def test_stalled_v1_uploads_get_408_and_give_their_slots_back(gunicorn_server, fake, path):
+    server = gunicorn_server(
+        workers=1, OPENAI_PROXY_MAX_PARALLEL_REQUESTS="2", OPENAI_PROXY_UPLOAD_IDLE_TIMEOUT_S="1"
+    )
+    # Upstream answers once it has the body (which never comes whole here).
+    fake.push("POST", path, error(400, "incomplete body"), times=2)
+    clients = [open_file_upload(server, f"stall-{i}", path) for i in range(2)]
+    try:
+        answers = [read_response(sock) for sock in clients]
+    finally:
+        for sock in clients:
+            sock.close()
+
+    for status, headers, body in answers:
+        assert status == 408
+        assert headers["content-type"] == "application/json"
+        err = json.loads(body)["error"]
+        assert err["type"] == "invalid_request_error" and err["code"] == "OPENAI_PROXY_REQUEST_TIMEOUT"
+        assert err["message"].startswith("The request body stalled: nothing arrived for 1 s")
+        assert err["param"] is None
+    assert chat_ok(server) == 200
+    assert gate_in_use(server) == 0
+    for i in range(2):
+        record = record_of(server, f"stall-{i}")
+        assert (record["status"], record["result"]) == (408, "request_timeout")
+    # Upstream saw each upload begin and then its connection end, short of the announced length.
+    wait_until(lambda: fake.count(path) == 2, "both uploads to reach upstream")
+    assert all(len(req.body) < DECLARED for req in fake.matching(path))
+
+
+@pytest.mark.parametrize("how", ["close", "reset"])
+def test_v1_upload_whose_client_goes_away_is_cancelled_and_frees_its_slot(gunicorn_server, fake, how):
+    server = gunicorn_server(workers=1, OPENAI_PROXY_MAX_PARALLEL_REQUESTS="1")
+    fake.push("POST", "/v1/files", error(400, "incomplete body"))
+    sock = open_file_upload(server, f"gone-{how}")
+    wait_until(lambda: gate_in_use(server) == 1, "the upload to take its slot")
+    # More body while the call is under way: the proxy is then reading the body when the client goes.
+    sock.sendall(b"x" * 1000)
+    time.sleep(0.2)
+    if how == "reset":  # RST instead of FIN: the proxy's read of the body fails with ECONNRESET
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+    record = record_of(server, f"gone-{how}")
+    assert (record["status"], record["result"], record["cancelled"]) == (499, "client_cancelled", True)
+    assert gate_in_use(server) == 0
+    assert chat_ok(server) == 200
+
+
+def test_routes_that_read_the_body_first_hold_no_slot_while_it_stalls(gunicorn_server, fake):
+    server = gunicorn_server(
+        workers=1, OPENAI_PROXY_MAX_PARALLEL_REQUESTS="1", OPENAI_PROXY_UPLOAD_IDLE_TIMEOUT_S="1"
+    )
+    audio_part = (
+        f'--x\r\nContent-Disposition: form-data; name="security_key"\r\n\r\n{SECURITY_KEY}\r\n'
+        '--x\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+        "Content-Type: audio/wav\r\n\r\nRIFF"
+    ).encode()
+    clients = [
+        open_upload(server, "/openai", "json", "application/json", b'{"security_key": "', headers=""),
+        open_upload(
+            server,
+            "/openai/audio/transcriptions",
+            "audio",
+            "multipart/form-data; boundary=x",
+            audio_part,
+            headers="",
+        ),
+        open_upload(server, "/v1/chat/completions", "v1-json", "application/json", b'{"model": "'),
+    ]
+    try:
+        # All three are being served (their bodies are being read), none holds the one slot, and a
+        # stall past the upload idle timeout does not matter to them: they cost no slot.
+        wait_until(lambda: in_flight(server) >= 3, "the stalled requests to be in flight")
+        time.sleep(1.5)
+        assert gate_in_use(server) == 0
+        assert chat_ok(server) == 200
+        assert chat_ok(server) == 200
+    finally:
+        for sock in clients:
+            sock.close()
