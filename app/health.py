@@ -21,7 +21,7 @@ from app import __version__, jsonio, pipeline
 from app.context import RequestRecord, TimeoutDecision
 from app.errors import ProxyError
 from app.state import ProxyState
-from app.upstream import CONNECT_TIMEOUT_S, JSON_HEADERS, READ_MARGIN_S, RETRIES_IDEMPOTENT, UpstreamCall
+from app.upstream import CONNECT_TIMEOUT_S, JSON_HEADERS, RETRIES_IDEMPOTENT, UpstreamCall
 
 # One output token of DEFAULT_MODEL: enough to prove the key, the network and the model work.
 HEALTH2_MAX_TOKENS = 1
@@ -125,8 +125,9 @@ def runtime_info(st: ProxyState, app: Flask) -> dict[str, Any]:
             "maxMs": config.effective_max_timeout_ms,
             "meaning": "wait for upstream response headers, per attempt",
             "connectS": CONNECT_TIMEOUT_S,
-            "readS": config.effective_max_timeout_ms / 1000.0 + READ_MARGIN_S,
-            "writeS": READ_MARGIN_S + config.effective_max_timeout_ms / 1000.0,
+            # One socket bound for reads mid-body and for a streamed upload upstream stops taking.
+            "readS": st.upstream.settings.read_timeout,
+            "writeS": st.upstream.settings.read_timeout,
             "sseKeepaliveMs": config.sse_keepalive_interval_ms,
         },
         "limits": {
