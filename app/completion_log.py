@@ -33,6 +33,7 @@ def build_entry(record: RequestRecord) -> dict[str, Any]:
         "requestId": record.request_id,
         "incomingRequestId": redact_text(record.incoming_request_id),
         "upstreamRequestId": redact_text(record.upstream_request_id),
+        "client": record.client,
         "endpoint": record.endpoint,
         "method": record.method,
         "model": redact_text(record.model),
@@ -48,6 +49,7 @@ def build_entry(record: RequestRecord) -> dict[str, Any]:
         "overloaded": record.overloaded,
         "cancelled": record.cancelled,
         "usage": record.usage,
+        "attempts": record.attempts or None,
         "error": redact(record.error) if record.error else None,
         "pid": os.getpid(),
     }

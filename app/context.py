@@ -51,6 +51,12 @@ class RequestRecord:
     overloaded: bool = False
     cancelled: bool = False
     usage: dict[str, int] | None = None
+    # Who sent it: the client's configured name (`default` for SECURITY_KEY); never its key.
+    client: str | None = None
+    # The model upstream says it used (a dated snapshot), when its answer or final event names one.
+    upstream_model: str | None = None
+    # Each upstream attempt made through the key pool: {"key": <key name>, "outcome": ...}.
+    attempts: list[dict[str, Any]] = field(default_factory=list)
     status: int | None = None
     result: str | None = None
     error: dict[str, Any] | None = None
