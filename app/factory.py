@@ -21,6 +21,7 @@ from app.context import RequestRecord, new_request_id
 from app.gate import Gate
 from app.logstore import LogStore
 from app.metrics import Metrics
+from app.prices import load_prices
 from app.redact import SECRETS, WHOLE_WORD_BELOW, redact_text
 from app.state import ProxyState
 from app.upstream import Upstream
@@ -64,14 +65,15 @@ def build_app(config: Config | None = None) -> Flask:
 
     runtime_dir = _runtime_dir(config)
     gate = Gate(os.path.join(runtime_dir, "gate.slots"), config.max_parallel_requests)
+    prices = load_prices(config.prices_file)
     st = app.extensions["openai_proxy"] = ProxyState(
         config=config,
         upstream=Upstream(config),
         gate=gate,
-        completion_log=CompletionLog(),
+        completion_log=CompletionLog(prices=prices),
         runtime_dir=runtime_dir,
         log_store=LogStore(config.log_db, config.log_retention),
-        metrics=Metrics(runtime_dir, gate),
+        metrics=Metrics(runtime_dir, gate, prices),
     )
     # Observability hangs off the existing hooks: finished requests, retries, new parallel peaks.
     st.completion_log.sinks += [st.log_store.append, st.metrics.observe]
