@@ -56,6 +56,7 @@ def build_app(config: Config | None = None) -> Flask:
     _configure_logging()
     # Under gunicorn the master has already said what is missing; workers need not repeat it.
     config = config or load_config(warn=not os.environ.get("OPENAI_PROXY_CONFIG_REPORTED"))
+    prices = load_prices(config.prices_file)  # before anything is made: a bad file stops here
     app = Flask(__name__)
     app.url_map.converters["rid"] = ResponseIdConverter
     app.url_map.merge_slashes = False
@@ -65,7 +66,6 @@ def build_app(config: Config | None = None) -> Flask:
 
     runtime_dir = _runtime_dir(config)
     gate = Gate(os.path.join(runtime_dir, "gate.slots"), config.max_parallel_requests)
-    prices = load_prices(config.prices_file)
     st = app.extensions["openai_proxy"] = ProxyState(
         config=config,
         upstream=Upstream(config),
