@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
 
@@ -248,7 +249,7 @@ def test_an_unreadable_price_file_is_named(tmp_path):
 def test_gunicorn_refuses_to_start_with_a_bad_price_file(fake, tmp_path):
     path = tmp_path / "prices.toml"
     path.write_text('[models."gpt-4o"]\ninput = 1\noutptu = 2\n')
-    env = {**base_env(fake, OPENAI_PROXY_PRICES_FILE=str(path)), "PATH": "/usr/bin:/bin"}
+    env = {**base_env(fake, OPENAI_PROXY_PRICES_FILE=str(path)), "PATH": os.environ.get("PATH", "")}
     done = subprocess.run(
         [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app.wsgi:app"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
