@@ -12,6 +12,7 @@ from typing import Any, TextIO
 
 from app.context import RequestRecord
 from app.jsonio import dumps_text
+from app.prices import PriceTable
 from app.redact import end_of_request, redact, redact_text
 
 log = logging.getLogger("openai_proxy.completion")
@@ -19,7 +20,7 @@ log = logging.getLogger("openai_proxy.completion")
 Sink = Callable[[dict[str, Any]], None]
 
 
-def build_entry(record: RequestRecord) -> dict[str, Any]:
+def build_entry(record: RequestRecord, prices: PriceTable | None = None) -> dict[str, Any]:
     """The record as a flat, redacted dict (the shape stored and printed).
 
     Only the fields that carry text from outside (the client, upstream) can hold a secret, so only
@@ -37,6 +38,7 @@ def build_entry(record: RequestRecord) -> dict[str, Any]:
         "endpoint": record.endpoint,
         "method": record.method,
         "model": redact_text(record.model),
+        "upstreamModel": redact_text(record.upstream_model),
         "stream": record.stream,
         "timeoutMs": timeout.ms if timeout else None,
         "timeoutSource": timeout.source if timeout else None,
@@ -49,6 +51,7 @@ def build_entry(record: RequestRecord) -> dict[str, Any]:
         "overloaded": record.overloaded,
         "cancelled": record.cancelled,
         "usage": record.usage,
+        "costUsd": cost_usd(record, prices),
         "attempts": record.attempts or None,
         "error": redact(record.error) if record.error else None,
         "pid": os.getpid(),
@@ -56,11 +59,22 @@ def build_entry(record: RequestRecord) -> dict[str, Any]:
     return entry
 
 
+def cost_usd(record: RequestRecord, prices: PriceTable | None) -> float | None:
+    """What the request cost at the model upstream says it used (else the one asked for); None when
+    that model has no price or upstream reported no usage. A re-read costs nothing (`billable`)."""
+    if prices is None or not record.usage:
+        return None
+    if not record.billable:
+        return 0.0
+    return prices.cost_usd(record.upstream_model or record.model, record.usage)
+
+
 class CompletionLog:
     """Emits each finished request once: a stdout line, then the registered sinks (store, metrics)."""
 
-    def __init__(self, stream: TextIO | None = None) -> None:
+    def __init__(self, stream: TextIO | None = None, prices: PriceTable | None = None) -> None:
         self._stream = stream
+        self._prices = prices
         self.sinks: list[Sink] = []
 
     def emit(self, record: RequestRecord) -> dict[str, Any] | None:
@@ -68,7 +82,7 @@ class CompletionLog:
             return None
         record.finished = True
         try:
-            entry = build_entry(record)
+            entry = build_entry(record, self._prices)
         finally:
             end_of_request()  # the request's own secrets were needed up to here, and not after
         out = self._stream or sys.stdout

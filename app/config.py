@@ -36,6 +36,7 @@ class Config:
     security_key: str | None = None
     access_token: str | None = None
     default_model: str = "gpt-4o-mini"
+    prices_file: str | None = None
     upstream_timeout_ms: int = 600_000
     upstream_max_timeout_ms: int = 900_000
     max_parallel_requests: int = 32
@@ -125,6 +126,7 @@ _STR_VARS = {
     "security_key": ("SECURITY_KEY",),
     "access_token": ("ACCESS_TOKEN",),
     "default_model": ("DEFAULT_MODEL",),
+    "prices_file": ("OPENAI_PROXY_PRICES_FILE",),
     "runtime_dir": ("OPENAI_PROXY_RUNTIME_DIR",),
     "ca_bundle": ("OPENAI_PROXY_CA_BUNDLE", "SSL_CERT_FILE"),
     "log_db": ("OPENAI_PROXY_LOG_DB",),
@@ -286,6 +288,11 @@ def build_config(values: Mapping[str, str]) -> Config:
     ca_bundle = kwargs.get("ca_bundle")
     if isinstance(ca_bundle, str) and not os.path.isfile(ca_bundle):
         raise ConfigError(f"OPENAI_PROXY_CA_BUNDLE / SSL_CERT_FILE: no such PEM file {ca_bundle!r}")
+    prices_file = kwargs.get("prices_file")
+    if isinstance(prices_file, str):
+        from app.prices import load_prices  # (it imports this module for ConfigError)
+
+        load_prices(prices_file)  # a bad file stops the server here, naming its line and what is wrong
     log_db = kwargs.get("log_db")
     if isinstance(log_db, str):
         kwargs["log_db"] = _log_db(log_db)

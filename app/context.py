@@ -50,11 +50,14 @@ class RequestRecord:
     retries: int = 0
     overloaded: bool = False
     cancelled: bool = False
-    usage: dict[str, int] | None = None
+    usage: dict[str, int | float] | None = None
     # Who sent it: the client's configured name (`default` for SECURITY_KEY); never its key.
     client: str | None = None
     # The model upstream says it used (a dated snapshot), when its answer or final event names one.
     upstream_model: str | None = None
+    # False for a request that only re-reads a stored response: its cost was recorded by the request
+    # that made it (`app.usage.note_answer` sets it back for a response that ran in the background).
+    billable: bool = True
     # Each upstream attempt made through the key pool: {"key": <key name>, "outcome": ...}.
     attempts: list[dict[str, Any]] = field(default_factory=list)
     status: int | None = None

@@ -21,6 +21,7 @@ from app.context import RequestRecord, new_request_id
 from app.gate import Gate
 from app.logstore import LogStore
 from app.metrics import Metrics
+from app.prices import load_prices
 from app.redact import SECRETS, WHOLE_WORD_BELOW, redact_text
 from app.state import ProxyState
 from app.upstream import Upstream
@@ -55,6 +56,7 @@ def build_app(config: Config | None = None) -> Flask:
     _configure_logging()
     # Under gunicorn the master has already said what is missing; workers need not repeat it.
     config = config or load_config(warn=not os.environ.get("OPENAI_PROXY_CONFIG_REPORTED"))
+    prices = load_prices(config.prices_file)  # before anything is made: a bad file stops here
     app = Flask(__name__)
     app.url_map.converters["rid"] = ResponseIdConverter
     app.url_map.merge_slashes = False
@@ -68,10 +70,10 @@ def build_app(config: Config | None = None) -> Flask:
         config=config,
         upstream=Upstream(config),
         gate=gate,
-        completion_log=CompletionLog(),
+        completion_log=CompletionLog(prices=prices),
         runtime_dir=runtime_dir,
         log_store=LogStore(config.log_db, config.log_retention),
-        metrics=Metrics(runtime_dir, gate),
+        metrics=Metrics(runtime_dir, gate, prices),
     )
     # Observability hangs off the existing hooks: finished requests, retries, new parallel peaks.
     st.completion_log.sinks += [st.log_store.append, st.metrics.observe]

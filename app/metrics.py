@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from app.gate import Gate
+from app.prices import PriceTable
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # LLM calls take from tens of milliseconds to the 15-minute stream cap.
@@ -55,7 +56,7 @@ class GateCollector:
 class Metrics:
     """The proxy's metrics for one worker, and the exposition of the whole server's."""
 
-    def __init__(self, runtime_dir: str, gate: Gate) -> None:
+    def __init__(self, runtime_dir: str, gate: Gate, prices: PriceTable | None = None) -> None:
         self.dir = multiprocess_dir(runtime_dir)
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 
@@ -66,12 +67,13 @@ class Metrics:
         if self._own is not None:
             self._own.register(GateCollector(gate))
         self.gate = gate
+        self.prices = prices
         self._models: set[str] = set()
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         reg = self._own
         route = ["route"]
         self.requests = Counter("openai_proxy_requests", "API requests by route, method, HTTP status and result",
-                                ["route", "method", "status", "result"], registry=reg)  # fmt: skip
+                                ["route", "method", "status", "result", "client"], registry=reg)  # fmt: skip
         self.duration = Histogram("openai_proxy_request_duration_seconds", "Whole request, as the client saw it",
                                   route, buckets=LATENCY_BUCKETS, registry=reg)  # fmt: skip
         self.upstream_duration = Histogram("openai_proxy_upstream_duration_seconds",
@@ -89,7 +91,12 @@ class Metrics:
             "openai_proxy_upstream_retries", "Upstream attempts retried", route, registry=reg
         )
         self.tokens = Counter("openai_proxy_tokens", "Token usage reported by upstream",
-                              ["model", "kind"], registry=reg)  # fmt: skip
+                              ["model", "kind", "client"], registry=reg)  # fmt: skip
+        # Model labels here are rows of the price table (or "other"), so the series stay bounded.
+        self.cost = Counter("openai_proxy_cost_usd", "USD spent, at the price table's prices",
+                            ["client", "model"], registry=reg)  # fmt: skip
+        self.unpriced = Counter("openai_proxy_unpriced_requests", "Requests with usage but no price",
+                                ["client", "model"], registry=reg)  # fmt: skip
 
     def request_started(self) -> None:
         """An API request began (its completion record will end it in `observe`)."""
@@ -100,8 +107,9 @@ class Metrics:
         self.in_flight.dec()
         route = entry.get("endpoint") or "unknown"
         status = str(entry.get("status") or 0)
+        client = entry.get("client") or "none"
         self._child(
-            self.requests, route, entry.get("method") or "", status, entry.get("result") or "unknown"
+            self.requests, route, entry.get("method") or "", status, entry.get("result") or "unknown", client
         ).inc()
         self._child(self.duration, route).observe((entry.get("durationMs") or 0.0) / 1000.0)
         if entry.get("upstreamMs") is not None:
@@ -118,7 +126,18 @@ class Metrics:
             model = self._model_label(model[:200])
             for kind in ("prompt", "completion", "cached"):
                 if usage.get(f"{kind}_tokens"):
-                    self._child(self.tokens, model, kind).inc(usage[f"{kind}_tokens"])
+                    self._child(self.tokens, model, kind, client).inc(usage[f"{kind}_tokens"])
+        if usage:
+            self._count_cost(entry, client)
+
+    def _count_cost(self, entry: dict[str, Any], client: str) -> None:
+        cost = entry.get("costUsd")
+        name = entry.get("upstreamModel") or entry.get("model")
+        priced = self.prices.row_name(name) if self.prices else None
+        if cost is None:
+            self._child(self.unpriced, client, priced or "other").inc()
+        elif cost > 0:
+            self._child(self.cost, client, priced or "other").inc(cost)
 
     def _child(self, metric: Any, *labels: str) -> Any:
         # `labels()` locks and builds its key on every call; this runs once per request, so reuse.

@@ -7,12 +7,15 @@ which the SDK later streams upstream, so an upload is never held whole in memory
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable, Iterator
 from typing import IO
 
 from flask import g, request
 from werkzeug.datastructures import FileStorage, MultiDict
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 from werkzeug.formparser import FormDataParser
+from werkzeug.http import parse_options_header
+from werkzeug.sansio.multipart import NEED_DATA, Data, Epilogue, Field, File, MultipartDecoder
 
 from app.errors import BadRequest, PayloadTooLarge
 
@@ -142,3 +145,52 @@ def size_of(stream: IO[bytes]) -> int:
     size = stream.seek(0, 2)
     stream.seek(0)
     return size
+
+
+# A watched field longer than this is not the short value looked for (a model name, say).
+MAX_WATCHED_VALUE = 256
+# The decoder holds at most about one read beyond what it has given out; more means no boundary.
+MAX_WATCH_BUFFER = 1024 * 1024
+
+
+def watch_text_field(
+    chunks: Iterator[bytes], content_type: str, name: str, found: Callable[[str], None]
+) -> Iterator[bytes]:
+    """A multipart body on its way upstream, passed on unchanged; `found` gets the value of the text
+    field `name` as it goes by. The SDKs send fields before the file, so that is in the first read."""
+    boundary = parse_options_header(content_type)[1].get("boundary", "")
+    watch = _FieldWatch(boundary.encode(), name, found) if boundary.isascii() and boundary else None
+    for chunk in chunks:
+        if watch is not None and not watch.feed(chunk):
+            watch = None
+        yield chunk
+
+
+class _FieldWatch:
+    def __init__(self, boundary: bytes, name: str, found: Callable[[str], None]) -> None:
+        self._decoder = MultipartDecoder(boundary)
+        self._name = name
+        self._found = found
+        self._value: bytearray | None = None  # the watched field's bytes while inside it
+
+    def feed(self, data: bytes) -> bool:
+        """Decode one more piece; whether it is worth watching further."""
+        decoder = self._decoder
+        try:
+            decoder.receive_data(data)
+            while (event := decoder.next_event()) is not NEED_DATA:
+                if isinstance(event, (Field, File)):
+                    watched = isinstance(event, Field) and event.name == self._name
+                    self._value = bytearray() if watched else None
+                elif isinstance(event, Data) and self._value is not None:
+                    self._value += event.data
+                    if len(self._value) > MAX_WATCHED_VALUE:
+                        return False
+                    if not event.more_data:
+                        self._found(self._value.decode("utf-8", "replace"))
+                        return False
+                elif isinstance(event, Epilogue):
+                    return False
+        except ValueError:  # not multipart after all: upstream will say so
+            return False
+        return len(decoder.buffer) <= MAX_WATCH_BUFFER

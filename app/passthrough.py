@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import posixpath
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote_plus
@@ -23,11 +23,12 @@ from app import jsonio
 from app.auth import bearer_token, constant_time_equal
 from app.context import RequestRecord, TimeoutDecision
 from app.errors import BadRequest, ClientCancelled, Forbidden, PayloadTooLarge, RequestTimeout, Unauthorized
+from app.multipart import watch_text_field
 from app.redact import redact_text
 from app.state import state
 from app.upstream import Credentials, UpstreamCall
 from app.validation import header_value
-from app.web import decide_timeout, read_limited_body
+from app.web import decide_timeout, read_limited_body, record
 
 HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
@@ -160,6 +161,8 @@ def build_request() -> PassthroughRequest:
     elif method in ("POST", "PUT", "PATCH"):
         limit = state().config.max_audio_bytes if path in AUDIO_ENDPOINTS else None
         req.body, req.content_length = streamed_body(limit)
+        if path in AUDIO_ENDPOINTS:  # the model, for the record and its price, read as the body passes
+            req.body = watch_text_field(req.body, request.content_type or "", "model", _set_model(record()))
     return req
 
 
@@ -185,6 +188,13 @@ def chat_body(req: PassthroughRequest, body: dict[str, Any]) -> None:
     req.body = jsonio.dumps(body)
     req.content_length = len(req.body)
     req.strip_usage_chunk = True
+
+
+def _set_model(rec: RequestRecord) -> Callable[[str], None]:
+    def found(model: str) -> None:
+        rec.model = rec.model or model
+
+    return found
 
 
 def streamed_body(limit: int | None) -> tuple[Iterator[bytes], int | None]:

@@ -28,7 +28,7 @@ from app.sse import EventRelay
 from app.state import state
 from app.upstream import JSON_HEADERS, READ_MARGIN_S, UpstreamCall, UpstreamResponse
 from app.upstream.client import MAX_ERROR_BODY, Headers
-from app.usage import usage_of
+from app.usage import note_answer
 
 T = TypeVar("T")
 
@@ -155,7 +155,7 @@ def relay_json(call: UpstreamCall, transform: Callable[[Any], Any] | None = None
     """Answer what upstream sent: its bytes as they are, unless `transform` must add to them."""
     fetched = fetch(call)
     data = fetched.json()
-    call.record.usage = usage_of(data)
+    note_answer(call.record, data)
     if transform is None:
         return json_response(fetched.body, fetched.status)
     return json_response(jsonio.dumps(transform(data)), fetched.status)

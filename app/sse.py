@@ -11,7 +11,6 @@ Both send `: keep-alive` comments during silences and record usage from the fina
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 from app import jsonio
 from app.errors import ProxyError, UpstreamBadResponse, UpstreamTransport
 from app.relay import Relay
-from app.usage import usage_of
+from app.usage import HEAD_BYTES, note_answer, summary_of_big
 
 KEEPALIVE = b": keep-alive\n\n"
 DONE = b"data: [DONE]\n\n"
@@ -29,7 +28,7 @@ FAILED_EVENTS = frozenset({"response.failed", "error"})
 _TERMINAL_HINT = re.compile(rb'"type":\s*"(response\.(?:completed|failed|incomplete)|error)"')
 # Final events larger than this have their usage read from the tail, not by parsing them whole.
 BIG_EVENT = 1024 * 1024
-_DECODER = json.JSONDecoder()
+TAIL_BYTES = 64 * 1024
 
 
 class SSEParser:
@@ -122,32 +121,17 @@ def _parsed(raw: bytes) -> Any:
         return None  # relayed as upstream sent it; the client's SDK judges it
 
 
-def final_usage(raw: bytes) -> dict[str, Any] | None:
-    """The `usage` object of a huge final event, read from its tail: a `response.completed` carrying
-    images is megabytes of base64, and parsing all of it would hold the worker for tens of ms.
-    OpenAI writes `usage` after `output` (only `user` and `metadata` follow), and a `"usage":` inside a
-    string is escaped, so the last `"usage":` whose value is an object with token counts is the
-    response's own. None when none is found: the caller then parses the whole event."""
-    end = len(raw)
-    for _ in range(4):  # a metadata key may be called "usage" too
-        at = raw.rfind(b'"usage":', 0, end)
-        if at < 0:
-            return None
-        try:
-            usage, _ = _DECODER.raw_decode(raw[at + 8 : at + 8 + 4096].decode("utf-8", "replace").lstrip())
-        except ValueError:
-            usage = None
-        if isinstance(usage, dict) and ("input_tokens" in usage or "output_tokens" in usage):
-            return usage
-        end = at
-    return None
+def final_summary(raw: bytes) -> dict[str, Any]:
+    """Usage, model and background flag of a huge final event, from its first and last bytes: a
+    `response.completed` carrying images is megabytes of base64, and parsing all of it would hold
+    the worker for tens of ms (`app.usage.usage_in_tail` says why its tail is enough)."""
+    return summary_of_big(raw[:HEAD_BYTES], raw[-TAIL_BYTES:])
 
 
 def note_terminal(record: Any, kind: str, event: dict[str, Any]) -> None:
-    """Usage from a final event; a failed response is flagged in the record (the HTTP status stays 200)."""
-    usage = usage_of(event)
-    if usage:
-        record.usage = usage
+    """Usage and model from a final event (`response.completed`, `.incomplete` or `.failed`); a failed
+    response is flagged in the record (the HTTP status stays 200)."""
+    note_answer(record, event)
     if kind in FAILED_EVENTS:
         error = event.get("error") or (event.get("response") or {}).get("error") or {}
         record.result = "upstream_api_error"
@@ -243,19 +227,23 @@ class PassthroughEventRelay(Relay):
             terminal = _TERMINAL_HINT.search(raw)  # not OpenAI's usual field order: look everywhere
         if terminal:
             kind = terminal.group(1).decode()
-            usage = (
-                final_usage(raw) if big and kind in ("response.completed", "response.incomplete") else None
-            )
-            event = {"type": kind, "response": {"usage": usage}} if usage else _parsed(raw)
+            # A big failed event is parsed whole: its error message is wanted too, and it is rare.
+            tail_read = big and kind in ("response.completed", "response.incomplete")
+            summary = final_summary(raw) if tail_read else {}
+            event = {"type": kind, "response": summary} if "usage" in summary else _parsed(raw)
             if isinstance(event, dict) and event.get("type") in TERMINAL_EVENTS:
                 self._ended = True
                 note_terminal(self._record, event["type"], event)
             return True
-        if not big and b'"usage"' in raw and b'"choices":[]' in raw.replace(b" ", b""):
-            event = _parsed(raw)
-            if isinstance(event, dict) and event.get("choices") == [] and event.get("usage"):
-                self._record.usage = usage_of(event)
-                return not self._strip_usage_chunk
+        if not big and b'"usage"' in raw:
+            compact = raw.replace(b" ", b"")
+            if b'"choices":[]' in compact:  # chat's usage chunk, the last before `[DONE]`
+                event = _parsed(raw)
+                if isinstance(event, dict) and event.get("choices") == [] and event.get("usage"):
+                    note_answer(self._record, event)
+                    return not self._strip_usage_chunk
+            elif b'"type":"transcript.text.done"' in compact:  # a streamed transcription's end
+                note_answer(self._record, _parsed(raw))
         return True
 
     def on_idle(self) -> bytes:

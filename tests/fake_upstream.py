@@ -282,8 +282,11 @@ def sse(events: Iterable[Any], *, gap: float = 0.0, first_delay: float = 0.0,
 # ---- the API as the fake answers it by default ------------------------------------------------------
 
 
-def chat_completion(model: str, content: str = "Hello from the fake upstream.") -> dict[str, Any]:
-    return {
+def chat_completion(
+    model: str, content: str = "Hello from the fake upstream.", usage: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """A chat completion; `usage` replaces the default one (cached, reasoning, audio details...)."""
+    answer = {
         "id": "chatcmpl-fake123",
         "object": "chat.completion",
         "created": 1741476542,
@@ -295,12 +298,16 @@ def chat_completion(model: str, content: str = "Hello from the fake upstream.") 
         "system_fingerprint": None,
         "x_unknown_upstream_field": {"kept": True},
     }  # fmt: skip
+    if usage is not None:
+        answer["usage"] = usage
+    return answer
 
 
 def response_object(
-    model: str, rid: str = "resp_fake123", text: str = "In a peaceful grove."
+    model: str, rid: str = "resp_fake123", text: str = "In a peaceful grove.", **extra: Any
 ) -> dict[str, Any]:
-    return {
+    """A Response; `extra` fields replace or add to the default ones (`usage`, `background`, ...)."""
+    answer = {
         "id": rid,
         "object": "response",
         "created_at": 1741476542,
@@ -317,18 +324,27 @@ def response_object(
         "temperature": 1.0,
         "x_unknown_upstream_field": 1.0,
     }  # fmt: skip
+    answer.update(extra)
+    return answer
 
 
-def response_events(model: str, n_deltas: int = 3) -> list[dict[str, Any]]:
-    """A Responses stream in the full shape the SDK's `responses.stream()` helper accumulates."""
+def response_events(
+    model: str, n_deltas: int = 3, *, final: str = "response.completed", **extra: Any
+) -> list[dict[str, Any]]:
+    """A Responses stream in the full shape the SDK's `responses.stream()` helper accumulates.
+
+    `final` is the last event's type (`response.incomplete`, `response.failed` end a stream too);
+    `extra` fields go into the response the last event carries (`usage`, `model`, `background`)."""
     deltas = [f"word{i} " for i in range(n_deltas)]
     text = "".join(deltas)
     message = {"type": "message", "id": "msg_1", "status": "completed", "role": "assistant",
                "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}  # fmt: skip
     created = response_object(model)
     created.update(status="in_progress", output=[], usage=None)
-    completed = response_object(model)
+    completed = response_object(model, **extra)
     completed["output"] = [message]
+    if final != "response.completed":
+        completed["status"] = final.rpartition(".")[2]
     at = {"item_id": "msg_1", "output_index": 0, "content_index": 0}
     events: list[dict[str, Any]] = [
         {"type": "response.created", "response": created},
@@ -340,15 +356,18 @@ def response_events(model: str, n_deltas: int = 3) -> list[dict[str, Any]]:
         {"type": "response.output_text.done", **at, "text": text, "logprobs": []},
         {"type": "response.content_part.done", **at, "part": message["content"][0]},
         {"type": "response.output_item.done", "output_index": 0, "item": message},
-        {"type": "response.completed", "response": completed},
+        {"type": final, "response": completed},
     ]  # fmt: skip
     for i, event in enumerate(events):
         event["sequence_number"] = i
     return events
 
 
-def chat_chunks(model: str, include_usage: bool, n_deltas: int = 3) -> list[dict[str, Any]]:
-    """A streamed chat completion; the usage chunk (empty `choices`) only when the caller asked for it."""
+def chat_chunks(
+    model: str, include_usage: bool, n_deltas: int = 3, usage: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """A streamed chat completion; the usage chunk (empty `choices`) only when the caller asked for it,
+    with `usage` in place of the default one if given."""
     base = {
         "id": "chatcmpl-stream1",
         "object": "chat.completion.chunk",
@@ -363,8 +382,8 @@ def chat_chunks(model: str, include_usage: bool, n_deltas: int = 3) -> list[dict
     chunks += [chunk({"content": f"word{i} "}) for i in range(n_deltas)]
     chunks.append(chunk({}, "stop"))
     if include_usage:
-        chunks.append({**base, "choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": n_deltas,
-                                                        "total_tokens": 12 + n_deltas}})  # fmt: skip
+        chunks.append({**base, "choices": [], "usage": usage or {"prompt_tokens": 12, "completion_tokens": n_deltas,
+                                                                 "total_tokens": 12 + n_deltas}})  # fmt: skip
     return chunks
 
 
@@ -386,6 +405,19 @@ def chat_stream(
         conn.end_stream()
 
     return handler
+
+
+def transcript_events(text: str, usage: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """A streamed transcription (`stream=true`): text deltas, then `transcript.text.done` with usage."""
+    words = text.split(" ")
+    events: list[dict[str, Any]] = [
+        {"type": "transcript.text.delta", "delta": word if i == 0 else f" {word}", "logprobs": []}
+        for i, word in enumerate(words)
+    ]
+    done: dict[str, Any] = {"type": "transcript.text.done", "text": text, "logprobs": []}
+    if usage is not None:
+        done["usage"] = usage
+    return [*events, done]
 
 
 INPUT_ITEMS = [

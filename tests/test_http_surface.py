@@ -174,7 +174,7 @@ def test_completion_record_fields(client, records, capsys):
     assert set(entry) == {"event", "requestId", "incomingRequestId", "upstreamRequestId", "endpoint", "method",
                           "model", "stream", "timeoutMs", "timeoutSource", "start", "durationMs", "upstreamMs",
                           "result", "status", "retries", "overloaded", "cancelled", "usage", "error", "pid",
-                          "client", "attempts"}  # fmt: skip
+                          "client", "attempts", "upstreamModel", "costUsd"}  # fmt: skip
     assert entry["event"] == "completion"
     assert entry["requestId"] == r.headers["X-Proxy-Request-Id"]
     assert entry["incomingRequestId"] == "in-1"

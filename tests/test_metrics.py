@@ -29,7 +29,9 @@ def samples(text: str) -> dict[tuple[str, frozenset], float]:
 
 
 def value(found: dict, name: str, **labels: str) -> float:
-    return found.get((name, frozenset(labels.items())), 0.0)
+    """The sum of the samples of `name` that have these labels (whatever their other labels)."""
+    wanted = frozenset(labels.items())
+    return sum(v for (n, have), v in found.items() if n == name and wanted <= have)
 
 
 def test_metrics_count_requests_from_the_completion_records(client, fake):

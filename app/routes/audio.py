@@ -12,7 +12,7 @@ from app import jsonio, pipeline, web
 from app.errors import BadRequest
 from app.multipart import size_of
 from app.state import state
-from app.usage import usage_of
+from app.usage import note_answer
 from app.validation import optional_choice
 
 bp = Blueprint("audio", __name__)
@@ -95,5 +95,5 @@ def transcription_answer(fetched: pipeline.Fetched, response_format: str, record
     if response_format in TEXT_FORMATS:
         text = fetched.body.decode("utf-8", "replace")
         return pipeline.json_response(jsonio.dumps(text), fetched.status)
-    record.usage = usage_of(fetched.json())
+    note_answer(record, fetched.json())
     return pipeline.json_response(fetched.body, fetched.status)

@@ -10,7 +10,7 @@ from flask import Blueprint
 from app import jsonio, pipeline, web
 from app.errors import BadRequest
 from app.state import state
-from app.usage import usage_of
+from app.usage import note_answer
 from app.validation import is_truthy, optional_number, optional_positive_int
 
 bp = Blueprint("chat", __name__)
@@ -30,7 +30,7 @@ def simple_chat():
     req = web.json_request()
     body = build_simple_chat_body(req.body, state().config.default_model)
     completion = pipeline.fetch(pipeline.json_call("POST", "/chat/completions", req, json=body)).json()
-    req.record.usage = usage_of(completion)
+    note_answer(req.record, completion)
     return pipeline.json_response(jsonio.dumps(simple_chat_answer(completion)))
 
 

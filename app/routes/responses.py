@@ -52,6 +52,7 @@ def count_input_tokens():
 @bp.get("/openai2/<rid:response_id>")
 def retrieve_response(response_id: str):
     req = web.query_request()
+    req.record.billable = False  # its create call recorded the cost (`note_answer` knows the exception)
     path = response_path(response_id)
     params = retrieve_params(request.args)
     if request.args.get("stream") == "true":

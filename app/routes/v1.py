@@ -16,7 +16,7 @@ from app.passthrough import PassthroughRequest
 from app.pipeline import Forwarded
 from app.relay import Relay
 from app.sse import PassthroughEventRelay
-from app.usage import usage_of
+from app.usage import HEAD_BYTES, note_answer, summary_of_big
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")
 errors.register(bp, errors.OPENAI)
@@ -28,8 +28,10 @@ NAMED_ENDPOINTS = (
     "/embeddings", "/audio/transcriptions", "/models", "/models/<model>",
 )  # fmt: skip
 # JSON answers of a known size up to this are read whole (usage for the record); bigger ones stream
-# through. One without a length is read whole up to OPENAI_PROXY_MAX_RESPONSE_BYTES.
+# through (usage then comes from their last TAIL_BYTES). One without a length is read whole up to
+# OPENAI_PROXY_MAX_RESPONSE_BYTES.
 READ_WHOLE_MAX = 8 * 1024 * 1024
+TAIL_BYTES = 64 * 1024
 SSE_EXTRA_HEADERS = [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
 
 
@@ -37,6 +39,8 @@ def relay_v1(**_route_args: Any) -> Response:
     req = passthrough.build_request()
     record = web.record()
     record.model, record.timeout = req.model, req.timeout
+    # A GET reads what an earlier request made and paid for (`note_answer` knows the exception).
+    record.billable = req.method != "GET"
     forwarded = pipeline.forward(req.call(record))
     try:
         return _answer(forwarded, req, record)
@@ -72,8 +76,29 @@ def _answer(forwarded: Forwarded, req: PassthroughRequest, record: Any) -> Respo
         return pipeline.relay_response(relay, upstream.status_code, headers + SSE_EXTRA_HEADERS, None)
     if size is not None:
         headers.append(("Content-Length", str(size)))
-    relay = Relay(upstream, **pipeline.relay_args(record, forwarded.slot, stream=False))
+    kind = JsonTailRelay if content_type.startswith("application/json") else Relay
+    relay = kind(upstream, **pipeline.relay_args(record, forwarded.slot, stream=False))
     return pipeline.relay_response(relay, upstream.status_code, headers, None)
+
+
+class JsonTailRelay(Relay):
+    """A JSON answer too big to read whole, relayed as it arrives; its usage and model are read from
+    its first and last bytes (`app.usage.summary_of_big`), so it is priced like any other answer."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head = b""
+        self._tail = b""
+
+    def on_data(self, chunk: bytes) -> bytes:
+        if len(self._head) < HEAD_BYTES:
+            self._head += chunk[: HEAD_BYTES - len(self._head)]
+        keep = TAIL_BYTES - len(chunk)
+        self._tail = (self._tail[-keep:] if keep > 0 else b"") + chunk[-TAIL_BYTES:]
+        return chunk
+
+    def on_end(self) -> None:
+        note_answer(self._record, summary_of_big(self._head, self._tail))
 
 
 def _read_whole(forwarded: Forwarded, record: Any, headers: list[tuple[str, str]]) -> Response:
@@ -85,5 +110,5 @@ def _read_whole(forwarded: Forwarded, record: Any, headers: list[tuple[str, str]
         record.error = {**summary, "upstream": {"status": status, "requestId": record.upstream_request_id}}
     elif body[:1] == b"{":
         with contextlib.suppress(jsonio.JSONDecodeError):
-            record.usage = usage_of(jsonio.loads(body))
+            note_answer(record, jsonio.loads(body))
     return Response(body, status=status, headers=headers)

@@ -1,0 +1,261 @@
+"""The price table: the shipped prices, the operator's file, snapshot matching and what a cost is."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+
+from app import create_app
+from app.config import ConfigError, build_config
+from app.prices import ModelPrice, PriceTable, cost_of, load_prices
+from tests.conftest import ROOT, base_env
+
+# What the brief promises operators the shipped table covers.
+REQUIRED = (
+    "gpt-5", "gpt-5-mini", "gpt-5-nano", "gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano", "gpt-4o", "gpt-4o-mini",
+    "o1", "o1-mini", "o3", "o3-mini", "o4-mini", "gpt-4o-audio-preview", "gpt-4o-mini-audio-preview",
+    "gpt-4o-transcribe", "gpt-4o-mini-transcribe", "whisper-1", "text-embedding-3-small",
+    "text-embedding-3-large", "text-embedding-ada-002", "gpt-4-turbo", "gpt-3.5-turbo",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def shipped() -> PriceTable:
+    return load_prices()
+
+
+def test_the_shipped_table_covers_the_current_models(shipped):
+    missing = [model for model in REQUIRED if model not in shipped]
+    assert missing == []
+    assert shipped.price_of("gpt-4o") == ModelPrice(input=2.5, cached_input=1.25, output=10.0)
+    assert shipped.price_of("gpt-4o-mini") == ModelPrice(input=0.15, cached_input=0.075, output=0.6)
+    assert shipped.price_of("whisper-1") == ModelPrice(per_minute=0.006)
+    assert shipped.price_of("gpt-4o-transcribe") == ModelPrice(input=2.5, output=10.0, audio_input=6.0)
+    assert shipped.price_of("text-embedding-3-small") == ModelPrice(input=0.02, output=0.0)
+
+
+def test_the_shipped_file_says_where_its_prices_come_from():
+    head = (ROOT / "app" / "data" / "prices.toml").read_text().splitlines()[0]
+    assert head.startswith("# Standard-tier OpenAI prices") and "OpenAI pricing page, as of " in head
+
+
+@pytest.mark.parametrize(
+    ("model", "row"),
+    [
+        ("gpt-4o", "gpt-4o"),
+        ("gpt-4o-2024-08-06", "gpt-4o"),
+        ("gpt-4o-2024-11-20", "gpt-4o"),
+        ("gpt-4o-2024-05-13", "gpt-4o-2024-05-13"),  # a snapshot with a price of its own keeps it
+        ("gpt-4o-mini-2024-07-18", "gpt-4o-mini"),
+        ("gpt-4-0613", "gpt-4"),
+        ("gpt-3.5-turbo-0125", "gpt-3.5-turbo"),
+        ("gpt-3.5-turbo-0613", "gpt-3.5-turbo-0613"),
+        ("o1-2024-12-17", "o1"),
+        ("gpt-5-nano-2025-08-07", "gpt-5-nano"),
+        ("gpt-4o-audio-preview-2024-12-17", "gpt-4o-audio-preview"),
+        ("gpt-4o-audio-preview-2024-10-01", "gpt-4o-audio-preview-2024-10-01"),
+        # Never a loose match: a different model, a suffix that is not a date, a date that is not one.
+        ("gpt-4o-mini-tts", None),
+        ("gpt-4o-custom", None),
+        ("gpt-4o-2024-13-01", None),
+        ("gpt-4o-1340", None),
+        ("gpt-4o-20240806", None),
+        ("gpt-4o-2024-08-06-extra", None),
+        ("ft:gpt-4o-mini-2024-07-18:acme::abc123", None),
+        ("GPT-4O", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_snapshots_match_their_base_model_and_nothing_looser(shipped, model, row):
+    assert shipped.row_name(model) == row
+
+
+PRICE = ModelPrice(input=2.0, cached_input=0.5, output=8.0, audio_input=40.0, audio_output=80.0)
+
+
+@pytest.mark.parametrize(
+    ("usage", "usd"),
+    [
+        ({"prompt_tokens": 1_000_000}, 2.0),
+        ({"completion_tokens": 1_000_000}, 8.0),
+        # Cached tokens are inside prompt tokens: priced once, at the cached rate.
+        ({"prompt_tokens": 1_000_000, "cached_tokens": 1_000_000}, 0.5),
+        ({"prompt_tokens": 1_000_000, "cached_tokens": 250_000}, 1.5 + 0.125),
+        # Reasoning tokens are inside completion tokens: never priced a second time.
+        ({"completion_tokens": 1_000_000, "reasoning_tokens": 900_000}, 8.0),
+        ({"prompt_tokens": 1_000_000, "input_audio_tokens": 500_000}, 1.0 + 20.0),
+        ({"completion_tokens": 1_000_000, "output_audio_tokens": 1_000_000}, 80.0),
+        ({"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}, 0.0),
+        # Cached beyond the prompt (nonsense from upstream) cannot make a negative input.
+        ({"prompt_tokens": 10, "cached_tokens": 20}, 10 * 0.5 / 1e6),
+    ],
+)
+def test_cost_of_each_kind_of_token(usage, usd):
+    assert cost_of(PRICE, usage) == pytest.approx(usd, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("price", "usage"),
+    [
+        (ModelPrice(input=1.0, output=1.0), {"prompt_tokens": 10, "input_audio_tokens": 5}),
+        (ModelPrice(input=1.0, output=1.0), {"completion_tokens": 10, "output_audio_tokens": 5}),
+        (ModelPrice(input=1.0, output=1.0), {"seconds": 30}),
+        (ModelPrice(per_minute=0.006), {"prompt_tokens": 10}),
+        (PRICE, {"total_tokens": 10}),
+        (PRICE, {}),
+    ],
+)
+def test_usage_without_a_price_for_it_is_unpriced_never_zero(price, usage):
+    assert cost_of(price, usage) is None
+
+
+def test_cached_input_defaults_to_input():
+    assert cost_of(ModelPrice(input=3.0, output=1.0), {"prompt_tokens": 10, "cached_tokens": 4}) == 30 / 1e6
+
+
+def test_costs_are_rounded_without_float_noise(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text('[models."m"]\ninput = 0.1\ncached_input = 0.2\noutput = 0.3\n')
+    table = load_prices(str(path))
+    # 0.1 + 0.2 is 0.30000000000000004 in floats.
+    assert table.cost_usd("m", {"prompt_tokens": 2_000_000, "cached_tokens": 1_000_000}) == 0.3
+    assert table.cost_usd("m", {"prompt_tokens": 1}) == 1e-07
+    assert table.cost_usd("m", None) is None
+    assert table.cost_usd("unknown", {"prompt_tokens": 1}) is None
+
+
+def test_per_minute_prices(shipped):
+    assert shipped.cost_usd("whisper-1", {"seconds": 90}) == 0.009
+    assert shipped.cost_usd("whisper-1", {"seconds": 1.5}) == 0.00015
+
+
+def test_the_operators_rows_replace_and_extend(tmp_path, shipped):
+    path = tmp_path / "p.toml"
+    path.write_text(
+        '# our negotiated prices\n[models."gpt-4o"]\ninput = 2\noutput = 8\n\n'
+        "[models.my-model]\ninput = 1\ncached_input = 0\noutput = 0\n\n"
+        "[models.'whisper-2']\nper_minute = 0.01\n"
+    )
+    table = load_prices(str(path))
+    # The operator's row wins as a whole: no cached price given, so none is taken from the shipped row.
+    assert table.price_of("gpt-4o") == ModelPrice(input=2.0, output=8.0)
+    assert table.price_of("gpt-4o-2024-08-06") == ModelPrice(input=2.0, output=8.0)
+    assert table.price_of("my-model") == ModelPrice(input=1.0, cached_input=0.0, output=0.0)
+    assert table.price_of("whisper-2") == ModelPrice(per_minute=0.01)
+    assert table.price_of("gpt-4o-mini") == shipped.price_of("gpt-4o-mini")
+    assert len(table) == len(shipped) + 2
+
+
+def test_an_empty_operator_file_changes_nothing(tmp_path, shipped):
+    path = tmp_path / "p.toml"
+    path.write_text("# nothing yet\n")
+    assert len(load_prices(str(path))) == len(shipped)
+
+
+def test_the_setting_is_kept_and_shown(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text("")
+    config = build_config({"OPENAI_PROXY_PRICES_FILE": str(path)})
+    assert config.prices_file == str(path)
+    assert config.public_view()["prices_file"] == str(path)
+    assert build_config({"OPENAI_PROXY_PRICES_FILE": "  "}).prices_file is None
+
+
+FIELD_LIST = "(known: input, cached_input, output, audio_input, audio_output, per_minute)"
+BAD_FILES = [
+    ('[models."gpt-4o"]\ninput = 1\noutput = \n', "line 3, column 10: not valid TOML (Invalid value)"),
+    ('[models."gpt-4o"]\ninput = 1\noutput = 2\n[models."x"',
+     "line 4: not valid TOML (Expected ']' at the end of a table declaration)"),
+    ('[models."gpt-4o"]\ninput = 1\noutput = 2\ninput = 3\n', "line 4, column 10: not valid TOML (Cannot overwrite a value)"),
+    ('[models."gpt-4o"]\ninput = 1\ncached_input = 0.5\noutptu = 2\n',
+     f'line 4: [models."gpt-4o"] has an unknown field \'outptu\' {FIELD_LIST}'),
+    ('[models]\n"gpt-4o" = { input = 1, outptu = 2 }\n',
+     f'line 2: [models."gpt-4o"] has an unknown field \'outptu\' {FIELD_LIST}'),
+    ('# ours\n\n[models."gpt-4o"]\ninput = -1\noutput = 2\n',
+     'line 4: [models."gpt-4o"] input must be a finite number >= 0 (USD per million tokens), not -1'),
+    ('[models."a"]\ninput = 1\noutput = 2\n\n[models."gpt-4o"]\ninput = "2.50"\noutput = 10\n',
+     'line 6: [models."gpt-4o"] input must be a number (USD per million tokens), not "2.50"'),
+    ('[models."gpt-4o"]\ninput = true\noutput = 2\n',
+     'line 2: [models."gpt-4o"] input must be a number (USD per million tokens), not true'),
+    ('[models."gpt-4o"]\ninput = 1\noutput = [2]\n',
+     'line 3: [models."gpt-4o"] output must be a number (USD per million tokens), not [2]'),
+    ('[models."gpt-4o"]\ninput = nan\noutput = 2\n',
+     'line 2: [models."gpt-4o"] input must be a finite number >= 0 (USD per million tokens), not nan'),
+    ('[models."gpt-4o"]\ninput = 1\noutput = inf\n',
+     'line 3: [models."gpt-4o"] output must be a finite number >= 0 (USD per million tokens), not inf'),
+    ('[models."w"]\nper_minute = -0.006\n',
+     'line 2: [models."w"] per_minute must be a finite number >= 0 (USD per minute of audio), not -0.006'),
+    ('[models."gpt-4o"]\ninput = 1\n', 'line 1: [models."gpt-4o"] is missing output (USD per million output tokens)'),
+    ('[models."gpt-4o"]\noutput = 1\n', 'line 1: [models."gpt-4o"] is missing input (USD per million input tokens)'),
+    ('[models."w"]\nper_minute = 0.01\ninput = 1\n', 'line 1: [models."w"] is missing output (USD per million output tokens)'),
+    ('[models."a"]\ninput = 1\noutput = 1\n[models.""]\ninput = 1\noutput = 2\n',
+     'line 4: [models.""] has an empty model name'),
+    ('[models."  "]\ninput = 1\noutput = 2\n', 'line 1: [models."  "] has an empty model name'),
+    ('[models." gpt-4o"]\ninput = 1\noutput = 2\n', 'line 1: [models." gpt-4o"] has spaces around the model name'),
+    ('[models.gpt-4.1]\ninput = 1\noutput = 2\n',
+     "line 1: [models.\"gpt-4\"] has a table '1' inside: quote names with dots, like [models.\"gpt-4.1\"]"),
+    ('[models]\n"gpt-4o" = 5\n', 'line 2: [models."gpt-4o"] must be a table of prices (input, cached_input, output, ...)'),
+    ('currency = "USD"\n[models."gpt-4o"]\ninput = 1\noutput = 2\n',
+     "line 1: unknown field 'currency': a price file holds [models.\"<model>\"] tables"),
+    ('[models."gpt-4o"]\ninput = 1\noutput = 2\n\n[model."gpt-4o-mini"]\ninput = 1\n',
+     "line 5: unknown field 'model': a price file holds [models.\"<model>\"] tables"),
+    ("models = 3\n", 'line 1: models must be tables like [models."gpt-4o"]'),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "says"), BAD_FILES)
+def test_a_bad_price_file_stops_the_server_with_file_line_and_reason(make_app, tmp_path, text, says):
+    path = tmp_path / "prices.toml"
+    path.write_text(text)
+    expected = f"OPENAI_PROXY_PRICES_FILE={str(path)!r}, {says}"
+    with pytest.raises(ConfigError) as exc:
+        build_config({"OPENAI_PROXY_PRICES_FILE": str(path)})
+    assert str(exc.value) == expected
+    with pytest.raises(ConfigError) as exc:
+        make_app(OPENAI_PROXY_PRICES_FILE=str(path))
+    assert str(exc.value) == expected
+    # A config made some other way is checked again when the app is built.
+    config = dataclasses.replace(build_config({}), prices_file=str(path))
+    with pytest.raises(ConfigError) as exc:
+        create_app(config)
+    assert str(exc.value) == expected
+
+
+def test_an_unreadable_price_file_is_named(tmp_path):
+    missing = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError) as exc:
+        build_config({"OPENAI_PROXY_PRICES_FILE": str(missing)})
+    assert (
+        str(exc.value)
+        == f"OPENAI_PROXY_PRICES_FILE={str(missing)!r}: cannot be read (No such file or directory)"
+    )
+    with pytest.raises(ConfigError) as exc:
+        build_config({"OPENAI_PROXY_PRICES_FILE": str(tmp_path)})
+    assert str(exc.value) == f"OPENAI_PROXY_PRICES_FILE={str(tmp_path)!r}: cannot be read (Is a directory)"
+    latin = tmp_path / "latin1.toml"
+    latin.write_bytes(b"# caf\xe9\n")
+    with pytest.raises(ConfigError) as exc:
+        build_config({"OPENAI_PROXY_PRICES_FILE": str(latin)})
+    assert str(exc.value) == (
+        f"OPENAI_PROXY_PRICES_FILE={str(latin)!r}: is not UTF-8 text (invalid continuation byte at byte 5)"
+    )
+
+
+def test_gunicorn_refuses_to_start_with_a_bad_price_file(fake, tmp_path):
+    path = tmp_path / "prices.toml"
+    path.write_text('[models."gpt-4o"]\ninput = 1\noutptu = 2\n')
+    env = {**base_env(fake, OPENAI_PROXY_PRICES_FILE=str(path)), "PATH": os.environ.get("PATH", "")}
+    done = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app.wsgi:app"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert (
+        f"openai-proxy cannot start: OPENAI_PROXY_PRICES_FILE={str(path)!r}, line 3: "
+        f"[models.\"gpt-4o\"] has an unknown field 'outptu' {FIELD_LIST}"
+    ) in done.stderr
