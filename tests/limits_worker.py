@@ -69,5 +69,10 @@ def patched() -> bool:
 
 
 def report(results: Any, index: int, name: str, *args: Any) -> None:
-    """Run `name(*args)` and put (index, result) on `results`, the parent's SimpleQueue."""
-    results.put((index, globals()[name](*args)))
+    """Run `name(*args)` and put (index, True, result), or (index, False, the error), on `results`."""
+    try:
+        value = globals()[name](*args)
+    except BaseException as exc:
+        results.put((index, False, repr(exc)))
+        raise
+    results.put((index, True, value))
