@@ -117,6 +117,27 @@ def test_redis_down_falls_back_to_the_host_and_comes_back(store, redis_server, c
     assert store._local.admit("c", lim, NOW + 60).limit == "daily_usd"
 
 
+def test_a_restart_between_calls_or_lost_scripts_are_no_outage(tmp_path, redis_server, caplog):
+    s = open_redis(redis_server.url, str(tmp_path / "fallback"), retry_after_outage_s=3600)
+    lim = Limits(rpm=3)
+    # Two idle connections, both made stale by the restart below.
+    admits = [gevent.spawn(s.admit, "c", lim, NOW) for _ in range(2)]
+    gevent.joinall(admits, raise_error=True)
+    assert len(s._idle) == 2
+    redis_server.stop()
+    redis_server.start()  # empty, scripts gone too
+    assert s.admit("c", lim, NOW) == allowed(trio("requests", 3, 2, "20s"))  # counted once, in Redis
+    assert s.status()["reachable"] is True and s.status()["lastError"] is None
+    assert len(s._idle) == 1
+    assert redis_server.command("SCRIPT", "FLUSH") == b"+OK\r\n"
+    assert s.admit("c", lim, NOW) == allowed(trio("requests", 3, 1, "40s"))
+    s.charge("c", Limits(rpm=3, daily_usd=1.0), 0, 1.0, NOW)
+    assert s.admit("c", Limits(rpm=3, daily_usd=1.0), NOW).limit == "daily_usd"
+    assert s.status()["reachable"] is True and s.status()["lastError"] is None
+    assert not [r for r in caplog.records if r.name == LIMITS_LOG]
+    s.close()
+
+
 def test_a_redis_down_at_start_is_an_outage_not_an_error(tmp_path, redis_server, caplog):
     redis_server.stop()
     s = open_redis(redis_server.url, str(tmp_path / "fallback"))

@@ -195,7 +195,9 @@ class LocalLimitStore:
         self, client: str, limits: Limits, tokens: int, cost_usd: float | None, now: float | None = None
     ) -> None:
         """Count an answer's tokens against tpm and its cost against the budgets. Never raises."""
-        if not limits.any():
+        if not limits.any() or (
+            (limits.tpm is None or not rules.clean_tokens(tokens)) and not rules.clean_cost(cost_usd)
+        ):
             return
         try:
             done = self._update(

@@ -18,6 +18,8 @@ from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
+from redis.commands.core import Script
+from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
 from app.limits import rules
@@ -116,21 +118,58 @@ class RedisLimitStore:
     ) -> None:
         # No retries inside redis-py: its default (3, with back-off) would turn one dead Redis into
         # seconds per request; the fallback below is the retry.
-        self._redis = redis.Redis.from_url(
+        self._pool = redis.ConnectionPool.from_url(
             uri,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 0),
             health_check_interval=0,
         )
-        self._admit = self._redis.register_script(ADMIT)
-        self._charge = self._redis.register_script(CHARGE)
+        client = redis.Redis(connection_pool=self._pool)
+        self._admit = client.register_script(ADMIT)
+        self._charge = client.register_script(CHARGE)
+        # Connections of this store, idle ones here. A call takes one for its round trip: redis-py's
+        # client and pool cost ~2x the round trip itself in CPU (a readiness poll per checkout, event
+        # hooks), more than the budget for limits, while a bare connection costs little more than it.
+        self._idle: list[redis.Connection] = []
         self.uri = shown_uri
         self._local = local
         self._retry_s = retry_after_outage_s
         self._retry_at = 0.0  # monotonic; while down, the next time one request tries Redis again
         self._down_since: float | None = None  # wall clock, for status()
         self.last_error: str | None = None
+
+    def _run(self, script: Script, key: str, args: list[Any]) -> Any:
+        """EVALSHA `script` on one connection (loading it first if Redis lost it): one round trip."""
+        idle = self._idle
+        while True:
+            reused = bool(idle)
+            conn = idle.pop() if reused else self._pool.connection_class(**self._pool.connection_kwargs)
+            try:
+                try:
+                    conn.send_command("EVALSHA", script.sha, 1, key, *args)
+                    reply = conn.read_response()
+                except NoScriptError:  # a restarted Redis: load the script, once
+                    conn.send_command("SCRIPT", "LOAD", script.script)
+                    conn.read_response()
+                    conn.send_command("EVALSHA", script.sha, 1, key, *args)
+                    reply = conn.read_response()
+            except redis.ConnectionError:
+                conn.disconnect()
+                if not reused:
+                    raise
+                # Closed while idle (Redis restarted, an idle timeout): Redis had closed it before the
+                # command arrived, so sending it again on a new connection counts it once. The
+                # other idle connections are as stale.
+                for stale in idle:
+                    stale.disconnect()
+                idle.clear()
+                continue
+            except BaseException:
+                conn.disconnect()  # a timed-out reply may still come: never reuse this one
+                raise
+            idle.append(conn)
+            return reply
 
     def _try_redis(self) -> bool:
         if self._down_since is None:
@@ -175,7 +214,7 @@ class RedisLimitStore:
                 _arg(limits.monthly_usd),
             ]
             try:
-                reply = self._admit(keys=[KEY_PREFIX + client], args=args)
+                reply = self._run(self._admit, KEY_PREFIX + client, args)
             except (redis.RedisError, OSError) as exc:
                 self._failed(exc)
             else:
@@ -190,13 +229,14 @@ class RedisLimitStore:
     def charge(
         self, client: str, limits: Limits, tokens: int, cost_usd: float | None, now: float | None = None
     ) -> None:
-        """Count an answer's tokens and cost (one round trip). Never raises."""
-        if not limits.any():
+        """Count an answer's tokens and cost (one round trip, none when there is nothing to count).
+        Never raises."""
+        tokens, cost = rules.clean_tokens(tokens), rules.clean_cost(cost_usd)
+        if not limits.any() or ((limits.tpm is None or not tokens) and not cost):
             return
         if self._try_redis():
             try:
-                args = [_arg(now), limits.tpm or 0, rules.clean_tokens(tokens), rules.clean_cost(cost_usd)]
-                self._charge(keys=[KEY_PREFIX + client], args=args)
+                self._run(self._charge, KEY_PREFIX + client, [_arg(now), limits.tpm or 0, tokens, cost])
             except (redis.RedisError, OSError) as exc:
                 self._failed(exc)
             except Exception as exc:  # never fail an answer that was already served
@@ -221,5 +261,7 @@ class RedisLimitStore:
         }
 
     def close(self) -> None:
-        self._redis.close()
+        while self._idle:
+            self._idle.pop().disconnect()
+        self._pool.disconnect()
         self._local.close()
