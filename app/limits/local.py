@@ -8,7 +8,8 @@ copy.
 Exact: every read-modify-write happens under an exclusive `fcntl` lock on the file (and a thread lock,
 since POSIX locks belong to the process, not to a thread or greenlet), and the clock is read inside
 it, so the processes' updates are serialised in time order. The lock is held for the few
-microseconds of a lookup and a struct pack, never across I/O.
+microseconds of a lookup and a struct pack, never across I/O, so a worker's hub waits for it only
+that long (longer only if the OS deschedules the holder meanwhile; measured in bench/limits.py).
 
 Crash-safe: the kernel drops a dead process's lock, so a SIGKILLed worker never blocks the others.
 A new state is written into the copy not in use, then published by flipping the one-byte selector
