@@ -58,6 +58,7 @@ class Config:
     pages_rate_limit: str = "60/minute"
     health2_rate_limit: str = "6/minute"
     ratelimit_storage_uri: str = "memory://"
+    limits_uri: str | None = None
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -75,11 +76,26 @@ class Config:
             value = getattr(self, f.name)
             if f.name in secret:
                 value = "set" if value else "unset"
-            elif f.name in ("outbound_proxy", "ratelimit_storage_uri") and value:
+            elif f.name in ("outbound_proxy", "ratelimit_storage_uri", "limits_uri") and value:
                 value = _without_userinfo(value)
             out[f.name] = value
         out["effective_max_timeout_ms"] = self.effective_max_timeout_ms
         return out
+
+    @property
+    def shared_limits_uri(self) -> str | None:
+        """The Redis that client limits share with other hosts: OPENAI_PROXY_LIMITS_URI, else a redis://
+        OPENAI_PROXY_RATELIMIT_STORAGE_URI (contract §13); None counts on this host only."""
+        if self.limits_uri:
+            return self.limits_uri
+        if self.ratelimit_storage_uri.startswith(("redis://", "rediss://")):
+            return self.ratelimit_storage_uri
+        return None
+
+    @property
+    def pages_limits_uri(self) -> str:
+        """flask-limiter's storage for the page rate limits: OPENAI_PROXY_LIMITS_URI wins when set."""
+        return self.limits_uri or self.ratelimit_storage_uri
 
 
 def _without_userinfo(url: str) -> str:
@@ -133,6 +149,7 @@ _STR_VARS = {
     "pages_rate_limit": ("OPENAI_PROXY_PAGES_RATE_LIMIT",),
     "health2_rate_limit": ("OPENAI_PROXY_HEALTH2_RATE_LIMIT",),
     "ratelimit_storage_uri": ("OPENAI_PROXY_RATELIMIT_STORAGE_URI",),
+    "limits_uri": ("OPENAI_PROXY_LIMITS_URI",),
 }
 _RATE_LIMIT_VARS = {
     "pages_rate_limit": "OPENAI_PROXY_PAGES_RATE_LIMIT",
@@ -219,6 +236,30 @@ def _log_db(raw: str) -> str:
     )
 
 
+def _limits_uri(raw: str) -> str:
+    """OPENAI_PROXY_LIMITS_URI: `redis[s]://[[user]:password@]host[:port][/db]` and nothing else, so a
+    typo stops the server instead of quietly counting limits per host."""
+    shown = _without_userinfo(raw)
+    parts = urlsplit(raw)
+    if parts.scheme.lower() not in ("redis", "rediss"):
+        raise ConfigError(
+            f"OPENAI_PROXY_LIMITS_URI={shown!r}: only redis:// or rediss:// URLs such as "
+            "redis://host:6379/0 are supported"
+        )
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        raise ConfigError(f"OPENAI_PROXY_LIMITS_URI={shown!r} has an invalid port") from None
+    if not parts.hostname:
+        raise ConfigError(f"OPENAI_PROXY_LIMITS_URI={shown!r} has no host (redis://host:6379/0)")
+    if not re.fullmatch(r"/?(\d+)?", parts.path) or parts.query or parts.fragment:
+        raise ConfigError(
+            f"OPENAI_PROXY_LIMITS_URI={shown!r}: after the host only a database number may follow "
+            "(redis://host:6379/0)"
+        )
+    return raw
+
+
 def _drain_delay(values: Mapping[str, str], graceful_timeout_s: int, warnings: list[str]) -> float:
     """OPENAI_PROXY_DRAIN_DELAY_S: seconds (fractions too) >= 0 and below the graceful timeout, which
     it is part of; anything else is 0 with a warning."""
@@ -296,6 +337,9 @@ def build_config(values: Mapping[str, str]) -> Config:
     log_db = kwargs.get("log_db")
     if isinstance(log_db, str):
         kwargs["log_db"] = _log_db(log_db)
+    limits_uri = kwargs.get("limits_uri")
+    if isinstance(limits_uri, str):
+        kwargs["limits_uri"] = _limits_uri(limits_uri)
     for attr, var in _RATE_LIMIT_VARS.items():
         raw = kwargs.get(attr)
         if isinstance(raw, str) and not is_rate_limit(raw):

@@ -110,6 +110,7 @@ def configured_secrets(config: Config) -> dict[str, str]:
     for name, url in (
         ("the outbound proxy URL", config.outbound_proxy),
         ("OPENAI_PROXY_RATELIMIT_STORAGE_URI", config.ratelimit_storage_uri),
+        ("OPENAI_PROXY_LIMITS_URI", config.limits_uri),
     ):
         password = urlsplit(url).password if url and "@" in url else None
         found[f"the password in {name}"] = unquote(password) if password else None

@@ -2,8 +2,10 @@
 
 Limits count per client address, per page; the sign-in form (`/signin`) counts as a page, so guessing
 ACCESS_TOKEN there is throttled like guessing it in a page's query. Storage `memory://` (the default)
-counts in each worker process, so a client may get up to one limit per worker; a `redis://` URI makes
-the limits exact across workers and hosts. API routes and `/` are never throttled here.
+counts in each worker process, so a client may get up to one limit per worker; a `redis://` URI
+(`OPENAI_PROXY_LIMITS_URI`, else `OPENAI_PROXY_RATELIMIT_STORAGE_URI`) makes the limits exact across
+workers and hosts. A Redis that is down or stalled costs a page at most the short socket timeout, then
+the pages count in memory until it is back. API routes and `/` are never throttled here.
 """
 
 from __future__ import annotations
@@ -14,12 +16,18 @@ from flask import Flask, Response, request
 from flask_limiter import Limiter, RateLimitExceeded
 from flask_limiter.util import get_remote_address
 from limits.errors import ConfigurationError
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from app.config import Config
 from app.errors import RateLimited, render
 from app.routes import pages
 
 log = logging.getLogger("openai_proxy.ratelimit")
+
+# The same bound as the client limits' Redis calls: redis-py waits forever by default, and retries 3
+# times with back-off, so a stalled Redis would stall every page.
+REDIS_TIMEOUT_S = 0.25
 
 
 def init_limiter(app: Flask, config: Config) -> Limiter:
@@ -31,12 +39,19 @@ def init_limiter(app: Flask, config: Config) -> Limiter:
         "in_memory_fallback_enabled": True,
         "swallow_errors": True,
     }
+    uri = config.pages_limits_uri
+    if uri.startswith(("redis://", "rediss://")):
+        options["storage_options"] = {
+            "socket_timeout": REDIS_TIMEOUT_S,
+            "socket_connect_timeout": REDIS_TIMEOUT_S,
+            "retry": Retry(NoBackoff(), 0),
+        }
     try:
-        limiter = Limiter(get_remote_address, app=app, storage_uri=config.ratelimit_storage_uri, **options)
+        limiter = Limiter(get_remote_address, app=app, storage_uri=uri, **options)
     except ConfigurationError as exc:
-        log.warning(
-            "CONFIG WARNING: OPENAI_PROXY_RATELIMIT_STORAGE_URI unusable (%s); counting in memory", exc
-        )
+        variable = "OPENAI_PROXY_LIMITS_URI" if config.limits_uri else "OPENAI_PROXY_RATELIMIT_STORAGE_URI"
+        log.warning("CONFIG WARNING: %s unusable (%s); counting in memory", variable, exc)
+        options.pop("storage_options", None)
         limiter = Limiter(get_remote_address, app=app, storage_uri="memory://", **options)
 
     def limit_for_page() -> str:
