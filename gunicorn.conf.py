@@ -14,6 +14,7 @@ import signal
 import sys
 import tempfile
 
+from app.clients import ClientsFileError, load_clients
 from app.config import ConfigError, load_config
 from app.worker import clear_server_stopping, mark_server_stopping
 
@@ -53,6 +54,56 @@ os.environ["OPENAI_PROXY_RUNTIME_DIR"] = _runtime_dir
 _metrics_dir = os.path.join(_runtime_dir, "metrics")
 os.makedirs(_metrics_dir, exist_ok=True)
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
+
+# The clients file is checked here, in the master, at start and on every SIGHUP (gunicorn runs this file
+# again then). Workers read a copy of the last file that passed, so a bad edit followed by a reload
+# keeps the clients that were working (`on_reload` says why); at start, a bad file stops the server.
+_clients_problem: str | None = None
+
+
+def _publish_clients() -> None:
+    global _clients_problem
+    snapshot_var = "OPENAI_PROXY_CLIENTS_SNAPSHOT"
+    if not _config.clients_file:
+        os.environ.pop(snapshot_var, None)
+        return
+    snapshot = os.path.join(_runtime_dir, "clients.toml")
+    reloading = bool(os.environ.get("OPENAI_PROXY_CONFIG_REPORTED"))
+    try:
+        with open(_config.clients_file, "rb") as f:
+            content = f.read()
+    except OSError as exc:
+        content, problem = (
+            None,
+            f"{_config.clients_file}: cannot read the clients file: {exc.strerror or exc}",
+        )
+    if content is not None:
+        # Judge exactly the bytes that will be published: the file may change while we look.
+        candidate = f"{snapshot}.{os.getpid()}.new"
+        fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
+        try:
+            load_clients(candidate, _config.security_key)
+            problem = None
+        except ClientsFileError as exc:
+            problem = str(exc).replace(candidate, _config.clients_file)
+        if problem is None:
+            os.replace(candidate, snapshot)
+            os.environ[snapshot_var] = snapshot
+            return
+        os.unlink(candidate)
+    if not reloading:
+        sys.exit(f"openai-proxy cannot start: {problem}")
+    _clients_problem = problem
+    if not os.environ.get(snapshot_var):
+        # The file is new since the last good load, when there were no named clients: keep it so.
+        with open(snapshot, "wb"):
+            pass
+        os.environ[snapshot_var] = snapshot
+
+
+_publish_clients()
 
 # `gunicorn -c gunicorn.conf.py` alone serves the proxy; an app named on the command line still wins.
 wsgi_app = "app.wsgi:app"
@@ -117,6 +168,13 @@ def when_ready(server):
         queue_signal(signum, frame)
 
     signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def on_reload(server):
+    if _clients_problem:
+        server.log.error("Clients file not reloaded, the previous clients stay in use: %s", _clients_problem)
+    elif _config.clients_file:
+        server.log.info("Clients file reloaded: %s", _config.clients_file)
 
 
 def pre_exec(server):

@@ -51,16 +51,6 @@ def provided_security_key(headers: Headers, *sources: Mapping[str, Any]) -> str 
     return None
 
 
-def require_security_key(expected: str | None, provided: str | None) -> None:
-    """Raise Forbidden unless the proxy has a key and the client sent exactly it."""
-    if not expected:
-        raise Forbidden("The proxy has no SECURITY_KEY configured; API routes are disabled")
-    if not provided:
-        raise Forbidden("Missing security_key")
-    if not constant_time_equal(provided, expected):
-        raise Forbidden("Invalid security_key")
-
-
 BEARER, QUERY, COOKIE = "bearer", "query", "cookie"
 # The operator pages' sign-in cookie: `<issued unix time>.<hex HMAC-SHA256>`, keyed by ACCESS_TOKEN, so it
 # never contains the token and every cookie stops working when ACCESS_TOKEN changes.

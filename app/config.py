@@ -59,6 +59,11 @@ class Config:
     health2_rate_limit: str = "6/minute"
     ratelimit_storage_uri: str = "memory://"
     limits_uri: str | None = None
+    # Named client keys (`app.clients`). Under gunicorn the master checks the file at start and on every
+    # SIGHUP, and hands the workers a copy of the last good one (`clients_snapshot`), so a bad edit
+    # followed by a reload keeps the clients that were working.
+    clients_file: str | None = None
+    clients_snapshot: str | None = None
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -150,6 +155,8 @@ _STR_VARS = {
     "health2_rate_limit": ("OPENAI_PROXY_HEALTH2_RATE_LIMIT",),
     "ratelimit_storage_uri": ("OPENAI_PROXY_RATELIMIT_STORAGE_URI",),
     "limits_uri": ("OPENAI_PROXY_LIMITS_URI",),
+    "clients_file": ("OPENAI_PROXY_CLIENTS_FILE",),
+    "clients_snapshot": ("OPENAI_PROXY_CLIENTS_SNAPSHOT",),
 }
 _RATE_LIMIT_VARS = {
     "pages_rate_limit": "OPENAI_PROXY_PAGES_RATE_LIMIT",
@@ -357,7 +364,7 @@ def build_config(values: Mapping[str, str]) -> Config:
             f"OPENAI_PROXY_UPSTREAM_MAX_TIMEOUT_MS ({config.upstream_max_timeout_ms}) is below the default "
             f"timeout ({config.upstream_timeout_ms}); the effective max is {config.effective_max_timeout_ms}"
         )
-    if not config.security_key:
+    if not config.security_key and not config.clients_file:
         warnings.append(
             "SECURITY_KEY is not set: every API route answers 403 until it is configured (never open)"
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -15,10 +16,13 @@ from flask_cors import CORS
 from werkzeug.routing import BaseConverter
 
 from app import errors
+from app.admission import charge
+from app.clients import ClientsFileError, load_clients
 from app.completion_log import CompletionLog
-from app.config import Config, load_config
+from app.config import Config, ConfigError, load_config
 from app.context import RequestRecord, new_request_id
 from app.gate import Gate
+from app.limits import open_limit_store
 from app.logstore import LogStore
 from app.metrics import Metrics
 from app.prices import load_prices
@@ -62,7 +66,14 @@ def build_app(config: Config | None = None) -> Flask:
     app.url_map.merge_slashes = False
     app.url_map.redirect_defaults = False
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
-    _register_secrets(app, config)
+
+    try:
+        clients, client_keys = load_clients(
+            config.clients_snapshot or config.clients_file, config.security_key
+        )
+    except ClientsFileError as exc:
+        raise ConfigError(str(exc)) from None
+    _register_secrets(app, config, client_keys)
 
     runtime_dir = _runtime_dir(config)
     gate = Gate(os.path.join(runtime_dir, "gate.slots"), config.max_parallel_requests)
@@ -74,9 +85,11 @@ def build_app(config: Config | None = None) -> Flask:
         runtime_dir=runtime_dir,
         log_store=LogStore(config.log_db, config.log_retention),
         metrics=Metrics(runtime_dir, gate, prices),
+        clients=clients,
+        limits=open_limit_store(config),
     )
     # Observability hangs off the existing hooks: finished requests, retries, new parallel peaks.
-    st.completion_log.sinks += [st.log_store.append, st.metrics.observe]
+    st.completion_log.sinks += [st.log_store.append, st.metrics.observe, functools.partial(charge, st)]
     st.upstream.retry_sinks.append(st.log_store.append_retry)
     gate.on_new_peak = st.log_store.note_peak
 
@@ -117,7 +130,7 @@ def configured_secrets(config: Config) -> dict[str, str]:
     return {name: value for name, value in found.items() if value}
 
 
-def _register_secrets(app: Flask, config: Config) -> None:
+def _register_secrets(app: Flask, config: Config, client_keys: list[str]) -> None:
     """Mask the configured secrets by value wherever they would leave the process, while `app` lives
     (a test may build several apps in one process; the log handlers are shared)."""
     secrets = configured_secrets(config)
@@ -130,7 +143,7 @@ def _register_secrets(app: Flask, config: Config) -> None:
                 len(value),
             )
     group = ("config", id(app))
-    SECRETS.replace(group, secrets.values())
+    SECRETS.replace(group, [*secrets.values(), *client_keys])
     weakref.finalize(app, SECRETS.replace, group, ())
 
 
@@ -204,4 +217,8 @@ def _register_hooks(app: Flask) -> None:
             if rec.result is None and response.status_code < 400:
                 rec.result = "ok"
             response.call_on_close(lambda: state.completion_log.emit(rec))
+            limit_headers = getattr(ctx, "ratelimit_headers", None)
+            if limit_headers:
+                for name, value in limit_headers:
+                    headers[name] = value
         return response

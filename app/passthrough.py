@@ -20,7 +20,7 @@ from flask import request
 from werkzeug.exceptions import ClientDisconnected
 
 from app import jsonio
-from app.auth import bearer_token, constant_time_equal
+from app.auth import bearer_token
 from app.context import RequestRecord, TimeoutDecision
 from app.errors import BadRequest, ClientCancelled, Forbidden, PayloadTooLarge, RequestTimeout, Unauthorized
 from app.multipart import watch_text_field
@@ -28,7 +28,7 @@ from app.redact import redact_text
 from app.state import state
 from app.upstream import Credentials, UpstreamCall
 from app.validation import header_value
-from app.web import decide_timeout, read_limited_body, record
+from app.web import authenticate, decide_timeout, read_limited_body, record
 
 HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
@@ -84,15 +84,15 @@ class PassthroughRequest:
 
 
 def authorize() -> None:
-    """The client's Bearer token must be the proxy's SECURITY_KEY (never forwarded)."""
-    expected = state().config.security_key
-    if not expected:
-        raise Forbidden("The proxy has no SECURITY_KEY configured; API routes are disabled")
-    token = bearer_token(request.headers)
-    if not token or not constant_time_equal(token, expected):
+    """The client's Bearer token must be a client key: SECURITY_KEY or a named client's (never forwarded)."""
+    try:
+        authenticate(bearer_token(request.headers))
+    except Forbidden as exc:
+        if not len(state().clients):
+            raise
         raise Unauthorized(
-            "Incorrect API key for this proxy: use the SECURITY_KEY of the proxy as the API key"
-        )
+            "Incorrect API key for this proxy: use the SECURITY_KEY of the proxy as the API key, or a client key"
+        ) from exc
 
 
 def sdk_timeout(headers: Mapping[str, str]) -> TimeoutDecision:

@@ -9,9 +9,11 @@ from dataclasses import dataclass, field
 from flask import current_app
 from flask_limiter import Limiter
 
+from app.clients import ClientBook
 from app.completion_log import CompletionLog
 from app.config import Config
 from app.gate import Gate
+from app.limits import LimitStore
 from app.logstore import LogStore
 from app.metrics import Metrics
 from app.upstream import Upstream
@@ -27,6 +29,8 @@ class ProxyState:
     runtime_dir: str
     log_store: LogStore
     metrics: Metrics
+    clients: ClientBook
+    limits: LimitStore
     limiter: Limiter | None = None
     started_at: float = field(default_factory=time.time)
 

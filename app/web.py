@@ -15,7 +15,8 @@ from flask import g, request
 from werkzeug.datastructures import FileStorage, MultiDict
 
 from app import jsonio
-from app.auth import provided_security_key, require_security_key
+from app.auth import provided_security_key
+from app.clients import Client
 from app.context import RequestRecord, TimeoutDecision
 from app.errors import BadRequest, PayloadTooLarge, ProxyError
 from app.multipart import Spool, read_limited_form
@@ -104,10 +105,18 @@ def _override(sources: tuple[Mapping[str, Any], ...], name: str) -> str | None:
     return None
 
 
+def authenticate(provided: str | None) -> Client:
+    """The client whose key the request presents (403 otherwise); its name goes on the record."""
+    client = state().clients.authenticate(provided)
+    g.client = client
+    record().client = client.name
+    return client
+
+
 def authorize(*sources: Mapping[str, Any]) -> Credentials:
     """Check the security key and resolve the per-request upstream credentials."""
     st = state()
-    require_security_key(st.config.security_key, provided_security_key(request.headers, *sources))
+    authenticate(provided_security_key(request.headers, *sources))
     api_key, project, organization = (_override(sources, name) for name in OVERRIDE_FIELDS)
     # Upstream may echo the key back ("Incorrect API key provided: ..."), whatever it looks like.
     mask_in_this_request(api_key)

@@ -374,7 +374,7 @@ def test_an_unpriced_model_has_no_cost_and_is_counted(app, fake):
     change = metrics_change(app, action)
     entry = entry_of(app)
     assert entry["usage"]["prompt_tokens"] == 25 and entry["costUsd"] is None
-    assert change("openai_proxy_unpriced_requests_total", client="none", model="other") == 1
+    assert change("openai_proxy_unpriced_requests_total", client="default", model="other") == 1
     assert change("openai_proxy_cost_usd_total") == 0
 
 
@@ -408,13 +408,13 @@ def test_metrics_count_cost_per_client_and_price_table_model(app, fake):
 
     change = metrics_change(app, action)
     cost = "openai_proxy_cost_usd_total"
-    assert change(cost, client="none", model="gpt-4o") == pytest.approx(2 * CHAT_COST)
-    assert change(cost, client="none", model="text-embedding-3-small") == pytest.approx(1.8e-07)
+    assert change(cost, client="default", model="gpt-4o") == pytest.approx(2 * CHAT_COST)
+    assert change(cost, client="default", model="text-embedding-3-small") == pytest.approx(1.8e-07)
     assert change(cost, model="gpt-4o-2024-08-06") == 0  # labels are price-table rows
     assert change("openai_proxy_unpriced_requests_total") == 0
-    ok = {"route": "/openai", "method": "POST", "status": "200", "result": "ok", "client": "none"}
+    ok = {"route": "/openai", "method": "POST", "status": "200", "result": "ok", "client": "default"}
     assert change("openai_proxy_requests_total", **ok) == 2
-    assert change("openai_proxy_tokens_total", model="gpt-4o", kind="cached", client="none") == 400
+    assert change("openai_proxy_tokens_total", model="gpt-4o", kind="cached", client="default") == 400
 
 
 def test_a_client_name_labels_the_metrics(app, fake):

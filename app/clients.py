@@ -1,0 +1,241 @@
+"""Named clients: who may call the API routes, under which limits, for which models.
+
+`OPENAI_PROXY_CLIENTS_FILE` is a TOML file (read with the standard library's `tomllib`)::
+
+    [[client]]
+    name = "billing-service"            # [A-Za-z0-9_.-]{1,64}, unique
+    key_sha256 = "9f86d0…"              # hex SHA-256 of the key (or `key = "<the key>"`)
+    rpm = 600                           # requests per minute      (all four optional)
+    tpm = 200000                        # tokens per minute
+    daily_usd = 25.0                    # budget per UTC day
+    monthly_usd = 500.0                 # budget per UTC month
+    models = ["gpt-4o-mini"]            # allowed models; others are refused with 403
+
+`SECURITY_KEY`, when set, is the client `default` with no limits, so a deployment without a clients file
+changes nothing. Anything wrong in the file (syntax, an unknown field, a duplicate name or key, a bad
+value) is a `ClientsFileError` naming the file, the line and the reason.
+
+Lookup is by the SHA-256 digest of the presented key: one hash and one dict lookup whatever the number
+of clients, and the time taken says nothing about any stored key (an attacker would need a preimage of
+a digest to make the lookup take a different path).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.limits import Limits
+
+DEFAULT_CLIENT = "default"
+NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+_FIELDS = ("name", "key", "key_sha256", "rpm", "tpm", "daily_usd", "monthly_usd", "models")
+_INTS = ("rpm", "tpm")
+_USD = ("daily_usd", "monthly_usd")
+# Past these a value is a typo, not a plan (and would overflow the limit stores' arithmetic).
+MAX_PER_MINUTE = 10**12
+MAX_USD = 10.0**9
+
+
+class ClientsFileError(ValueError):
+    """The clients file cannot be used; the message names the file, the line and the reason."""
+
+
+@dataclass(frozen=True)
+class Client:
+    """One client as the request path sees it: its name, limits and allowed models (None = any)."""
+
+    name: str
+    limits: Limits = field(default_factory=Limits)
+    models: frozenset[str] | None = None
+
+    def allows_model(self, model: str | None) -> bool:
+        """Whether the client may call `model`; a request that names no model is not refused here."""
+        return self.models is None or model is None or model in self.models
+
+
+def key_digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+
+
+class ClientBook:
+    """The configured clients, looked up by the digest of the key a request presents."""
+
+    def __init__(self, entries: Iterable[tuple[bytes, Client]] = (), source: str | None = None) -> None:
+        self._by_digest: dict[bytes, Client] = {}
+        self._by_name: dict[str, Client] = {}
+        for digest, client in entries:
+            self._by_digest[digest] = client
+            self._by_name[client.name] = client
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def names(self) -> list[str]:
+        return sorted(self._by_name)
+
+    def get(self, name: str) -> Client | None:
+        return self._by_name.get(name)
+
+    def authenticate(self, provided: str | None) -> Client:
+        """The client whose key was presented; Forbidden (with the contract's messages) otherwise."""
+        # Imported here: gunicorn's master loads this module to check the file, and must not import
+        # the SDK (ssl) before its workers monkey-patch.
+        from app.errors import Forbidden
+
+        if not self._by_digest:
+            raise Forbidden("The proxy has no SECURITY_KEY configured; API routes are disabled")
+        if not provided:
+            raise Forbidden("Missing security_key")
+        client = self._by_digest.get(key_digest(provided))
+        if client is None:
+            raise Forbidden("Invalid security_key")
+        return client
+
+    def limited(self) -> bool:
+        """Whether any client has a limit (the request path skips the limit store otherwise)."""
+        return any(c.limits.any() for c in self._by_name.values())
+
+
+def load_clients(path: str | None, security_key: str | None) -> tuple[ClientBook, list[str]]:
+    """The clients of `path` (if any) plus `default` for SECURITY_KEY, and the plain keys found in the
+    file (secrets to mask). Raises ClientsFileError."""
+    entries: list[tuple[bytes, Client]] = []
+    plain_keys: list[str] = []
+    if security_key:
+        entries.append((key_digest(security_key), Client(DEFAULT_CLIENT)))
+    if path:
+        parsed, plain_keys = _parse_file(path, dict(entries))
+        entries += parsed
+    return ClientBook(entries, source=path), plain_keys
+
+
+def _parse_file(path: str, taken: dict[bytes, Client]) -> tuple[list[tuple[bytes, Client]], list[str]]:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise ClientsFileError(f"{path}: cannot read the clients file: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+        doc = tomllib.loads(text)
+    except UnicodeDecodeError as exc:
+        raise ClientsFileError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib says "<reason> (at line N, column M)"; put the line where every other message has it.
+        where = re.search(r"\(at line (\d+), column (\d+)\)$", str(exc))
+        if where is None:
+            raise ClientsFileError(f"{path}: {exc}") from None
+        reason = str(exc)[: where.start()].strip()
+        raise ClientsFileError(f"{path}:{where.group(1)}: {reason} (column {where.group(2)})") from None
+    lines = _table_lines(text)
+    unknown = sorted(set(doc) - {"client"})
+    if unknown:
+        line = _line_of_key(text, unknown[0], 0, None)
+        raise ClientsFileError(f"{path}:{line}: unknown key {unknown[0]!r}; expected [[client]] tables")
+    tables = doc.get("client", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ClientsFileError(f"{path}: `client` must be an array of tables: [[client]]")
+    out, plain = [], []
+    names = {client.name for client in taken.values()}
+    for index, table in enumerate(tables):
+        where = _Where(path, text, lines, index)
+        digest, client, key = _client(table, where)
+        if client.name in names:
+            why = " (SECURITY_KEY is the client 'default')" if client.name == DEFAULT_CLIENT else ""
+            raise where.error("name", f"duplicate client name {client.name!r}{why}")
+        if digest in taken:
+            raise where.error("key" if key else "key_sha256",
+                              f"client {client.name!r} has the same key as {taken[digest].name!r}"
+                              " (SECURITY_KEY is the client 'default')")  # fmt: skip
+        names.add(client.name)
+        taken[digest] = client
+        out.append((digest, client))
+        if key:
+            plain.append(key)
+    return out, plain
+
+
+class _Where:
+    """Line numbers for messages about the index-th [[client]] table (tomllib has none after parsing)."""
+
+    def __init__(self, path: str, text: str, lines: list[int], index: int) -> None:
+        self.path, self.text = path, text
+        self.start = lines[index] if index < len(lines) else 0
+        self.end = lines[index + 1] if index + 1 < len(lines) else None
+
+    def error(self, key: str | None, reason: str) -> ClientsFileError:
+        line = _line_of_key(self.text, key, self.start, self.end) if key else self.start + 1
+        return ClientsFileError(f"{self.path}:{line}: {reason}")
+
+
+def _table_lines(text: str) -> list[int]:
+    """0-based line numbers of the `[[client]]` headers, in order."""
+    return [i for i, line in enumerate(text.splitlines()) if re.match(r"\s*\[\[\s*client\s*\]\]", line)]
+
+
+def _line_of_key(text: str, key: str, start: int, end: int | None) -> int:
+    """1-based line where `key = ...` is set between lines start and end; the table's line if not found."""
+    pattern = re.compile(rf"\s*(\"?){re.escape(key)}\1\s*=")
+    for i, line in enumerate(text.splitlines()[start:end], start):
+        if pattern.match(line):
+            return i + 1
+    return start + 1
+
+
+def _client(table: Mapping[str, Any], where: _Where) -> tuple[bytes, Client, str | None]:
+    for name in table:
+        if name not in _FIELDS:
+            raise where.error(name, f"unknown field {name!r} (allowed: {', '.join(_FIELDS)})")
+    name = table.get("name")
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise where.error("name" if "name" in table else None,
+                          "every client needs a `name` of 1-64 letters, digits, '_', '.' or '-'")  # fmt: skip
+    key, key_sha = table.get("key"), table.get("key_sha256")
+    if (key is None) == (key_sha is None):
+        raise where.error(None, f"client {name!r} needs exactly one of `key` or `key_sha256`")
+    if key is not None:
+        if not isinstance(key, str) or not key.strip() or key != key.strip():
+            raise where.error(
+                "key", f"client {name!r}: `key` must be a non-empty string without surrounding spaces"
+            )
+        digest = key_digest(key)
+    else:
+        if not isinstance(key_sha, str) or not SHA256_HEX.fullmatch(key_sha):
+            raise where.error(
+                "key_sha256", f"client {name!r}: `key_sha256` must be 64 hex digits (sha256sum of the key)"
+            )
+        digest = bytes.fromhex(key_sha)
+    values: dict[str, Any] = {}
+    for limit in _INTS:
+        value = table.get(limit)
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_PER_MINUTE:
+                raise where.error(
+                    limit, f"client {name!r}: `{limit}` must be a whole number from 1 to {MAX_PER_MINUTE}"
+                )
+            values[limit] = value
+    for limit in _USD:
+        value = table.get(limit)
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+                    or not 0 < value <= MAX_USD:  # fmt: skip
+                raise where.error(limit, f"client {name!r}: `{limit}` must be a number of US dollars above 0")
+            values[limit] = float(value)
+    models = table.get("models")
+    if models is not None:
+        if (
+            not isinstance(models, list)
+            or not models
+            or not all(isinstance(m, str) and m.strip() for m in models)
+        ):
+            raise where.error("models", f"client {name!r}: `models` must be a non-empty list of model names")
+        models = frozenset(models)
+    return digest, Client(name, Limits(**values), models), key
