@@ -2,7 +2,7 @@
 
     ProxyError (500 internal_error)
     ├── BadRequest 400 · Unauthorized 401 · Forbidden 403 · NotFound 404 · RequestTimeout 408
-    ├── PayloadTooLarge 413 · RateLimited 429 · Overloaded 503 (+ Retry-After)
+    ├── PayloadTooLarge 413 · RateLimited 429 · ClientLimited 429 · Overloaded 503 (+ Retry-After)
     ├── ClientCancelled 499 (nothing is sent)
     ├── UpstreamAPIError (upstream's status) · UpstreamBadResponse 502 · UpstreamTransport 502
     ├── UpstreamTimeout 504
@@ -43,8 +43,9 @@ class ProxyError(Exception):
     type = "internal_error"
     code = "OPENAI_PROXY_INTERNAL"
     result = "internal_error"
-    # The `type` in OpenAI's shape, where OpenAI has its own word for the case.
+    # The `type` and `code` in OpenAI's shape, where OpenAI has its own words for the case.
     openai_type: str | None = None
+    openai_code: str | None = None
 
     def __init__(
         self,
@@ -82,7 +83,7 @@ class ProxyError(Exception):
                 "message": f"{self.message} (proxy request id {request_id})",
                 "type": self.openai_type or self.type,
                 "param": None,
-                "code": self.code,
+                "code": self.openai_code or self.code,
             }
         }
 
@@ -122,6 +123,23 @@ class PayloadTooLarge(ProxyError):
 
 class RateLimited(ProxyError):
     status, type, code, result = 429, "rate_limited", "OPENAI_PROXY_RATE_LIMITED", "rate_limited"
+
+
+class ClientLimited(ProxyError):
+    """A named client is past one of its own limits (rpm, tpm, a USD budget): OpenAI's words on /v1."""
+
+    status, type, code, result = 429, "rate_limited", "OPENAI_PROXY_CLIENT_LIMIT", "client_limited"
+    _OPENAI = {
+        "requests": ("requests", "rate_limit_exceeded"),
+        "tokens": ("tokens", "rate_limit_exceeded"),
+        "daily_usd": ("insufficient_quota", "insufficient_quota"),
+        "monthly_usd": ("insufficient_quota", "insufficient_quota"),
+    }
+
+    def __init__(self, limit: str, message: str, headers: dict[str, str]) -> None:
+        super().__init__(message, headers=headers)
+        self.limit = limit
+        self.openai_type, self.openai_code = self._OPENAI[limit]
 
 
 class UpstreamAPIError(ProxyError):

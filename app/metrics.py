@@ -90,6 +90,9 @@ class Metrics:
         self.retries = Counter(
             "openai_proxy_upstream_retries", "Upstream attempts retried", route, registry=reg
         )
+        self.limit_rejections = Counter("openai_proxy_limit_rejections",
+                                        "Requests refused because a client is past one of its limits",
+                                        ["client", "limit"], registry=reg)  # fmt: skip
         self.tokens = Counter("openai_proxy_tokens", "Token usage reported by upstream",
                               ["model", "kind", "client"], registry=reg)  # fmt: skip
         # Model labels here are rows of the price table (or "other"), so the series stay bounded.
@@ -97,6 +100,10 @@ class Metrics:
                             ["client", "model"], registry=reg)  # fmt: skip
         self.unpriced = Counter("openai_proxy_unpriced_requests", "Requests with usage but no price",
                                 ["client", "model"], registry=reg)  # fmt: skip
+
+    def limit_rejected(self, client: str, limit: str) -> None:
+        """A client's request was refused by its own limit (names come from the clients file only)."""
+        self._child(self.limit_rejections, client, limit).inc()
 
     def request_started(self) -> None:
         """An API request began (its completion record will end it in `observe`)."""

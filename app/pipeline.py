@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from flask import Response, request
 
 from app import jsonio
+from app.admission import admit
 from app.context import RequestRecord
 from app.disconnect import cancel_current_greenlet
 from app.errors import Overloaded, UpstreamBadResponse, classify, upstream_api_error
@@ -36,7 +37,10 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def take_slot(record: RequestRecord) -> SlotGuard:
-    """A gate slot for one upstream call, or 503 + Retry-After: 1 right away (never queues)."""
+    """A gate slot for one upstream call, or 503 + Retry-After: 1 right away (never queues).
+
+    The client's own model allowlist and limits are judged first (403 / 429, `app.admission`)."""
+    admit(record)
     gate = state().gate
     slot = gate.try_acquire()
     if slot is None:
