@@ -132,3 +132,28 @@ def test_the_sdk_sees_a_rate_limit_error(gunicorn_server, fake, tmp_path):
         sdk.chat.completions.create(**CHAT)
     assert info.value.code == "rate_limit_exceeded"
     assert info.value.response.headers["x-ratelimit-limit-requests"] == "1"
+
+
+@pytest.mark.parametrize("budget", ["daily_usd", "monthly_usd"])
+def test_a_spent_budget_is_insufficient_quota_until_the_period_ends(make_app, fake, tmp_path, budget):
+    # The fake's chat answer costs 7.725e-06 USD at gpt-4o-mini's prices: the first call is admitted
+    # (nothing spent yet) and charged; then the budget is spent.
+    app = make_app(OPENAI_PROXY_CLIENTS_FILE=clients_file(tmp_path, **{budget: 0.000005}))
+    client = app.test_client()
+    assert post_json(client, "/openai", CHAT, headers=as_client(LIMITED_KEY)).status_code == 200
+    assert app.records[-1]["costUsd"] == pytest.approx(7.725e-06)
+    legacy = post_json(client, "/openai", CHAT, headers=as_client(LIMITED_KEY))
+    assert legacy.status_code == 429
+    error = error_of(legacy)
+    assert error["code"] == "OPENAI_PROXY_CLIENT_LIMIT"
+    period = "today (UTC)" if budget == "daily_usd" else "this month (UTC)"
+    assert f"past its limit of 5e-06 USD budget for {period}" in error["message"]
+    v1 = post_json(client, "/v1/chat/completions", CHAT, headers=as_client(LIMITED_KEY))
+    assert v1.status_code == 429
+    assert (v1.get_json()["error"]["type"], v1.get_json()["error"]["code"]) == ("insufficient_quota",) * 2
+    # Retry-After runs to the next UTC day (month): more than a second, at most a day (31 days).
+    assert 1 <= int(v1.headers["Retry-After"]) <= (86400 if budget == "daily_usd" else 31 * 86400)
+    assert fake.count("/v1/chat/completions") == 1
+    # Spend survives a restart of the server (a new app on the same files).
+    again = make_app(OPENAI_PROXY_CLIENTS_FILE=clients_file(tmp_path, **{budget: 0.000005}))
+    assert post_json(again.test_client(), "/openai", CHAT, headers=as_client(LIMITED_KEY)).status_code == 429
