@@ -19,12 +19,13 @@ log = logging.getLogger("openai_proxy.completion")
 Sink = Callable[[dict[str, Any]], None]
 
 
-def build_entry(record: RequestRecord) -> dict[str, Any]:
+def build_entry(record: RequestRecord, host: str | None = None) -> dict[str, Any]:
     """The record as a flat, redacted dict (the shape stored and printed).
 
     Only the fields that carry text from outside (the client, upstream) can hold a secret, so only
     they go through redaction; the rest are our own ids, numbers and route templates. Redaction masks
-    the configured secrets and the request's own override key by value (`app.redact`).
+    the configured secrets and the request's own override key by value (`app.redact`). `host` names
+    the server (OPENAI_PROXY_HOST_NAME), for logs several servers share.
     """
     timeout = record.timeout
     upstream_ms = record.upstream_ms()
@@ -51,6 +52,7 @@ def build_entry(record: RequestRecord) -> dict[str, Any]:
         "usage": record.usage,
         "attempts": record.attempts or None,
         "error": redact(record.error) if record.error else None,
+        "host": host,
         "pid": os.getpid(),
     }
     return entry
@@ -59,8 +61,9 @@ def build_entry(record: RequestRecord) -> dict[str, Any]:
 class CompletionLog:
     """Emits each finished request once: a stdout line, then the registered sinks (store, metrics)."""
 
-    def __init__(self, stream: TextIO | None = None) -> None:
+    def __init__(self, stream: TextIO | None = None, host: str | None = None) -> None:
         self._stream = stream
+        self.host = host
         self.sinks: list[Sink] = []
 
     def emit(self, record: RequestRecord) -> dict[str, Any] | None:
@@ -68,7 +71,7 @@ class CompletionLog:
             return None
         record.finished = True
         try:
-            entry = build_entry(record)
+            entry = build_entry(record, self.host)
         finally:
             end_of_request()  # the request's own secrets were needed up to here, and not after
         out = self._stream or sys.stdout

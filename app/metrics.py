@@ -90,6 +90,9 @@ class Metrics:
         )
         self.tokens = Counter("openai_proxy_tokens", "Token usage reported by upstream",
                               ["model", "kind"], registry=reg)  # fmt: skip
+        self.log_dropped = Counter(
+            "openai_proxy_log_dropped", "Request log records dropped from a full queue", registry=reg
+        )
 
     def request_started(self) -> None:
         """An API request began (its completion record will end it in `observe`)."""
@@ -119,6 +122,10 @@ class Metrics:
             for kind in ("prompt", "completion", "cached"):
                 if usage.get(f"{kind}_tokens"):
                     self._child(self.tokens, model, kind).inc(usage[f"{kind}_tokens"])
+
+    def log_record_dropped(self) -> None:
+        """The log store's queue was full (its database slow or unreachable): one record lost."""
+        self.log_dropped.inc()
 
     def _child(self, metric: Any, *labels: str) -> Any:
         # `labels()` locks and builds its key on every call; this runs once per request, so reuse.
