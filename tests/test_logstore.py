@@ -17,7 +17,7 @@ from tests.logpage import AUTH, CHAT, CLOSE, counters, rows, served_by
 
 
 @pytest.fixture
-def app(make_app, log_db):
+def app(log_db, make_app):
     return make_app(OPENAI_PROXY_LOG_DB=log_db)
 
 
@@ -45,7 +45,7 @@ def test_records_and_counters_appear_after_requests(client, fake):
     assert c["Max request time"] == "0.0" and c["Total request time"] == "0.0"
 
 
-def test_retention_trims_records_but_not_counters_and_both_survive_a_restart(make_app, fake, log_db):
+def test_retention_trims_records_but_not_counters_and_both_survive_a_restart(log_db, make_app, fake):
     app = make_app(OPENAI_PROXY_LOG_RETENTION="3", OPENAI_PROXY_LOG_DB=log_db)
     client = app.test_client()
     sent = [post_json(client, "/openai", CHAT).headers["X-Proxy-Request-Id"] for _ in range(5)]
@@ -76,7 +76,7 @@ def test_retries_are_stored_as_error_records(client, fake):
     assert ">Retry count: 1<" in errors
 
 
-def test_max_parallel_requests_is_the_servers_high_water_mark(make_app, fake, log_db):
+def test_max_parallel_requests_is_the_servers_high_water_mark(log_db, make_app, fake):
     app = make_app(OPENAI_PROXY_LOG_DB=log_db)
     fake.push("POST", "/v1/chat/completions", delay(0.5), times=3)
     jobs = [gevent.spawn(post_json, app.test_client(), "/openai", CHAT) for _ in range(3)]
