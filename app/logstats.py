@@ -22,7 +22,7 @@ MINUTE_KEEP_MINUTES = 2 * 24 * 60
 # stream may last. A duration lands in the first bucket whose bound it does not exceed; longer ones
 # land in the last.
 BUCKETS = 24
-BOUNDS_MS = tuple(10.0 * (90_000.0 ** (i / (BUCKETS - 1))) for i in range(BUCKETS))
+BOUNDS_MS = tuple(round(10.0 * 90_000.0 ** (i / (BUCKETS - 1)), 2) for i in range(BUCKETS))
 _B = [f"b{i:02d}" for i in range(BUCKETS)]
 
 SCHEMA = (

@@ -89,7 +89,7 @@ def _postgres(url: str) -> str:
             name, colon, port = host.partition(":")
             rest = colon + port
         if rest and not (rest[0] == ":" and rest[1:].isdigit() and 0 < int(rest[1:]) < 65536):
-            raise ValueError(f"{rest[1:] or host!r} is not a port number (1 to 65535)")
+            raise ValueError(f"{rest.removeprefix(':') or host!r} is not a port number (1 to 65535)")
         if any(c in name for c in "/?#@ "):
             raise ValueError(f"{name!r} is not a host name")
     try:
