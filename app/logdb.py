@@ -178,21 +178,24 @@ def write_batch(db: Database, batch: Batch, retention: int) -> bool:
     totals = tally(e for e, _ in completions) if completions else {}
     if batch.peak:
         totals["max_parallel"] = batch.peak
-    db.begin_write()
     try:
-        if db.execute(_CLAIM, (batch.writer, batch.host, batch.seq, batch.at)).fetchone() is None:
+        with db.pipeline():  # everything up to the claim's answer in one round trip (PostgreSQL)
+            db.begin_write()
+            claim = db.execute(_CLAIM, (batch.writer, batch.host, batch.seq, batch.at))
+            db.insert_rows(_INSERT, rows)
+            db.executemany(_ADD, [(k, v) for k, v in sorted(totals.items()) if k in SUMS])
+            db.executemany(_RAISE, [(k, v) for k, v in sorted(totals.items()) if k in MAXIMA])
+            logstats.add(db, completions)
+            db.execute(_HOST, (batch.host, batch.dropped, batch.at))
+            for level in sorted(levels):
+                db.execute(_TRIM, (level, level, retention))
+            if batch.prune:
+                logstats.prune(db, batch.at)
+                db.execute("DELETE FROM log_writers WHERE updated < ?", (batch.at - WRITERS_KEEP_S,))
+            fresh = claim.fetchone() is not None
+        if not fresh:  # written before: undo this copy
             db.rollback()
             return False
-        db.executemany(_INSERT, rows)
-        db.executemany(_ADD, [(k, v) for k, v in sorted(totals.items()) if k in SUMS])
-        db.executemany(_RAISE, [(k, v) for k, v in sorted(totals.items()) if k in MAXIMA])
-        logstats.add(db, completions)
-        db.execute(_HOST, (batch.host, batch.dropped, batch.at))
-        for level in sorted(levels):
-            db.execute(_TRIM, (level, level, retention))
-        if batch.prune:
-            logstats.prune(db, batch.at)
-            db.execute("DELETE FROM log_writers WHERE updated < ?", (batch.at - WRITERS_KEEP_S,))
         db.commit()
     except BaseException:
         db.rollback()
@@ -238,7 +241,7 @@ class LogPage:
     total: int
     counters: dict[str, float]
     endpoints: list[str]
-    hosts: list[str] = field(default_factory=list)
+    hosts: list[str] = field(default_factory=list)  # every host that has written to the log
     clients: list[str] = field(default_factory=list)
     dropped: dict[str, int] = field(default_factory=dict)  # per host, as saved in the database
 
@@ -259,8 +262,8 @@ def _distinct(db: Database, column: str, level: str) -> list[str]:
 
 
 def read_page(db: Database, level: str, where: LogFilter, page: int, per_page: int) -> LogPage:
-    """Records of one level, newest first, with the counters, the endpoints, hosts and clients seen at
-    that level, and the records each host dropped."""
+    """Records of one level, newest first, with the counters, the endpoints and clients seen at that
+    level, the hosts that write to the log and the records each of them dropped."""
     sql, args = where.where(level)
     # One read transaction, so the counters, the total and the rows agree with each other.
     db.begin_read()
@@ -270,8 +273,9 @@ def read_page(db: Database, level: str, where: LogFilter, page: int, per_page: i
             f"SELECT id, ts, kind, host, data FROM records WHERE {sql} ORDER BY ts DESC, id DESC LIMIT ? OFFSET ?",
             [*args, per_page, (page - 1) * per_page],
         ).fetchall()
-        seen = {column: _distinct(db, column, level) for column in ("endpoint", "host", "client")}
-        dropped = db.execute("SELECT host, dropped FROM log_hosts WHERE dropped > 0 ORDER BY host").fetchall()
+        seen = {column: _distinct(db, column, level) for column in ("endpoint", "client")}
+        # Every host that has written to this log, on both pages (a small table; no scan of records).
+        hosts = db.execute("SELECT host, dropped FROM log_hosts ORDER BY host").fetchall()
         counters = read_counters(db)
     except BaseException:
         db.rollback()
@@ -282,5 +286,5 @@ def read_page(db: Database, level: str, where: LogFilter, page: int, per_page: i
         record = {**loads(data), "id": i, "ts": ts, "kind": kind}
         record.setdefault("host", host)  # records from before hosts were recorded have none
         records.append(record)
-    return LogPage(records, int(total), counters, seen["endpoint"], seen["host"], seen["client"],
-                   {host: int(n) for host, n in dropped})  # fmt: skip
+    return LogPage(records, int(total), counters, seen["endpoint"], [host for host, _ in hosts], seen["client"],
+                   {host: int(n) for host, n in hosts if n})  # fmt: skip

@@ -35,6 +35,7 @@ from app import logurl
 WRITE_LOCK_KEY = 0x6F70656E61697078  # "openaipx"
 SCHEMA_LOCK_KEY = WRITE_LOCK_KEY + 1
 PG_CONNECT_TIMEOUT_S = 3
+INSERT_ROWS_PER_STATEMENT = 500  # x 12 columns: well below PostgreSQL's 65535 parameters
 # Bounds for one statement and one lock wait: a database that hangs must not hold the writer (and the
 # pages, which share its thread) forever. A failed write is retried; nothing is lost.
 PG_STATEMENT_TIMEOUT_MS = 30_000
@@ -70,8 +71,17 @@ class Database:
     def executemany(self, text: str, rows: Sequence[Sequence[Any]]) -> None:
         raise NotImplementedError
 
+    def insert_rows(self, text: str, rows: Sequence[Sequence[Any]]) -> None:
+        """`INSERT ... VALUES (?, ...)` for every row, the fastest way the dialect has."""
+        self.executemany(text, rows)
+
     def begin_write(self) -> None:
         raise NotImplementedError
+
+    def pipeline(self) -> contextlib.AbstractContextManager[Any]:
+        """Statements inside are sent without waiting for each answer; a result is read (and errors
+        surface) when it is fetched or the block ends."""
+        return contextlib.nullcontext()
 
     def begin_read(self) -> None:
         self.execute("BEGIN")
@@ -199,9 +209,23 @@ class PostgresDatabase(Database):
         if rows:
             self.conn.cursor().executemany(self.sql(text), rows)  # pipelined: one round trip
 
+    def insert_rows(self, text: str, rows: Sequence[Sequence[Any]]) -> None:
+        # Many rows per statement: 1000 records took 160 ms through executemany, 33 ms this way
+        # (COPY would be faster still, but cannot run inside a pipeline).
+        head, _, group = self._translate(text).rpartition(" VALUES ")
+        for start in range(0, len(rows), INSERT_ROWS_PER_STATEMENT):
+            chunk = rows[start : start + INSERT_ROWS_PER_STATEMENT]
+            self.conn.execute(
+                f"{head} VALUES {', '.join([group] * len(chunk))}", [v for r in chunk for v in r]
+            )
+
     def begin_write(self) -> None:
         self.execute("BEGIN")
         self.execute("SELECT pg_advisory_xact_lock(?)", (WRITE_LOCK_KEY,))
+
+    def pipeline(self) -> contextlib.AbstractContextManager[Any]:
+        # A batch's dozen statements in one round trip instead of one each (libpq pipeline mode).
+        return self.conn.pipeline()
 
     def begin_read(self) -> None:
         # One snapshot for the counters, the total and the rows of a page.

@@ -310,3 +310,18 @@ def test_an_unreachable_database_never_fails_requests(make_app, fake):
         body["logStore"]["queued"] == 3 and body["logStore"]["path"] == f"postgresql://127.0.0.1:{port}/log"
     )
     assert "hunter2secret" not in health.get_data(as_text=True)
+
+
+def test_a_large_batch_is_written_whole_in_several_statements(postgres_db):
+    store = LogStore(postgres_db.url, retention=5000, host="h1")
+    try:
+        for i in range(1201):  # three multi-row INSERTs of at most 500 rows
+            store.append(entry(f"r{i:04d}", status=200 if i % 3 else 503))
+        assert store.flush() is True and store.written == 1201
+        assert stored_ids(postgres_db) == [f"r{i:04d}" for i in range(1201)]
+        assert postgres_db.query("SELECT level, COUNT(*) FROM records GROUP BY level ORDER BY level") == [
+            ("error", 401), ("info", 800)
+        ]  # fmt: skip
+        assert (counter(postgres_db, "request_count"), counter(postgres_db, "error_count")) == (1201, 401)
+    finally:
+        store.close()
