@@ -40,6 +40,9 @@ INSERT_ROWS_PER_STATEMENT = 500  # x 12 columns: well below PostgreSQL's 65535 p
 # pages, which share its thread) forever. A failed write is retried; nothing is lost.
 PG_STATEMENT_TIMEOUT_MS = 30_000
 PG_LOCK_TIMEOUT_MS = 10_000
+# A host that dies inside a write transaction would hold the write lock until the server notices the
+# dead connection (hours, with default keepalives); the server ends such a session after this instead.
+PG_IDLE_IN_TRANSACTION_MS = 30_000
 
 
 class Database:
@@ -193,8 +196,11 @@ class PostgresDatabase(Database):
         params = {k: v for k, v in defaults.items() if k not in given}
         self.conn = psycopg.connect(url, autocommit=True, **params)
         try:
-            self.conn.execute(f"SET statement_timeout = {PG_STATEMENT_TIMEOUT_MS}")
-            self.conn.execute(f"SET lock_timeout = {PG_LOCK_TIMEOUT_MS}")
+            self.conn.execute(
+                "SELECT set_config('statement_timeout', %s, false), set_config('lock_timeout', %s, false),"
+                " set_config('idle_in_transaction_session_timeout', %s, false)",
+                (str(PG_STATEMENT_TIMEOUT_MS), str(PG_LOCK_TIMEOUT_MS), str(PG_IDLE_IN_TRANSACTION_MS)),
+            )
         except BaseException:
             self.conn.close()
             raise
