@@ -20,12 +20,15 @@ log = logging.getLogger("openai_proxy.completion")
 Sink = Callable[[dict[str, Any]], None]
 
 
-def build_entry(record: RequestRecord, prices: PriceTable | None = None) -> dict[str, Any]:
+def build_entry(
+    record: RequestRecord, prices: PriceTable | None = None, host: str | None = None
+) -> dict[str, Any]:
     """The record as a flat, redacted dict (the shape stored and printed).
 
     Only the fields that carry text from outside (the client, upstream) can hold a secret, so only
     they go through redaction; the rest are our own ids, numbers and route templates. Redaction masks
-    the configured secrets and the request's own override key by value (`app.redact`).
+    the configured secrets and the request's own override key by value (`app.redact`). `host` names
+    the server (OPENAI_PROXY_HOST_NAME), for logs several servers share.
     """
     timeout = record.timeout
     upstream_ms = record.upstream_ms()
@@ -54,6 +57,7 @@ def build_entry(record: RequestRecord, prices: PriceTable | None = None) -> dict
         "costUsd": cost_usd(record, prices),
         "attempts": record.attempts or None,
         "error": redact(record.error) if record.error else None,
+        "host": host,
         "pid": os.getpid(),
     }
     return entry
@@ -72,9 +76,12 @@ def cost_usd(record: RequestRecord, prices: PriceTable | None) -> float | None:
 class CompletionLog:
     """Emits each finished request once: a stdout line, then the registered sinks (store, metrics)."""
 
-    def __init__(self, stream: TextIO | None = None, prices: PriceTable | None = None) -> None:
+    def __init__(
+        self, stream: TextIO | None = None, prices: PriceTable | None = None, host: str | None = None
+    ) -> None:
         self._stream = stream
         self._prices = prices
+        self.host = host
         self.sinks: list[Sink] = []
 
     def emit(self, record: RequestRecord) -> dict[str, Any] | None:
@@ -82,7 +89,7 @@ class CompletionLog:
             return None
         record.finished = True
         try:
-            entry = build_entry(record, self._prices)
+            entry = build_entry(record, self._prices, self.host)
         finally:
             end_of_request()  # the request's own secrets were needed up to here, and not after
         out = self._stream or sys.stdout

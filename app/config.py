@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import os
 import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,8 @@ from urllib.parse import urlsplit, urlunsplit
 from urllib.request import proxy_bypass_environment
 
 from dotenv import dotenv_values
+
+from app import logurl
 
 log = logging.getLogger("openai_proxy.config")
 
@@ -55,6 +58,9 @@ class Config:
     keepalive_s: int = 5
     log_db: str = "var/openai-proxy.sqlite3"
     log_retention: int = 10_000
+    log_max_queue: int = 10_000
+    # Names this server on the records of a log several servers share (OPENAI_PROXY_HOST_NAME).
+    host_name: str = field(default_factory=socket.gethostname)
     pages_rate_limit: str = "60/minute"
     health2_rate_limit: str = "6/minute"
     ratelimit_storage_uri: str = "memory://"
@@ -83,6 +89,8 @@ class Config:
                 value = "set" if value else "unset"
             elif f.name in ("outbound_proxy", "ratelimit_storage_uri", "limits_uri") and value:
                 value = _without_userinfo(value)
+            elif f.name == "log_db":
+                value = logurl.shown(value)
             out[f.name] = value
         out["effective_max_timeout_ms"] = self.effective_max_timeout_ms
         return out
@@ -137,6 +145,7 @@ _INT_VARS = {
     "OPENAI_PROXY_GRACEFUL_TIMEOUT_S": "graceful_timeout_s",
     "OPENAI_PROXY_KEEPALIVE_S": "keepalive_s",
     "OPENAI_PROXY_LOG_RETENTION": "log_retention",
+    "OPENAI_PROXY_LOG_MAX_QUEUE": "log_max_queue",
 }
 # The first name present wins, so the SDK's own variable names work as aliases.
 _STR_VARS = {
@@ -151,6 +160,7 @@ _STR_VARS = {
     "runtime_dir": ("OPENAI_PROXY_RUNTIME_DIR",),
     "ca_bundle": ("OPENAI_PROXY_CA_BUNDLE", "SSL_CERT_FILE"),
     "log_db": ("OPENAI_PROXY_LOG_DB",),
+    "host_name": ("OPENAI_PROXY_HOST_NAME",),
     "pages_rate_limit": ("OPENAI_PROXY_PAGES_RATE_LIMIT",),
     "health2_rate_limit": ("OPENAI_PROXY_HEALTH2_RATE_LIMIT",),
     "ratelimit_storage_uri": ("OPENAI_PROXY_RATELIMIT_STORAGE_URI",),
@@ -222,25 +232,25 @@ def outbound_proxy(values: Mapping[str, str], base_url: str) -> str | None:
     return f"http://{netloc}"
 
 
-_URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
-
-
 def _log_db(raw: str) -> str:
-    """OPENAI_PROXY_LOG_DB: a SQLite file path. A URL stops the server rather than become a folder
-    named like `postgresql:` in the working directory."""
-    url = _URL_SCHEME.match(raw)
-    if url is None:
-        return raw
-    scheme, shown = url.group(0)[:-3].lower(), _without_userinfo(raw)
-    if scheme.partition("+")[0] in ("postgresql", "postgres"):
+    """OPENAI_PROXY_LOG_DB: a SQLite file path or a postgresql:// URL (`app.logurl`)."""
+    try:
+        return logurl.check(raw)
+    except ValueError as exc:
+        raise ConfigError(f"OPENAI_PROXY_LOG_DB={logurl.shown(raw)!r}: {exc}") from None
+
+
+_HOST_NAME = re.compile(r"[A-Za-z0-9._:@/+-]{1,200}")
+
+
+def _host_name(raw: str) -> str:
+    """OPENAI_PROXY_HOST_NAME names this server on every record: 1 to 200 printable characters, no spaces."""
+    if not _HOST_NAME.fullmatch(raw):
         raise ConfigError(
-            f"OPENAI_PROXY_LOG_DB={shown!r}: PostgreSQL is not supported yet; "
-            "use a SQLite file path such as var/openai-proxy.sqlite3"
+            f"OPENAI_PROXY_HOST_NAME={raw[:60]!r} must be 1 to 200 letters, digits or . _ : @ / + - "
+            "(no spaces); it names this server on the records of a shared log"
         )
-    raise ConfigError(
-        f"OPENAI_PROXY_LOG_DB={shown!r} is a {scheme}:// URL, not a file path; only a SQLite file path "
-        "such as var/openai-proxy.sqlite3 is supported"
-    )
+    return raw
 
 
 def _limits_uri(raw: str) -> str:
@@ -347,6 +357,8 @@ def build_config(values: Mapping[str, str]) -> Config:
     limits_uri = kwargs.get("limits_uri")
     if isinstance(limits_uri, str):
         kwargs["limits_uri"] = _limits_uri(limits_uri)
+    if isinstance(kwargs.get("host_name"), str):
+        kwargs["host_name"] = _host_name(str(kwargs["host_name"]))
     for attr, var in _RATE_LIMIT_VARS.items():
         raw = kwargs.get(attr)
         if isinstance(raw, str) and not is_rate_limit(raw):

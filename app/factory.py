@@ -15,7 +15,7 @@ from flask import Flask, Response, g, request
 from flask_cors import CORS
 from werkzeug.routing import BaseConverter
 
-from app import errors
+from app import errors, logurl
 from app.admission import charge
 from app.clients import ClientsFileError, load_clients
 from app.completion_log import CompletionLog
@@ -81,9 +81,11 @@ def build_app(config: Config | None = None) -> Flask:
         config=config,
         upstream=Upstream(config),
         gate=gate,
-        completion_log=CompletionLog(prices=prices),
+        completion_log=CompletionLog(prices=prices, host=config.host_name),
         runtime_dir=runtime_dir,
-        log_store=LogStore(config.log_db, config.log_retention),
+        log_store=LogStore(
+            config.log_db, config.log_retention, max_queue=config.log_max_queue, host=config.host_name
+        ),
         metrics=Metrics(runtime_dir, gate, prices),
         clients=clients,
         limits=open_limit_store(config),
@@ -92,6 +94,7 @@ def build_app(config: Config | None = None) -> Flask:
     st.completion_log.sinks += [st.log_store.append, st.metrics.observe, functools.partial(charge, st)]
     st.upstream.retry_sinks.append(st.log_store.append_retry)
     gate.on_new_peak = st.log_store.note_peak
+    st.log_store.on_drop = st.metrics.log_record_dropped
 
     _register_hooks(app)
     errors.register(app, errors.LEGACY)
@@ -127,6 +130,8 @@ def configured_secrets(config: Config) -> dict[str, str]:
     ):
         password = urlsplit(url).password if url and "@" in url else None
         found[f"the password in {name}"] = unquote(password) if password else None
+    for i, password in enumerate(logurl.secrets(config.log_db)):
+        found[f"password {i + 1} in OPENAI_PROXY_LOG_DB"] = password
     return {name: value for name, value in found.items() if value}
 
 

@@ -44,6 +44,7 @@ VERSIONED = (
     "httpx2",
     "flask-limiter",
     "prometheus-client",
+    "psycopg",
 )
 _CONVERTER = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
 

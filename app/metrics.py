@@ -100,6 +100,9 @@ class Metrics:
                             ["client", "model"], registry=reg)  # fmt: skip
         self.unpriced = Counter("openai_proxy_unpriced_requests", "Requests with usage but no price",
                                 ["client", "model"], registry=reg)  # fmt: skip
+        self.log_dropped = Counter(
+            "openai_proxy_log_dropped", "Request log records dropped from a full queue", registry=reg
+        )
 
     def limit_rejected(self, client: str, limit: str) -> None:
         """A client's request was refused by its own limit (names come from the clients file only)."""
@@ -145,6 +148,10 @@ class Metrics:
             self._child(self.unpriced, client, priced or "other").inc()
         elif cost > 0:
             self._child(self.cost, client, priced or "other").inc(cost)
+
+    def log_record_dropped(self) -> None:
+        """The log store's queue was full (its database slow or unreachable): one record lost."""
+        self.log_dropped.inc()
 
     def _child(self, metric: Any, *labels: str) -> Any:
         # `labels()` locks and builds its key on every call; this runs once per request, so reuse.

@@ -27,7 +27,8 @@ COUNTER_LABELS = (
     "Overload count",
     "Cancelled request count",
 )
-_ROW = re.compile(r'<tr data-kind="(\w+)" data-request-id="([^"]*)" data-pid="(\d+)">')
+_ROW = re.compile(r'<tr data-kind="(\w+)" data-request-id="([^"]*)" data-pid="(\d+)"[^>]*>')
+_HOST_ROW = re.compile(r'<tr data-kind="\w+" data-request-id="([^"]*)" data-pid="\d+" data-host="([^"]*)">')
 
 
 def counters(html: str) -> dict[str, str]:
@@ -43,6 +44,11 @@ def counters(html: str) -> dict[str, str]:
 def rows(html: str) -> list[tuple[str, str, int]]:
     """(kind, request id, pid) of each record shown, top to bottom."""
     return [(kind, rid, int(pid)) for kind, rid, pid in _ROW.findall(html)]
+
+
+def row_hosts(html: str) -> list[tuple[str, str]]:
+    """(request id, host) of each record shown, top to bottom."""
+    return _HOST_ROW.findall(html)
 
 
 def served_by(html: str) -> int:

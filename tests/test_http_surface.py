@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import uuid
 
 import pytest
@@ -174,8 +175,9 @@ def test_completion_record_fields(client, records, capsys):
     assert set(entry) == {"event", "requestId", "incomingRequestId", "upstreamRequestId", "endpoint", "method",
                           "model", "stream", "timeoutMs", "timeoutSource", "start", "durationMs", "upstreamMs",
                           "result", "status", "retries", "overloaded", "cancelled", "usage", "error", "pid",
-                          "client", "attempts", "upstreamModel", "costUsd"}  # fmt: skip
+                          "client", "attempts", "upstreamModel", "costUsd", "host"}  # fmt: skip
     assert entry["event"] == "completion"
+    assert entry["host"] == socket.gethostname()  # OPENAI_PROXY_HOST_NAME's default
     assert entry["requestId"] == r.headers["X-Proxy-Request-Id"]
     assert entry["incomingRequestId"] == "in-1"
     assert entry["upstreamRequestId"].startswith("req_fake_")

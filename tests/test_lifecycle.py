@@ -35,9 +35,7 @@ PAGES = {"OPENAI_PROXY_PAGES_RATE_LIMIT": "1000/minute"}
 @pytest.mark.parametrize(
     ("value", "says"),
     [
-        ("postgresql://proxy:hunter2@db.example/proxy", "PostgreSQL is not supported yet"),
-        ("postgres://db.example/proxy", "PostgreSQL is not supported yet"),
-        ("postgresql+psycopg://db.example/proxy", "PostgreSQL is not supported yet"),
+        ("postgresql+psycopg://proxy:hunter2@db.example/proxy", "names a driver (SQLAlchemy's form)"),
         ("redis://x", "is a redis:// URL, not a file path"),
         ("sqlite:///var/log.sqlite3", "is a sqlite:// URL, not a file path"),
     ],
@@ -400,14 +398,18 @@ def test_the_config_file_alone_starts_the_app_and_the_log_names_the_real_bind(tm
 
 
 @pytest.mark.gunicorn
-def test_a_postgresql_log_db_stops_the_server_with_a_clear_message(tmp_path, fake):
-    proc = _start(tmp_path, fake, [], cwd=tmp_path, OPENAI_PROXY_LOG_DB="postgresql://proxy:hunter2@db/proxy")
+def test_a_bad_postgresql_log_db_stops_the_server_with_a_clear_message(tmp_path, fake):
+    url = "postgresql://proxy:hunter2@db/proxy?sslmod=require"  # a typo libpq would refuse much later
+    proc = _start(tmp_path, fake, [], cwd=tmp_path, OPENAI_PROXY_LOG_DB=url)
     try:
         returncode = proc.wait(timeout=30)
     finally:
         _stop(proc)
     log = (tmp_path / "gunicorn.log").read_text()
     assert returncode != 0, log
-    assert "openai-proxy cannot start: OPENAI_PROXY_LOG_DB=" in log and "not supported yet" in log, log
+    assert (
+        "openai-proxy cannot start: OPENAI_PROXY_LOG_DB='postgresql://db/proxy?sslmod=require': "
+        "unknown connection parameter(s): sslmod" in log
+    ), log
     assert "hunter2" not in log
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gunicorn.log"]  # no `postgresql:` folder

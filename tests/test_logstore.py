@@ -1,4 +1,5 @@
-"""The shared request log: records and counters in SQLite, across workers and restarts, never in the way."""
+"""The shared request log: records and counters in SQLite or PostgreSQL, across workers and restarts,
+never in the way. Tests that take `log_db` run once per backend."""
 
 from __future__ import annotations
 
@@ -13,6 +14,11 @@ from app.logstore import LogStore
 from tests.conftest import SECURITY_KEY, post_json
 from tests.fake_upstream import delay, error
 from tests.logpage import AUTH, CHAT, CLOSE, counters, rows, served_by
+
+
+@pytest.fixture
+def app(log_db, make_app):
+    return make_app(OPENAI_PROXY_LOG_DB=log_db)
 
 
 def log_html(client, path: str = "/log", query: str = "") -> str:
@@ -39,8 +45,8 @@ def test_records_and_counters_appear_after_requests(client, fake):
     assert c["Max request time"] == "0.0" and c["Total request time"] == "0.0"
 
 
-def test_retention_trims_records_but_not_counters_and_both_survive_a_restart(make_app, fake):
-    app = make_app(OPENAI_PROXY_LOG_RETENTION="3")
+def test_retention_trims_records_but_not_counters_and_both_survive_a_restart(log_db, make_app, fake):
+    app = make_app(OPENAI_PROXY_LOG_RETENTION="3", OPENAI_PROXY_LOG_DB=log_db)
     client = app.test_client()
     sent = [post_json(client, "/openai", CHAT).headers["X-Proxy-Request-Id"] for _ in range(5)]
     post_json(client, "/openai", {"security_key": "nope"})
@@ -50,7 +56,7 @@ def test_retention_trims_records_but_not_counters_and_both_survive_a_restart(mak
     assert counters(html)["Request count"] == "6" and counters(html)["Error count"] == "1"
     app.extensions["openai_proxy"].log_store.close()  # the worker exits
 
-    restarted = make_app(OPENAI_PROXY_LOG_RETENTION="3").test_client()
+    restarted = make_app(OPENAI_PROXY_LOG_RETENTION="3", OPENAI_PROXY_LOG_DB=log_db).test_client()
     html = log_html(restarted)
     assert [rid for _, rid, _ in rows(html)] == sent[:1:-1]
     assert counters(html)["Request count"] == "6"
@@ -70,8 +76,8 @@ def test_retries_are_stored_as_error_records(client, fake):
     assert ">Retry count: 1<" in errors
 
 
-def test_max_parallel_requests_is_the_servers_high_water_mark(make_app, fake):
-    app = make_app()
+def test_max_parallel_requests_is_the_servers_high_water_mark(log_db, make_app, fake):
+    app = make_app(OPENAI_PROXY_LOG_DB=log_db)
     fake.push("POST", "/v1/chat/completions", delay(0.5), times=3)
     jobs = [gevent.spawn(post_json, app.test_client(), "/openai", CHAT) for _ in range(3)]
     gevent.joinall(jobs, raise_error=True)
@@ -83,7 +89,7 @@ def test_max_parallel_requests_is_the_servers_high_water_mark(make_app, fake):
     assert counters(log_html(client))["Max parallel requests"] == "3"
 
 
-def test_a_locked_database_never_fails_or_slows_requests(make_app, fake, tmp_path):
+def test_a_locked_sqlite_database_never_fails_or_slows_requests(make_app, fake, tmp_path):
     app = make_app()
     store = app.extensions["openai_proxy"].log_store
     store.busy_timeout_ms = 100
@@ -114,7 +120,7 @@ def test_a_locked_database_never_fails_or_slows_requests(make_app, fake, tmp_pat
     assert client.get("/health", headers=AUTH).get_json()["logStore"]["writable"] is True
 
 
-def test_a_broken_database_never_fails_requests(make_app, fake, tmp_path):
+def test_a_broken_sqlite_database_never_fails_requests(make_app, fake, tmp_path):
     path = tmp_path / "not-a-database.sqlite3"
     path.write_bytes(b"this is not an SQLite file" * 100)
     client = make_app(OPENAI_PROXY_LOG_DB=str(path)).test_client()
@@ -128,8 +134,8 @@ def test_a_broken_database_never_fails_requests(make_app, fake, tmp_path):
     assert health.get_json()["logStore"]["queued"] == 3
 
 
-def test_the_queue_is_bounded_and_counts_what_it_drops(tmp_path):
-    store = LogStore(str(tmp_path / "q.sqlite3"), retention=10, max_queue=3)
+def test_the_queue_is_bounded_and_counts_what_it_drops(log_db):
+    store = LogStore(log_db, retention=10, max_queue=3)
     try:
         for i in range(5):
             store.append({"requestId": f"r{i}", "status": 200, "durationMs": 1.0})

@@ -319,7 +319,8 @@ def test_pages_are_rate_limited_with_the_json_error(make_app, fake):
     assert {post_json(client, "/openai", CHAT).status_code for _ in range(5)} == {200}
 
 
-def test_values_are_escaped_and_counters_keep_the_original_labels(client, fake):
+def test_values_are_escaped_and_counters_keep_the_original_labels(log_db, make_app, fake):
+    client = make_app(OPENAI_PROXY_LOG_DB=log_db).test_client()
     r = post_json(client, "/openai", {**CHAT, "model": XSS_MODEL}, headers={"X-Request-Id": XSS_ID})
     assert r.status_code == 200
     page = client.get("/log", headers=AUTH)
@@ -332,7 +333,8 @@ def test_values_are_escaped_and_counters_keep_the_original_labels(client, fake):
     assert counters(text)["Request count"] == "1"
 
 
-def test_secrets_are_redacted_on_the_pages(client, fake):
+def test_secrets_are_redacted_on_the_pages(log_db, make_app, fake):
+    client = make_app(OPENAI_PROXY_LOG_DB=log_db).test_client()
     secret = "sk-live-abcdefghijklmnop5678"
     fake.push("POST", "/v1/chat/completions", error(401, f"Incorrect API key provided: {secret}"))
     post_json(
@@ -344,7 +346,8 @@ def test_secrets_are_redacted_on_the_pages(client, fake):
     assert "client: Bearer ***5678" in text
 
 
-def test_filters_and_pagination(client, fake):
+def test_filters_and_pagination(log_db, make_app, fake):
+    client = make_app(OPENAI_PROXY_LOG_DB=log_db).test_client()
     ok = [post_json(client, "/openai", CHAT).headers["X-Proxy-Request-Id"] for _ in range(3)]
     emb = post_json(client, "/embeddings", {"security_key": SECURITY_KEY, "input": "x"}).headers[
         "X-Proxy-Request-Id"

@@ -239,17 +239,25 @@ def _log_page(level: str, title: str) -> Response:
         error = f"The log store cannot be read: {type(exc).__name__}: {exc}"
         result = LogPage([], 0, empty_counters(), [])
     filters = {"status": request.args.get("status", "").strip(), "endpoint": where.endpoint,
-               "request_id": where.request_id, "per_page": per_page if per_page != PER_PAGE else None}  # fmt: skip
+               "host": where.host, "client": where.client, "request_id": where.request_id,
+               "per_page": per_page if per_page != PER_PAGE else None}  # fmt: skip
     pages = max(1, -(-result.total // per_page))
 
     def here(page: int) -> str:
         params = {**filters, "page": page if page > 1 else None}
         return page_url(request.path, [(k, str(v)) for k, v in params.items() if v])
 
+    store = st.log_store.stats()
+    # Fleet-wide: what every host saved in the database, plus what this worker could not save yet.
+    dropped = sum(result.dropped.values()) + store["unsavedDropped"]
     html = render_template(
         "log.html",
         title=title,
-        counters=counter_lines(result.counters, st.gate.in_use(), st.gate.peak),
+        counters=[
+            *counter_lines(result.counters, st.gate.in_use(), st.gate.peak),
+            ("Dropped log records", str(dropped)),
+        ],
+        dropped_by_host=result.dropped,
         records=[_shown(r) for r in result.records],
         total=result.total,
         page=page,
@@ -260,10 +268,12 @@ def _log_page(level: str, title: str) -> Response:
         clear=url_for(request.endpoint or "pages.log"),
         signout=url_for(SIGNOUT),
         endpoints=result.endpoints,
+        hosts=result.hosts,
+        clients=result.clients,
         filters=filters,
         hidden={"per_page": per_page} if filters["per_page"] else {},
         error=error,
-        store=st.log_store.stats(),
+        store=store,
         pid=os.getpid(),
         version=__version__,
     )
@@ -292,6 +302,8 @@ def log_query(args: Any) -> tuple[LogFilter, int, int]:
         raise BadRequest("status must be a code like 404 or a class like 4xx")
     where["endpoint"] = (args.get("endpoint") or "").strip()[:200] or None
     where["request_id"] = (args.get("request_id") or "").strip()[:200] or None
+    where["host"] = (args.get("host") or "").strip()[:200] or None
+    where["client"] = (args.get("client") or "").strip()[:200] or None
     page = _positive(args.get("page"), "page", 1, 1_000_000)
     per_page = _positive(args.get("per_page"), "per_page", PER_PAGE, MAX_PER_PAGE)
     return LogFilter(**where), page, per_page
