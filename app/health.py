@@ -59,12 +59,12 @@ def _uptime(st: ProxyState) -> dict[str, Any]:
 
 
 def liveness(st: ProxyState) -> dict[str, Any]:
-    """Ready means API routes can serve (a key is configured); a log store problem only degrades; a
+    """Ready means API routes can serve (SECURITY_KEY or a named client is configured); a log store problem only degrades; a
     server told to stop is draining and not ready (in-flight work finishes, `/ready` says 503)."""
     config = st.config
     store_error = st.log_store.check_writable()
     draining = st.draining()
-    ready = bool(config.security_key) and not draining
+    ready = len(st.clients) > 0 and not draining
     return {
         "status": "draining" if draining else "ok" if ready and store_error is None else "degraded",
         "ready": ready,
@@ -76,6 +76,8 @@ def liveness(st: ProxyState) -> dict[str, Any]:
             "openaiApiKeySet": bool(config.openai_api_key),
             "warnings": list(config.warnings),
         },
+        "clients": {"count": len(st.clients), "file": config.clients_file},
+        "limits": st.limits.status(),
         "gate": {"inUse": st.gate.in_use(), "limit": st.gate.limit, "heldByThisWorker": st.gate.held_here()},
         "logStore": {"writable": store_error is None, "error": store_error, **st.log_store.stats()},
     }

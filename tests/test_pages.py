@@ -508,6 +508,13 @@ def test_sign_in_page_through_filter_and_sign_out_in_a_real_browser(gunicorn_ser
         assert "page 1 of 3" in html and "access_token" not in html and ACCESS_TOKEN not in html
         assert [rid for _, rid, _ in rows(html)] == ok_ids[:2]
         assert "Request count: 6" in html  # the counters, as scripts scrape them
+        # Spend and the last hour's chart, drawn on the server: rendered with no script allowed.
+        assert (
+            '<svg class="chart"' in html
+            and 'data-by="client"' in html
+            and "<strong>Today</strong>: 6 requests" in html
+        )
+        assert browser.text("#spend") == "Spend · every host · UTC days · USD at the price table's prices"
         browser.screenshot("1-signed-in-page-1")
         # 2. Page through with the pager links.
         browser.click("a[rel=next]")

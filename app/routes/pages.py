@@ -13,16 +13,20 @@ gets the sign-in form (401; 403 after a wrong token); scripts keep getting the J
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import time
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from flask import Blueprint, Response, current_app, g, redirect, render_template, request, url_for
+from markupsafe import Markup
 
 from app import __version__, jsonio
+from app import spend as spend_view
 from app.auth import (
     QUERY,
     SESSION_COOKIE,
@@ -36,6 +40,8 @@ from app.errors import BadRequest, Forbidden
 from app.health import deep_check, liveness, runtime_info
 from app.logdb import LogFilter, LogPage, empty_counters
 from app.state import state
+
+logger = logging.getLogger("openai_proxy.pages")
 
 bp = Blueprint("pages", __name__)
 
@@ -247,6 +253,7 @@ def _log_page(level: str, title: str) -> Response:
         params = {**filters, "page": page if page > 1 else None}
         return page_url(request.path, [(k, str(v)) for k, v in params.items() if v])
 
+    spend, chart = _activity(st) if level == "info" and not error else (None, None)
     store = st.log_store.stats()
     # Fleet-wide: what every host saved in the database, plus what this worker could not save yet.
     dropped = sum(result.dropped.values()) + store["unsavedDropped"]
@@ -270,6 +277,8 @@ def _log_page(level: str, title: str) -> Response:
         endpoints=result.endpoints,
         hosts=result.hosts,
         clients=result.clients,
+        spend=spend,
+        chart=chart,
         filters=filters,
         hidden={"per_page": per_page} if filters["per_page"] else {},
         error=error,
@@ -278,6 +287,21 @@ def _log_page(level: str, title: str) -> Response:
         version=__version__,
     )
     return Response(html, status=200 if error is None else 503, mimetype="text/html")
+
+
+def _activity(st: Any) -> tuple[list[spend_view.Period] | None, Markup | None]:
+    """Spend for today, 7 and 30 days and the last hour's chart, from the log's aggregates (all hosts)."""
+    now = time.time()
+    today = datetime.fromtimestamp(now, UTC).date()
+    minute = int(now // 60)
+    try:
+        rows = st.log_store.spend((today - timedelta(days=29)).isoformat())
+        minutes = st.log_store.minutes(minute - 59)
+    except Exception:
+        logger.exception("the log store's aggregates cannot be read")
+        return None, None
+    chart = spend_view.hour_chart([spend_view.Minute.of(m) for m in minutes], minute)
+    return spend_view.spend_periods(rows, today), chart
 
 
 def _shown(record: dict[str, Any]) -> dict[str, Any]:
