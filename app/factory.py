@@ -18,7 +18,7 @@ from app import errors
 from app.completion_log import CompletionLog
 from app.config import Config, load_config
 from app.context import RequestRecord, new_request_id
-from app.gate import Gate
+from app.gate import open_gate
 from app.logstore import LogStore
 from app.metrics import Metrics
 from app.redact import SECRETS, WHOLE_WORD_BELOW, redact_text
@@ -63,7 +63,7 @@ def build_app(config: Config | None = None) -> Flask:
     _register_secrets(app, config)
 
     runtime_dir = _runtime_dir(config)
-    gate = Gate(os.path.join(runtime_dir, "gate.slots"), config.max_parallel_requests)
+    gate = open_gate(config, runtime_dir)
     st = app.extensions["openai_proxy"] = ProxyState(
         config=config,
         upstream=Upstream(config),
@@ -108,6 +108,7 @@ def configured_secrets(config: Config) -> dict[str, str]:
     for name, url in (
         ("the outbound proxy URL", config.outbound_proxy),
         ("OPENAI_PROXY_RATELIMIT_STORAGE_URI", config.ratelimit_storage_uri),
+        ("OPENAI_PROXY_GATE_URI", config.gate_uri),
     ):
         password = urlsplit(url).password if url and "@" in url else None
         found[f"the password in {name}"] = unquote(password) if password else None
