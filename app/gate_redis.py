@@ -3,7 +3,9 @@
 Slots are leases: the members of one sorted set (`openai-proxy:gate`), each a lease id scored by the
 moment it expires on Redis's own clock (so the hosts' clocks never matter). Taking a slot is one Lua
 script, one round trip: drop the expired leases, count, add one if below the limit, atomically, so the
-limit is exact however many workers and hosts ask at once. Giving one back is one ZREM. A renewer (one
+limit is exact however many workers and hosts ask at once. Giving one back is one ZREM, before the
+answer is complete, so a client that got its answer never finds its own slot still taken. Commands go
+through `app.redis_link` (redis-py's connections, without its costlier client layer). A renewer (one
 background greenlet per worker, running while the worker holds leases) extends all of that worker's
 leases every lease/3 seconds in one round trip. A server that dies (power off, `kill -9` of master and
 workers) stops renewing, so its slots come back when their leases expire: within
@@ -11,7 +13,7 @@ workers) stops renewing, so its slots come back when their leases expire: within
 `redis-cli ZRANGE openai-proxy:gate 0 -1 WITHSCORES` shows who holds what, and until when.
 
 Redis down or slow: every call has a 0.25 s connect and read timeout, and nothing is retried after a
-timeout (a refused connection is tried once more: that costs nothing). A failure opens a circuit
+timeout (only a kept connection that Redis closed meanwhile is replaced, at once). A failure opens a circuit
 breaker: this worker takes its slots from the host's own gate (`app.gate.Gate`, the same limit) without
 asking Redis, and its renewer asks Redis again every second; once Redis answers, the fleet-wide gate is
 used again. An outage therefore costs one timeout to each request in flight when it starts, and none
@@ -47,15 +49,11 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import redis
-from redis.backoff import NoBackoff
-from redis.driver_info import DriverInfo
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
 from app.gate import Gate, Slot
 from app.redact import redact_text
+from app.redis_link import RedisLink
 
 log = logging.getLogger("openai_proxy.gate")
 
@@ -138,20 +136,7 @@ class RedisGate:
         self.on_new_peak: Callable[[int], None] | None = None
         # The host's gate reports its own (host-wide) peaks here while it stands in.
         fallback.on_new_peak = self._raise_peak
-        self._client = redis.Redis.from_url(
-            uri,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            socket_keepalive=True,
-            # A refused or reset connection is tried once more at once (a restarted Redis leaves dead
-            # pooled connections); a timeout never is: it already cost its wait.
-            retry=Retry(NoBackoff(), 1, (RedisConnectionError,)),
-            # No CLIENT SETINFO round trips on every new connection.
-            driver_info=DriverInfo(name=None, lib_version=None),
-        )
-        self._acquire = self._client.register_script(ACQUIRE)
-        self._renew = self._client.register_script(RENEW)
-        self._count = self._client.register_script(IN_USE)
+        self._link = RedisLink(uri, timeout_s)
         # Greenlets (or a dev server's threads) share these; the lock is never held across a Redis call.
         self._lock = threading.Lock()
         self._held: set[str] = set()  # leases this worker holds and renews
@@ -175,7 +160,7 @@ class RedisGate:
         if self._down_since is None:
             lease = self._new_lease_id()
             try:
-                granted, busy = self._acquire(keys=[self.key], args=[self.limit, self.lease_ms, lease])
+                granted, busy = self._script(ACQUIRE, self.limit, self.lease_ms, lease)
             except RedisError as exc:
                 with self._lock:
                     self._stale.add(lease)  # granted perhaps, before the answer was lost
@@ -201,7 +186,7 @@ class RedisGate:
                 self._stale.add(slot)  # dropped by the renewer once Redis answers; else it expires
                 return
         try:
-            self._client.zrem(self.key, slot)
+            self._link.call("ZREM", self.key, slot)
         except RedisError as exc:
             with self._lock:
                 self._stale.add(slot)
@@ -211,7 +196,7 @@ class RedisGate:
         """Live leases of the whole fleet; the host's gate's count while Redis is out."""
         if self._down_since is None:
             try:
-                return int(self._count(keys=[self.key]))
+                return int(self._script(IN_USE))
             except RedisError as exc:
                 self._failed(exc)
         return self.fallback.in_use()
@@ -246,11 +231,14 @@ class RedisGate:
         self._wake.set()
         if held and self._down_since is None:
             with contextlib.suppress(RedisError):  # else they expire within the lease
-                self._client.zrem(self.key, *held)
-        self._client.close()
+                self._link.call("ZREM", self.key, *held)
+        self._link.close()
         self.fallback.close()
 
     # -- leases and the renewer ---------------------------------------------------------------------
+    def _script(self, text: str, *args: Any) -> Any:
+        return self._link.script(text, self.key, *args)
+
     def _new_lease_id(self) -> str:
         pid = os.getpid()
         if pid != self._pid:
@@ -278,7 +266,10 @@ class RedisGate:
     def _renew_loop(self) -> None:
         while True:
             down = self._down_since is not None
-            self._wake.wait(min(PROBE_INTERVAL_S, self.lease_s / 3) if down else self.lease_s / 3)
+            woken = self._wake.wait(min(PROBE_INTERVAL_S, self.lease_s / 3) if down else self.lease_s / 3)
+            self._wake.clear()
+            if woken and not self._closed:
+                continue  # the breaker opened during a long renewal wait: probe at the probe interval
             with self._lock:
                 if self._closed or self._renewer is not threading.current_thread():
                     return
@@ -288,7 +279,7 @@ class RedisGate:
                     return
             try:
                 # Also the probe while the breaker is open: one round trip that proves Redis works.
-                lost_raw = self._renew(keys=[self.key], args=[self.lease_ms, len(held), *held, *stale])
+                lost_raw = self._script(RENEW, self.lease_ms, len(held), *held, *stale)
             except RedisError as exc:
                 self._failed(exc)
                 continue
@@ -320,6 +311,8 @@ class RedisGate:
             start = self._claim_renewer()  # it probes Redis until it answers
         if start is not None:
             start.start()
+        elif opened:
+            self._wake.set()  # a renewer waiting out lease/3 now waits the probe interval instead
         if opened:
             log.warning(
                 "gate: Redis at %s does not answer (%s): this worker uses the host's own gate "
