@@ -161,9 +161,11 @@ class RedisGate:
             lease = self._new_lease_id()
             try:
                 granted, busy = self._script(ACQUIRE, self.limit, self.lease_ms, lease)
-            except RedisError as exc:
+            except BaseException as exc:
                 with self._lock:
                     self._stale.add(lease)  # granted perhaps, before the answer was lost
+                if not isinstance(exc, RedisError):
+                    raise  # not Redis's doing (the greenlet is being killed, ...): nothing to fall back for
                 self._failed(exc)
             else:
                 if not granted:
