@@ -149,10 +149,12 @@ def when_ready(server):
     # The listeners exist now: log what is really bound (`-b` on the command line wins over `bind`).
     server.log.info(
         "openai-proxy listening on %s with %d gevent workers, max %d parallel upstream requests "
-        "server-wide (runtime dir %s)",
+        "%s (runtime dir %s)",
         ", ".join(str(listener) for listener in server.LISTENERS),
         server.cfg.workers,
         _config.max_parallel_requests,
+        # The password never reaches a log line.
+        f"fleet-wide (gate in {_config.public_view()['gate_uri']})" if _config.gate_uri else "server-wide",
         _runtime_dir,
     )
     # The arbiter's SIGTERM handler only queues the signal; the stop marker goes down first, in the

@@ -70,6 +70,8 @@ class Config:
     # followed by a reload keeps the clients that were working.
     clients_file: str | None = None
     clients_snapshot: str | None = None
+    gate_uri: str | None = None
+    gate_lease_s: int = 10
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -87,7 +89,7 @@ class Config:
             value = getattr(self, f.name)
             if f.name in secret:
                 value = "set" if value else "unset"
-            elif f.name in ("outbound_proxy", "ratelimit_storage_uri", "limits_uri") and value:
+            elif f.name in ("outbound_proxy", "ratelimit_storage_uri", "limits_uri", "gate_uri") and value:
                 value = _without_userinfo(value)
             elif f.name == "log_db":
                 value = logurl.shown(value)
@@ -146,6 +148,7 @@ _INT_VARS = {
     "OPENAI_PROXY_KEEPALIVE_S": "keepalive_s",
     "OPENAI_PROXY_LOG_RETENTION": "log_retention",
     "OPENAI_PROXY_LOG_MAX_QUEUE": "log_max_queue",
+    "OPENAI_PROXY_GATE_LEASE_S": "gate_lease_s",
 }
 # The first name present wins, so the SDK's own variable names work as aliases.
 _STR_VARS = {
@@ -167,6 +170,7 @@ _STR_VARS = {
     "limits_uri": ("OPENAI_PROXY_LIMITS_URI",),
     "clients_file": ("OPENAI_PROXY_CLIENTS_FILE",),
     "clients_snapshot": ("OPENAI_PROXY_CLIENTS_SNAPSHOT",),
+    "gate_uri": ("OPENAI_PROXY_GATE_URI",),
 }
 _RATE_LIMIT_VARS = {
     "pages_rate_limit": "OPENAI_PROXY_PAGES_RATE_LIMIT",
@@ -277,6 +281,27 @@ def _limits_uri(raw: str) -> str:
     return raw
 
 
+def _gate_uri(raw: str) -> str:
+    """OPENAI_PROXY_GATE_URI: the Redis of the fleet-wide gate, `redis[s]://[[user]:password@]host[:port][/db]`.
+    Anything else stops the server at start: a gate silently per host would let N hosts make N x the limit."""
+    shown = _without_userinfo(raw)
+    parts = urlsplit(raw)
+    if parts.scheme.lower() not in ("redis", "rediss"):
+        raise ConfigError(
+            f"OPENAI_PROXY_GATE_URI={shown!r}: only redis:// or rediss:// URLs like redis://host:6379/0 "
+            "are supported"
+        )
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        raise ConfigError(f"OPENAI_PROXY_GATE_URI={shown!r} has an invalid port") from None
+    if not parts.hostname:
+        raise ConfigError(f"OPENAI_PROXY_GATE_URI={shown!r} names no host (redis://host:6379/0)")
+    if parts.path.strip("/") and not parts.path.strip("/").isdigit():
+        raise ConfigError(f"OPENAI_PROXY_GATE_URI={shown!r}: the path must be a database number, like /0")
+    return raw
+
+
 def _drain_delay(values: Mapping[str, str], graceful_timeout_s: int, warnings: list[str]) -> float:
     """OPENAI_PROXY_DRAIN_DELAY_S: seconds (fractions too) >= 0 and below the graceful timeout, which
     it is part of; anything else is 0 with a warning."""
@@ -351,6 +376,9 @@ def build_config(values: Mapping[str, str]) -> Config:
         from app.prices import load_prices  # (it imports this module for ConfigError)
 
         load_prices(prices_file)  # a bad file stops the server here, naming its line and what is wrong
+    gate_uri = kwargs.get("gate_uri")
+    if isinstance(gate_uri, str):
+        kwargs["gate_uri"] = _gate_uri(gate_uri)
     log_db = kwargs.get("log_db")
     if isinstance(log_db, str):
         kwargs["log_db"] = _log_db(log_db)

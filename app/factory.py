@@ -21,7 +21,7 @@ from app.clients import ClientsFileError, load_clients
 from app.completion_log import CompletionLog
 from app.config import Config, ConfigError, load_config
 from app.context import RequestRecord, new_request_id
-from app.gate import Gate
+from app.gate import open_gate
 from app.limits import open_limit_store
 from app.logstore import LogStore
 from app.metrics import Metrics
@@ -76,7 +76,7 @@ def build_app(config: Config | None = None) -> Flask:
     _register_secrets(app, config, client_keys)
 
     runtime_dir = _runtime_dir(config)
-    gate = Gate(os.path.join(runtime_dir, "gate.slots"), config.max_parallel_requests)
+    gate = open_gate(config, runtime_dir)
     st = app.extensions["openai_proxy"] = ProxyState(
         config=config,
         upstream=Upstream(config),
@@ -127,6 +127,7 @@ def configured_secrets(config: Config) -> dict[str, str]:
         ("the outbound proxy URL", config.outbound_proxy),
         ("OPENAI_PROXY_RATELIMIT_STORAGE_URI", config.ratelimit_storage_uri),
         ("OPENAI_PROXY_LIMITS_URI", config.limits_uri),
+        ("OPENAI_PROXY_GATE_URI", config.gate_uri),
     ):
         password = urlsplit(url).password if url and "@" in url else None
         found[f"the password in {name}"] = unquote(password) if password else None

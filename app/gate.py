@@ -5,6 +5,10 @@ process's locks when it dies, so a SIGKILLed worker can never leak a slot. POSIX
 process, not the greenlet: a worker re-locking a byte it already holds would "succeed", so each
 worker remembers the slots its own greenlets hold and never offers them twice. Taking a slot never
 blocks or queues: either a slot is free now, or the caller answers 503.
+
+That is the default, one server's gate. With `OPENAI_PROXY_GATE_URI` set, `open_gate` returns the
+fleet-wide gate of `app.gate_redis` instead (leases in Redis, this gate as its fallback). Both have the
+`SlotGate` interface, so nothing above the gate knows which one it uses.
 """
 
 from __future__ import annotations
@@ -16,10 +20,59 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from app.config import Config
 
 # struct flock on Linux: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid (+pad).
 _FLOCK = struct.Struct("hhqqi4x")
 PEAK_SCAN_INTERVAL_S = 0.5
+# What `try_acquire` hands out and `release` takes back: a slot number here, a lease id in Redis.
+Slot = int | str
+
+
+class SlotGate(Protocol):
+    """A server-wide (or fleet-wide) non-blocking gate: what the pipeline, pages and metrics use."""
+
+    limit: int
+    # Highest `in_use()` seen; `on_new_peak` is told when it rises ("Max parallel requests").
+    peak: int
+    on_new_peak: Callable[[int], None] | None
+
+    def try_acquire(self) -> Slot | None:
+        """A slot, or None when all `limit` slots are in use (never waits)."""
+        ...
+
+    def release(self, slot: Slot) -> None:
+        """Give a slot back; releasing twice is harmless."""
+        ...
+
+    def in_use(self) -> int:
+        """Slots in use across everything that shares this gate."""
+        ...
+
+    def held_here(self) -> int:
+        """Slots held by this worker."""
+        ...
+
+    def status(self) -> dict[str, Any]:
+        """What `/health` shows besides the counts: the backend and whether it is reachable."""
+        ...
+
+    def close(self) -> None:
+        """Stop background work (the app is going away)."""
+        ...
+
+
+def open_gate(config: Config, runtime_dir: str) -> SlotGate:
+    """This server's gate file, or the fleet-wide gate in Redis (with that file as its fallback)."""
+    local = Gate(os.path.join(runtime_dir, "gate.slots"), config.max_parallel_requests)
+    if not config.gate_uri:
+        return local
+    from app.gate_redis import RedisGate  # redis-py is imported only by servers that use it
+
+    return RedisGate(config.gate_uri, config.max_parallel_requests, config.gate_lease_s, fallback=local)
 
 
 class Gate:
@@ -120,15 +173,22 @@ class Gate:
                     busy += 1
             return busy
 
+    def status(self) -> dict[str, Any]:
+        return {"backend": "local", "scope": "host"}
+
+    def close(self) -> None:
+        """Nothing runs in the background; the file stays open while the process lives (closing any
+        descriptor of it would drop this process's locks)."""
+
 
 class SlotGuard:
     """A slot taken for one request; `release()` is idempotent so every exit path can call it."""
 
     __slots__ = ("_gate", "_slot")
 
-    def __init__(self, gate: Gate, slot: int) -> None:
+    def __init__(self, gate: SlotGate, slot: Slot) -> None:
         self._gate = gate
-        self._slot: int | None = slot
+        self._slot: Slot | None = slot
 
     def release(self) -> None:
         slot, self._slot = self._slot, None

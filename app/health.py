@@ -59,14 +59,19 @@ def _uptime(st: ProxyState) -> dict[str, Any]:
 
 
 def liveness(st: ProxyState) -> dict[str, Any]:
-    """Ready means API routes can serve (SECURITY_KEY or a named client is configured); a log store problem only degrades; a
-    server told to stop is draining and not ready (in-flight work finishes, `/ready` says 503)."""
+    """Ready means API routes can serve (SECURITY_KEY or a named client is configured); a log store problem, or the fleet-wide
+    gate's Redis not answering (the host's gate stands in), only degrades; a server told to stop is
+    draining and not ready (in-flight work finishes, `/ready` says 503)."""
     config = st.config
     store_error = st.log_store.check_writable()
     draining = st.draining()
     ready = len(st.clients) > 0 and not draining
+    # Counted first: asking Redis is also what finds out whether it answers.
+    gate = {"inUse": st.gate.in_use(), "limit": st.gate.limit, "heldByThisWorker": st.gate.held_here()}
+    gate.update(st.gate.status())
+    healthy = store_error is None and not gate.get("fallback")
     return {
-        "status": "draining" if draining else "ok" if ready and store_error is None else "degraded",
+        "status": "draining" if draining else "ok" if ready and healthy else "degraded",
         "ready": ready,
         "draining": draining,
         **_uptime(st),
@@ -78,7 +83,7 @@ def liveness(st: ProxyState) -> dict[str, Any]:
         },
         "clients": {"count": len(st.clients), "file": config.clients_file},
         "limits": st.limits.status(),
-        "gate": {"inUse": st.gate.in_use(), "limit": st.gate.limit, "heldByThisWorker": st.gate.held_here()},
+        "gate": gate,
         "logStore": {"writable": store_error is None, "error": store_error, **st.log_store.stats()},
     }
 

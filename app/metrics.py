@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from app.gate import Gate
+from app.gate import SlotGate
 from app.prices import PriceTable
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -35,9 +35,10 @@ def multiprocess_dir(runtime_dir: str) -> str:
 
 
 class GateCollector:
-    """Slots in use across the whole server, counted by whichever worker is scraped."""
+    """Slots in use across the whole server (the whole fleet with the Redis gate), counted by whichever
+    worker is scraped."""
 
-    def __init__(self, gate: Gate) -> None:
+    def __init__(self, gate: SlotGate) -> None:
         self.gate = gate
 
     def collect(self) -> Iterator[Any]:
@@ -45,18 +46,25 @@ class GateCollector:
 
         yield GaugeMetricFamily(
             "openai_proxy_gate_slots_in_use",
-            "Upstream calls in flight, all workers",
+            "Upstream calls in flight, all workers (all servers sharing the Redis gate)",
             value=self.gate.in_use(),
         )
         yield GaugeMetricFamily(
             "openai_proxy_gate_slots_limit", "OPENAI_PROXY_MAX_PARALLEL_REQUESTS", value=self.gate.limit
         )
+        status = self.gate.status()
+        if "fallback" in status:  # the fleet-wide gate (Redis): is this worker on the host's own gate?
+            yield GaugeMetricFamily(
+                "openai_proxy_gate_fallback",
+                "1 while Redis does not answer and the host's own gate stands in for the fleet's",
+                value=int(bool(status["fallback"])),
+            )
 
 
 class Metrics:
     """The proxy's metrics for one worker, and the exposition of the whole server's."""
 
-    def __init__(self, runtime_dir: str, gate: Gate, prices: PriceTable | None = None) -> None:
+    def __init__(self, runtime_dir: str, gate: SlotGate, prices: PriceTable | None = None) -> None:
         self.dir = multiprocess_dir(runtime_dir)
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 

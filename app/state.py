@@ -12,7 +12,7 @@ from flask_limiter import Limiter
 from app.clients import ClientBook
 from app.completion_log import CompletionLog
 from app.config import Config
-from app.gate import Gate
+from app.gate import SlotGate
 from app.limits import LimitStore
 from app.logstore import LogStore
 from app.metrics import Metrics
@@ -24,7 +24,7 @@ from app.worker import server_stopping
 class ProxyState:
     config: Config
     upstream: Upstream
-    gate: Gate
+    gate: SlotGate
     completion_log: CompletionLog
     runtime_dir: str
     log_store: LogStore

@@ -7,7 +7,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from bench.procs import children_cpu, cpu_by_pid, machine_cpu, rss_bytes
+from bench.procs import children_cpu, cpu_by_pid, cpu_of, machine_cpu, rss_bytes
 
 
 def _self_cpu() -> float:
@@ -27,10 +27,12 @@ class CpuUse:
     bench_s: float  # this process (sampling threads included)
     machine_busy_s: float
     machine_total_s: float
+    redis_s: float = 0.0  # the redis-server of the Redis gate scenarios: part of what the gate costs
 
     @property
     def other_s(self) -> float:
-        return max(self.machine_busy_s - self.proxy_s - self.fake_s - self.client_s - self.bench_s, 0.0)
+        mine = self.proxy_s + self.fake_s + self.client_s + self.bench_s + self.redis_s
+        return max(self.machine_busy_s - mine, 0.0)
 
     def cores(self, seconds: float) -> float:
         """CPU seconds per wall second: 1.0 is one core kept busy."""
@@ -44,9 +46,12 @@ class CpuUse:
 class Meter:
     """Snapshot at start, difference at `stop()`; samples the proxy tree's RSS in a thread meanwhile."""
 
-    def __init__(self, proxy_pid: int | None, fake_pid: int, rss_every_s: float = 0.25) -> None:
+    def __init__(
+        self, proxy_pid: int | None, fake_pid: int, rss_every_s: float = 0.25, redis_pid: int | None = None
+    ) -> None:
         self.proxy_pid = proxy_pid
         self.fake_pid = fake_pid
+        self.redis_pid = redis_pid
         self.rss_peak = 0
         self._stop = threading.Event()
         self._sampler: threading.Thread | None = None
@@ -56,6 +61,7 @@ class Meter:
         self._t0 = time.monotonic()
         self._proxy0 = cpu_by_pid(proxy_pid) if proxy_pid is not None else {}
         self._fake0 = sum(cpu_by_pid(fake_pid).values())
+        self._redis0 = cpu_of(redis_pid) if redis_pid is not None else 0.0
         self._children0 = children_cpu()
         self._self0 = _self_cpu()
         self._machine0 = machine_cpu()
@@ -83,4 +89,5 @@ class Meter:
             bench_s=_self_cpu() - self._self0,
             machine_busy_s=busy - self._machine0[0],
             machine_total_s=total - self._machine0[1],
+            redis_s=cpu_of(self.redis_pid) - self._redis0 if self.redis_pid is not None else 0.0,
         )

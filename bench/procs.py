@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import ssl
@@ -261,7 +262,23 @@ def proxy_env(workdir: Path, port: int, upstream: FakeProc, max_parallel: int) -
     return env
 
 
-def start_proxy(workdir: Path, upstream: FakeProc, max_parallel: int) -> Proc:
+def start_redis(workdir: Path) -> Proc:
+    """A redis-server on loopback for the Redis gate scenarios: no persistence, its files in the run's
+    temp dir (the Debian package `redis-server`, as the tests use)."""
+    binary = shutil.which("redis-server") or shutil.which("redis-server", path="/usr/sbin:/usr/local/bin")
+    if binary is None:
+        raise RuntimeError(
+            "redis-server is needed for the *_redis scenarios (Debian: apt-get install redis-server)"
+        )
+    port = free_port()
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir), "--save", "",
+            "--appendonly", "no", "--protected-mode", "no"]  # fmt: skip
+    return Proc("redis", args, dict(os.environ), port, workdir / f"redis-{port}.log")
+
+
+def start_proxy(
+    workdir: Path, upstream: FakeProc, max_parallel: int, extra_env: dict[str, str] | None = None
+) -> Proc:
     """gunicorn -c gunicorn.conf.py app.wsgi:app, as ./run.sh starts it, against the fake upstream.
 
     It runs in the temp dir so that a developer's `.env` in the checkout (read from the working
@@ -274,7 +291,7 @@ def start_proxy(workdir: Path, upstream: FakeProc, max_parallel: int) -> Proc:
     proc = Proc(
         "proxy",
         gunicorn,
-        proxy_env(workdir, port, upstream, max_parallel),
+        {**proxy_env(workdir, port, upstream, max_parallel), **(extra_env or {})},
         port,
         workdir / f"proxy-{port}.log",
         workdir,

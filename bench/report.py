@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
-from bench.scenarios import ScenarioResult, median_metrics
+from bench.scenarios import Scenario, ScenarioResult, median_metrics
 
 IDEAL_C64_RPS = 64 / 0.050  # 64 connections, each waiting 50 ms upstream per request
 MEMORY_LIMIT_MIB = 200.0
@@ -220,38 +221,79 @@ TLS_ROWS = (
 )
 
 
+# The Redis gate scenarios beside the same load with the local gate.
+REDIS_ROWS = (
+    ("added latency p50 (ms)", "added", "p50_ms"),
+    ("added latency p99 (ms)", "added", "p99_ms"),
+    ("proxy CPU per request (ms)", "proxy", "proxy_cpu_ms_per_req"),
+    ("redis-server CPU per request (µs)", "proxy", "redis_cpu_us_per_req"),
+    ("proxy + redis-server CPU per request (ms)", "proxy", "proxy_redis_cpu_ms_per_req"),
+    ("proxy cores", "proxy", "proxy_cores"),
+    ("throughput through the proxy (req/s)", "proxy", "rps"),
+    ("errors (all runs)", "proxy", "errors"),
+    ("direct: throughput (req/s)", "direct", "rps"),
+    ("direct: latency p50 (ms)", "direct", "p50_ms"),
+    ("other processes (cores)", "proxy", "other_cores"),
+)
+
+
 def tls_comparison(results: dict[str, ScenarioResult]) -> dict[str, dict[str, dict[str, float]]]:
     """For each HTTPS scenario whose plain twin also ran: {label: {plain, tls, ratio}} (ratio = tls / plain)."""
+    return twin_comparison(results, lambda sc: sc.plain_twin, TLS_ROWS, ("plain", "tls"))
+
+
+def redis_comparison(results: dict[str, ScenarioResult]) -> dict[str, dict[str, dict[str, float]]]:
+    """For each Redis gate scenario whose local-gate twin also ran: {label: {local, redis, ratio}}."""
+    return twin_comparison(results, lambda sc: sc.local_twin, REDIS_ROWS, ("local", "redis"))
+
+
+def twin_comparison(
+    results: dict[str, ScenarioResult],
+    twin_of: Callable[[Scenario], str | None],
+    table: tuple[tuple[str, str, str], ...],
+    names: tuple[str, str],
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Each scenario whose twin (the same load without its variation) also ran, figure by figure:
+    {label: {base name: value, variant name: value, "ratio": variant / base}}."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     for key, res in results.items():
-        twin = res.scenario.plain_twin
+        twin = twin_of(res.scenario)
         if twin is None or twin not in results:
             continue
         rows: dict[str, dict[str, float]] = {}
-        for label, side, metric in TLS_ROWS:
+        for label, side, metric in table:
             pair = []
             for r in (results[twin], res):
                 proxy, direct = median_metrics(r.runs, "proxy"), median_metrics(r.runs, "direct")
                 pair.append(proxy[metric] - direct[metric] if side == "added" else
                             (proxy if side == "proxy" else direct)[metric])  # fmt: skip
-            plain, tls = pair
-            ratio = tls / plain if plain and not math.isnan(plain) and not math.isnan(tls) else math.nan
-            rows[label] = {"plain": plain, "tls": tls, "ratio": ratio}
+            base, variant = pair
+            ratio = variant / base if base and not math.isnan(base) and not math.isnan(variant) else math.nan
+            rows[label] = {names[0]: base, names[1]: variant, "ratio": ratio}
         out[key] = rows
     return out
 
 
 def tls_table(comparison: dict[str, dict[str, dict[str, float]]]) -> str:
+    return twin_table(comparison, "plain HTTP", "HTTPS", ("plain", "tls"))
+
+
+def twin_table(
+    comparison: dict[str, dict[str, dict[str, float]]],
+    base_title: str,
+    variant_title: str,
+    names: tuple[str, str] = ("local", "redis"),
+) -> str:
     lines = [
-        "| scenario | figure (median of runs) | plain HTTP | HTTPS | HTTPS / plain |",
+        f"| scenario | figure (median of runs) | {base_title} | {variant_title} | {variant_title} / {base_title.split()[0]} |",
         "|---|---|---:|---:|---:|",
     ]
     for key, rows in comparison.items():
         for label, v in rows.items():
-            digits = 0 if "connections" in label else 2
+            digits = 0 if "connections" in label or "errors" in label else 2
             ratio = "—" if math.isnan(v["ratio"]) else f"{v['ratio']:.2f}x"
             lines.append(
-                f"| {key} | {label} | {fmt(v['plain'], digits)} | {fmt(v['tls'], digits)} | {ratio} |"
+                f"| {key} | {label} | {fmt(v[names[0]], digits)} | {fmt(v[names[1]], digits)} | {ratio} |"
             )
     return "\n".join(lines)
 
@@ -280,5 +322,6 @@ def document(
         },
         "verdicts": [asdict(v) for v in found],
         "tls_vs_plain": tls_comparison(results),
+        "redis_gate_vs_local": redis_comparison(results),
         "soak": soak,
     }

@@ -62,6 +62,16 @@ def scenarios(opts: argparse.Namespace) -> list[Scenario]:
         # fake). Last, so the plain scenarios run exactly as before.
         Scenario("c1_tls", "small /openai chat, c=1, HTTPS upstream", "json", connections=1, tls=True),
         Scenario("c64_0ms_tls", "/openai c=64, upstream 0 ms, HTTPS", "json", connections=64, tls=True),
+        # c1 and c64_0ms with the fleet-wide gate (OPENAI_PROXY_GATE_URI) in a redis-server of the run's:
+        # what a Redis round trip to take and one to give back each slot cost, beside the local gate.
+        Scenario("c1_redis", "small /openai chat, c=1, Redis gate", "json", connections=1, redis_gate=True),
+        Scenario(
+            "c64_0ms_redis",
+            "/openai c=64, upstream 0 ms, Redis gate",
+            "json",
+            connections=64,
+            redis_gate=True,
+        ),
     ]
 
 
@@ -239,6 +249,12 @@ def main(argv: list[str] | None = None) -> int:
             "\n## HTTPS upstream vs plain HTTP (same load; each figure against its own run's direct baseline)\n"
         )
         print(report.tls_table(tls_rows))
+    redis_rows = report.redis_comparison(results)
+    if redis_rows:
+        print(
+            "\n## Redis gate vs local gate (same load; each figure against its own run's direct baseline)\n"
+        )
+        print(report.twin_table(redis_rows, "local gate", "Redis gate"))
     if soak:
         print(f"\n## Memory soak ({soak['minutes']:g} min: {soak['load']})\n")
         print(f"RSS of the gunicorn tree: start {soak['start_mib']:.1f} MiB, middle {soak['middle_mib']:.1f} MiB, "

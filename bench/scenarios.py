@@ -15,6 +15,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from bench.procs import (
     fake_lateness,
     pss_bytes,
     start_proxy,
+    start_redis,
     start_upstream,
 )
 from bench.sse_load import ClientRun, StreamPlan, run_streams
@@ -65,11 +67,17 @@ class Scenario:
     streams: int = 0  # stream
     mode: str = ""  # stream: "steady" or "burst"
     tls: bool = False  # json: the fake serves HTTPS (the proxy's upstream leg, and wrk's direct runs)
+    redis_gate: bool = False  # json: the proxy's gate is the fleet-wide one, in a redis-server of the run's
 
     @property
     def plain_twin(self) -> str | None:
         """The key of the same load with a plain-HTTP upstream, for an HTTPS scenario."""
         return self.key.removesuffix("_tls") if self.tls else None
+
+    @property
+    def local_twin(self) -> str | None:
+        """The key of the same load with the default (local) gate, for a Redis gate scenario."""
+        return self.key.removesuffix("_redis") if self.redis_gate else None
 
 
 @dataclass
@@ -133,7 +141,7 @@ def cpu_metrics(cpu: CpuUse) -> Metrics:
 
 
 def json_metrics(
-    result: WrkResult, cpu: CpuUse, meter: Meter, proxy: Proc | None, fake_conns: int
+    result: WrkResult, cpu: CpuUse, meter: Meter, proxy: Proc | None, fake_conns: int, redis: bool = False
 ) -> Metrics:
     requests = max(result.requests, 1)
     metrics: Metrics = {
@@ -148,6 +156,9 @@ def json_metrics(
         "max_ms": result.max_ms,
         "errors": float(result.errors),
         "proxy_cpu_ms_per_req": cpu.proxy_s * 1000.0 / requests if proxy else math.nan,
+        # The Redis gate's server-side cost, and the proxy's CPU with it (with the local gate: the same).
+        "redis_cpu_us_per_req": cpu.redis_s * 1e6 / requests if proxy and redis else math.nan,
+        "proxy_redis_cpu_ms_per_req": (cpu.proxy_s + cpu.redis_s) * 1000.0 / requests if proxy else math.nan,
         "fake_cpu_us_per_req": cpu.fake_s * 1e6 / requests,
         "client_cpu_us_per_req": result.cpu_s * 1e6 / requests,
         **cpu_metrics(cpu),
@@ -166,7 +177,12 @@ def run_json(
         "proxy": json.dumps({**body, "security_key": KEY}).encode(),
         "direct": json.dumps(body).encode(),
     }
-    with start_upstream(workdir, settings) as fake, start_proxy(workdir, fake, opts.max_parallel) as proxy:
+    with ExitStack() as stack:
+        fake = stack.enter_context(start_upstream(workdir, settings))
+        redis = stack.enter_context(start_redis(workdir)) if sc.redis_gate else None
+        # The Redis gate scenarios: the same proxy with OPENAI_PROXY_GATE_URI (default lease).
+        gate_env = {"OPENAI_PROXY_GATE_URI": f"redis://127.0.0.1:{redis.port}/0"} if redis else {}
+        proxy = stack.enter_context(start_proxy(workdir, fake, opts.max_parallel, gate_env))
         # The proxy always listens on plain HTTP; with sc.tls its upstream leg and the direct runs are HTTPS.
         targets = {
             "proxy": (proxy.port, "/openai", False),
@@ -177,13 +193,17 @@ def run_json(
         def once(side: str, seconds: float) -> Metrics:
             port, path, tls = targets[side]
             conns0 = fake.stats()["connections"]
-            meter = Meter(proxy.pid if side == "proxy" else None, fake.pid)
+            meter = Meter(
+                proxy.pid if side == "proxy" else None, fake.pid, redis_pid=redis.pid if redis else None
+            )
             result = wrk(
                 workdir, port, path, payloads[side], connections=sc.connections, seconds=seconds, tls=tls
             )
             cpu = meter.stop()
             conns = fake.stats()["connections"] - conns0
-            return json_metrics(result, cpu, meter, proxy if side == "proxy" else None, conns)
+            return json_metrics(
+                result, cpu, meter, proxy if side == "proxy" else None, conns, redis=redis is not None
+            )
 
         warm = {side: once(side, opts.warmup_seconds) for side in SIDES}
         runs = []
@@ -195,6 +215,12 @@ def run_json(
                 f"direct {d['rps']:,.0f} req/s p50 {d['p50_ms']:.2f} ms; connections opened to the fake: "
                 f"{p['fake_conns']:.0f} by the proxy, {d['fake_conns']:.0f} by wrk direct")  # fmt: skip
         notes = [tls_note(fake, conns_start, warm, runs)] if sc.tls else []
+        if redis:
+            notes.append(
+                f"gate in Redis (OPENAI_PROXY_GATE_URI=redis://127.0.0.1:{redis.port}/0, a redis-server "
+                "started by the bench on loopback, default 10 s lease); its CPU is reported apart, not as "
+                "'other'"
+            )
     return ScenarioResult(sc, runs, notes)
 
 

@@ -103,6 +103,7 @@ def make_app(fake, tmp_path):
     for app in apps:
         app.extensions["openai_proxy"].upstream.close()
         app.extensions["openai_proxy"].log_store.close()
+        app.extensions["openai_proxy"].gate.close()
 
 
 @pytest.fixture

@@ -389,7 +389,8 @@ def test_health_is_cheap_and_health2_calls_upstream(client, fake):
     assert r.status_code == 200
     body = r.get_json()
     assert (body["status"], body["ready"], body["config"]["loaded"]) == ("ok", True, True)
-    assert body["gate"] == {"inUse": 0, "limit": 32, "heldByThisWorker": 0}
+    gate = {"inUse": 0, "limit": 32, "heldByThisWorker": 0, "backend": "local", "scope": "host"}
+    assert body["gate"] == gate
     assert body["logStore"]["writable"] is True and body["uptimeS"] >= 0 and body["version"] == "1.0.0"
     assert fake.requests == []
 
