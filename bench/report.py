@@ -247,6 +247,12 @@ def redis_comparison(results: dict[str, ScenarioResult]) -> dict[str, dict[str, 
     return twin_comparison(results, lambda sc: sc.local_twin, REDIS_ROWS, ("local", "redis"))
 
 
+def clients_comparison(results: dict[str, ScenarioResult]) -> dict[str, dict[str, dict[str, float]]]:
+    """For each clients-file scenario whose SECURITY_KEY twin also ran: {label: {key, clients, ratio}}."""
+    rows = tuple(r for r in REDIS_ROWS if "redis" not in r[2])
+    return twin_comparison(results, lambda sc: sc.unnamed_twin, rows, ("SECURITY_KEY", "1,000 clients"))
+
+
 def twin_comparison(
     results: dict[str, ScenarioResult],
     twin_of: Callable[[Scenario], str | None],
@@ -323,5 +329,6 @@ def document(
         "verdicts": [asdict(v) for v in found],
         "tls_vs_plain": tls_comparison(results),
         "redis_gate_vs_local": redis_comparison(results),
+        "clients_vs_security_key": clients_comparison(results),
         "soak": soak,
     }

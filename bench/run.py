@@ -65,6 +65,15 @@ def scenarios(opts: argparse.Namespace) -> list[Scenario]:
         # c1 and c64_0ms with the fleet-wide gate (OPENAI_PROXY_GATE_URI) in a redis-server of the run's:
         # what a Redis round trip to take and one to give back each slot cost, beside the local gate.
         Scenario("c1_redis", "small /openai chat, c=1, Redis gate", "json", connections=1, redis_gate=True),
+        # c64_0ms as one of 1,000 named clients, every limit on (rpm, tpm, both budgets): what looking the
+        # key up, admitting and charging cost per request, beside SECURITY_KEY alone.
+        Scenario(
+            "c64_0ms_clients",
+            "/openai c=64, upstream 0 ms, 1,000 clients with limits",
+            "json",
+            connections=64,
+            clients=1000,
+        ),
         Scenario(
             "c64_0ms_redis",
             "/openai c=64, upstream 0 ms, Redis gate",
@@ -255,6 +264,14 @@ def main(argv: list[str] | None = None) -> int:
             "\n## Redis gate vs local gate (same load; each figure against its own run's direct baseline)\n"
         )
         print(report.twin_table(redis_rows, "local gate", "Redis gate"))
+    client_rows = report.clients_comparison(results)
+    if client_rows:
+        print(
+            "\n## 1,000 clients with limits vs SECURITY_KEY alone (same load; each against its own direct run)\n"
+        )
+        print(
+            report.twin_table(client_rows, "SECURITY_KEY", "1,000 clients", ("SECURITY_KEY", "1,000 clients"))
+        )
     if soak:
         print(f"\n## Memory soak ({soak['minutes']:g} min: {soak['load']})\n")
         print(f"RSS of the gunicorn tree: start {soak['start_mib']:.1f} MiB, middle {soak['middle_mib']:.1f} MiB, "

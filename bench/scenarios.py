@@ -9,6 +9,7 @@ rest of the machine), so a reader can see when the instrument rather than the pr
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -68,11 +69,17 @@ class Scenario:
     mode: str = ""  # stream: "steady" or "burst"
     tls: bool = False  # json: the fake serves HTTPS (the proxy's upstream leg, and wrk's direct runs)
     redis_gate: bool = False  # json: the proxy's gate is the fleet-wide one, in a redis-server of the run's
+    clients: int = 0  # json: a clients file of this many clients, all with limits; the load is one of them
 
     @property
     def plain_twin(self) -> str | None:
         """The key of the same load with a plain-HTTP upstream, for an HTTPS scenario."""
         return self.key.removesuffix("_tls") if self.tls else None
+
+    @property
+    def unnamed_twin(self) -> str | None:
+        """The key of the same load with SECURITY_KEY alone, for a scenario with a clients file."""
+        return self.key.removesuffix("_clients") if self.clients else None
 
     @property
     def local_twin(self) -> str | None:
@@ -168,13 +175,32 @@ def json_metrics(
     return metrics
 
 
+def clients_file(workdir: Path, count: int) -> tuple[dict[str, str], str]:
+    """A clients file of `count` clients, each with every limit set (high enough never to refuse the
+    load, so each request pays for admitting and charging), keys as SHA-256 as operators would store
+    them; the load sends the key of one in the middle. Returns the proxy's env and that key."""
+    lines = []
+    for i in range(count):
+        digest = hashlib.sha256(f"bench-client-{i}-key".encode()).hexdigest()
+        lines.append(f'[[client]]\nname = "client-{i}"\nkey_sha256 = "{digest}"\nrpm = 100000000\n'
+                     f"tpm = 1000000000000\ndaily_usd = 1000000\nmonthly_usd = 10000000\n")  # fmt: skip
+    path = workdir / f"clients-{count}.toml"
+    path.write_text("\n".join(lines))
+    env = {
+        "OPENAI_PROXY_CLIENTS_FILE": str(path),
+        "OPENAI_PROXY_LOG_DB": str(workdir / f"log-{count}.sqlite3"),
+    }
+    return env, f"bench-client-{count // 2}-key"
+
+
 def run_json(
     sc: Scenario, opts: argparse.Namespace, workdir: Path, log: Callable[[str], None]
 ) -> ScenarioResult:
     settings = FakeSettings(latency_ms=sc.latency_ms, procs=opts.upstream_procs, tls=sc.tls)
     body = chat_body(sc.body_bytes)
+    client_env, key = clients_file(workdir, sc.clients) if sc.clients else ({}, KEY)
     payloads = {
-        "proxy": json.dumps({**body, "security_key": KEY}).encode(),
+        "proxy": json.dumps({**body, "security_key": key}).encode(),
         "direct": json.dumps(body).encode(),
     }
     with ExitStack() as stack:
@@ -182,7 +208,7 @@ def run_json(
         redis = stack.enter_context(start_redis(workdir)) if sc.redis_gate else None
         # The Redis gate scenarios: the same proxy with OPENAI_PROXY_GATE_URI (default lease).
         gate_env = {"OPENAI_PROXY_GATE_URI": f"redis://127.0.0.1:{redis.port}/0"} if redis else {}
-        proxy = stack.enter_context(start_proxy(workdir, fake, opts.max_parallel, gate_env))
+        proxy = stack.enter_context(start_proxy(workdir, fake, opts.max_parallel, {**gate_env, **client_env}))
         # The proxy always listens on plain HTTP; with sc.tls its upstream leg and the direct runs are HTTPS.
         targets = {
             "proxy": (proxy.port, "/openai", False),
