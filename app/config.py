@@ -14,6 +14,8 @@ from urllib.request import proxy_bypass_environment
 
 from dotenv import dotenv_values
 
+from app.keyspecs import KeySpec, KeySpecError, parse_api_keys
+
 log = logging.getLogger("openai_proxy.config")
 
 MIB = 1024 * 1024
@@ -57,6 +59,8 @@ class Config:
     pages_rate_limit: str = "60/minute"
     health2_rate_limit: str = "6/minute"
     ratelimit_storage_uri: str = "memory://"
+    # The upstream key pool (OPENAI_API_KEYS, with OPENAI_API_KEY): empty means no pool.
+    upstream_keys: tuple[KeySpec, ...] = ()
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -76,6 +80,9 @@ class Config:
                 value = "set" if value else "unset"
             elif f.name in ("outbound_proxy", "ratelimit_storage_uri") and value:
                 value = _without_userinfo(value)
+            elif f.name == "upstream_keys":
+                value = [{"name": k.name, "weight": k.weight, "models": sorted(k.models) if k.models else None}
+                         for k in value]  # fmt: skip
             out[f.name] = value
         out["effective_max_timeout_ms"] = self.effective_max_timeout_ms
         return out
@@ -286,6 +293,13 @@ def build_config(values: Mapping[str, str]) -> Config:
     ca_bundle = kwargs.get("ca_bundle")
     if isinstance(ca_bundle, str) and not os.path.isfile(ca_bundle):
         raise ConfigError(f"OPENAI_PROXY_CA_BUNDLE / SSL_CERT_FILE: no such PEM file {ca_bundle!r}")
+    single = kwargs.get("openai_api_key")
+    try:
+        kwargs["upstream_keys"] = parse_api_keys(
+            single if isinstance(single, str) else None, values.get("OPENAI_API_KEYS")
+        )
+    except KeySpecError as exc:
+        raise ConfigError(str(exc)) from None
     log_db = kwargs.get("log_db")
     if isinstance(log_db, str):
         kwargs["log_db"] = _log_db(log_db)
@@ -310,7 +324,7 @@ def build_config(values: Mapping[str, str]) -> Config:
         warnings.append(
             "SECURITY_KEY is not set: every API route answers 403 until it is configured (never open)"
         )
-    if not config.openai_api_key:
+    if not config.openai_api_key and not config.upstream_keys:
         warnings.append(
             "OPENAI_API_KEY is not set: upstream calls only work with a per-request openai_api_key"
         )
