@@ -15,6 +15,7 @@ import sys
 import tempfile
 
 from app.config import ConfigError, load_config
+from app.keystate import forget as forget_key_state
 from app.worker import clear_server_stopping, mark_server_stopping
 
 try:
@@ -117,6 +118,12 @@ def when_ready(server):
         queue_signal(signum, frame)
 
     signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def on_reload(server):
+    # Upstream keys taken out (401, 403, insufficient_quota) come back on a reload: workers started
+    # from now on begin a fresh key state; the old ones finish their calls on the old one.
+    forget_key_state(_runtime_dir)
 
 
 def pre_exec(server):
