@@ -20,10 +20,11 @@ from app.config import Config, load_config
 from app.context import RequestRecord, new_request_id
 from app.gate import Gate
 from app.logstore import LogStore
-from app.metrics import Metrics
+from app.metrics import KeyPoolCollector, Metrics
 from app.redact import SECRETS, WHOLE_WORD_BELOW, redact_text
 from app.state import ProxyState
 from app.upstream import Upstream
+from app.upstream.keypool import KeyPool
 
 log = logging.getLogger("openai_proxy")
 
@@ -66,7 +67,9 @@ def build_app(config: Config | None = None) -> Flask:
     gate = Gate(os.path.join(runtime_dir, "gate.slots"), config.max_parallel_requests)
     st = app.extensions["openai_proxy"] = ProxyState(
         config=config,
-        upstream=Upstream(config),
+        upstream=Upstream(
+            config, KeyPool(config.upstream_keys, runtime_dir) if config.upstream_keys else None
+        ),
         gate=gate,
         completion_log=CompletionLog(),
         runtime_dir=runtime_dir,
@@ -76,6 +79,8 @@ def build_app(config: Config | None = None) -> Flask:
     # Observability hangs off the existing hooks: finished requests, retries, new parallel peaks.
     st.completion_log.sinks += [st.log_store.append, st.metrics.observe]
     st.upstream.retry_sinks.append(st.log_store.append_retry)
+    if st.upstream.pool is not None:
+        st.metrics.add_collector(KeyPoolCollector(st.upstream.pool))
     gate.on_new_peak = st.log_store.note_peak
 
     _register_hooks(app)
@@ -111,6 +116,8 @@ def configured_secrets(config: Config) -> dict[str, str]:
     ):
         password = urlsplit(url).password if url and "@" in url else None
         found[f"the password in {name}"] = unquote(password) if password else None
+    for spec in config.upstream_keys:
+        found[f"the upstream key {spec.name}"] = spec.key
     return {name: value for name, value in found.items() if value}
 
 

@@ -64,8 +64,10 @@ def liveness(st: ProxyState) -> dict[str, Any]:
     store_error = st.log_store.check_writable()
     draining = st.draining()
     ready = bool(config.security_key) and not draining
+    keys = upstream_keys(st)
+    healthy = store_error is None and not keys["allRevoked"]
     return {
-        "status": "draining" if draining else "ok" if ready and store_error is None else "degraded",
+        "status": "draining" if draining else "ok" if ready and healthy else "degraded",
         "ready": ready,
         "draining": draining,
         **_uptime(st),
@@ -77,7 +79,18 @@ def liveness(st: ProxyState) -> dict[str, Any]:
         },
         "gate": {"inUse": st.gate.in_use(), "limit": st.gate.limit, "heldByThisWorker": st.gate.held_here()},
         "logStore": {"writable": store_error is None, "error": store_error, **st.log_store.stats()},
+        "upstreamKeys": keys,
     }
+
+
+def upstream_keys(st: ProxyState) -> dict[str, Any]:
+    """The key pool (name, last four characters, state, resting until per key); a lone
+    OPENAI_API_KEY is not pooled: it is always used, and not shown."""
+    pool = st.upstream.pool
+    if pool is None:
+        return {"pooled": False, "allRevoked": False, "keys": []}
+    keys = pool.describe()
+    return {"pooled": True, "allRevoked": all(k["state"] == "revoked" for k in keys), "keys": keys}
 
 
 def deep_check(st: ProxyState, request_id: str) -> tuple[dict[str, Any], int]:

@@ -52,6 +52,31 @@ class GateCollector:
         )
 
 
+class KeyPoolCollector:
+    """Each upstream key's state on the host, read from the pool's shared table when scraped."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        keys = self.pool.describe()
+        families = (
+            ("openai_proxy_upstream_key_in_flight", "Calls in flight per upstream key, all workers",
+             lambda k: k["inFlight"]),
+            ("openai_proxy_upstream_key_resting_seconds", "Seconds until a key rested after a 429 is used again",
+             lambda k: k.get("restingForS") or 0.0),
+            ("openai_proxy_upstream_key_revoked", "1 for a key out of use until restart or reload (401, 403, "
+             "insufficient_quota)", lambda k: 1 if k["state"] == "revoked" else 0),
+        )  # fmt: skip
+        for name, doc, value in families:
+            family = GaugeMetricFamily(name, doc, labels=["key"])
+            for key in keys:
+                family.add_metric([key["name"]], value(key))
+            yield family
+
+
 class Metrics:
     """The proxy's metrics for one worker, and the exposition of the whole server's."""
 
@@ -66,6 +91,7 @@ class Metrics:
         if self._own is not None:
             self._own.register(GateCollector(gate))
         self.gate = gate
+        self._collectors: list[Any] = []
         self._models: set[str] = set()
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         reg = self._own
@@ -90,6 +116,14 @@ class Metrics:
         )
         self.tokens = Counter("openai_proxy_tokens", "Token usage reported by upstream",
                               ["model", "kind"], registry=reg)  # fmt: skip
+        self.key_calls = Counter("openai_proxy_upstream_key_calls", "Upstream attempts per pool key and outcome",
+                                 ["key", "outcome"], registry=reg)  # fmt: skip
+
+    def add_collector(self, collector: Any) -> None:
+        """Another collector read at each scrape (it sees the whole server by itself, like the gate's)."""
+        self._collectors.append(collector)
+        if self._own is not None:
+            self._own.register(collector)
 
     def request_started(self) -> None:
         """An API request began (its completion record will end it in `observe`)."""
@@ -112,6 +146,8 @@ class Metrics:
             self._child(self.cancellations, route).inc()
         if entry.get("retries"):
             self._child(self.retries, route).inc(entry["retries"])
+        for attempt in entry.get("attempts") or ():
+            self._child(self.key_calls, attempt["key"], attempt["outcome"]).inc()
         # Usage of calls that name a model: a retrieved response's usage was counted when it was made.
         usage, model = entry.get("usage"), entry.get("model")
         if usage and model:
@@ -146,4 +182,6 @@ class Metrics:
             registry = CollectorRegistry()
             MultiProcessCollector(registry, path=self.dir)
             registry.register(GateCollector(self.gate))
+            for collector in self._collectors:
+                registry.register(collector)
         return generate_latest(registry), CONTENT_TYPE_LATEST
