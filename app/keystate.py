@@ -120,6 +120,27 @@ class KeyTable:
     def attached(self) -> bool:
         return self._fd >= 0
 
+    def close(self) -> None:
+        """Let go of the file (the app is closed): this worker's row is free, its calls no longer count."""
+        with self._lock:
+            if self._fd < 0:
+                return
+            fd, self._fd = self._fd, -1
+            views = (
+                self.cells,
+                self.revoked,
+                self.step,
+                self.own,
+                self.rest_until,
+                self.revoked_at,
+                self.turn,
+            )
+            for view in views:
+                view.release()
+            with contextlib.suppress(BufferError):  # a view still held somewhere: the GC unmaps it
+                self._mapping.close()
+            os.close(fd)  # drops the row's lock with it
+
     # -- calls in flight ----------------------------------------------------------------------------
     def rows_in_use(self) -> memoryview:
         """Every worker's row so far, one after another (under the lock): key k of row r is at
@@ -151,7 +172,7 @@ class KeyTable:
                 if fresh:
                     os.ftruncate(fd, self.size)
                     os.pwrite(fd, bytes(self.size), 0)
-                mapping = mmap.mmap(fd, self.size)
+                mapping = self._mapping = mmap.mmap(fd, self.size)
                 self._views(mapping)
                 if fresh:
                     for cell, value in enumerate((MAGIC, VERSION, self.keys, self.rows)):
@@ -176,8 +197,10 @@ class KeyTable:
 
     def _views(self, mapping: mmap.mmap) -> None:
         k = self.keys
-        cells = memoryview(mapping)[: self._doubles].cast("i")
-        doubles = memoryview(mapping)[self._doubles : self.size].cast("d")
+        whole = memoryview(mapping)
+        cells = whole[: self._doubles].cast("i")
+        doubles = whole[self._doubles : self.size].cast("d")
+        whole.release()
         self.cells = cells
         self.revoked = cells[self._revoked : self._revoked + k]
         self.step = cells[self._step : self._step + k]

@@ -157,3 +157,5 @@ class Upstream:
     def close(self) -> None:
         self._http.close()
         self.client.close()
+        if self.pool is not None:
+            self.pool.close()

@@ -87,11 +87,15 @@ class PoolCall:
                 response.close()
                 self._note(lease, kp.TRANSPORT_ERROR, response.status_code)
                 raise
-            self.pool.report(lease.index, outcome, rest_s)
             self._note(lease, outcome, response.status_code)
-            following = None
-            if outcome in REFUSED and replayable:
-                following = self._failover(lease, outcome, f"HTTP {response.status_code}")
+            try:
+                self.pool.report(lease.index, outcome, rest_s)
+                following = None
+                if outcome in REFUSED and replayable:
+                    following = self._failover(lease, outcome, f"HTTP {response.status_code}")
+            except BaseException:
+                response.close()
+                raise
             if following is None:
                 return response
             response.close()

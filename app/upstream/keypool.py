@@ -20,6 +20,7 @@ import math
 import time
 from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
+from operator import add, truediv
 from typing import Any
 
 from app.keyspecs import KeySpec
@@ -85,6 +86,12 @@ class KeyPool:
         self._weights = None if set(weights) == {1} else tuple(float(w) for w in weights)
         self._strides = tuple(1.0 / w for w in weights)
         self._restricted = any(s.models is not None for s in self.specs)
+        # Attach now, so a runtime dir the worker cannot use stops it at start, not each call.
+        self.table.acquire()
+        self.table.release()
+
+    def close(self) -> None:
+        self.table.close()
 
     # -- choosing -----------------------------------------------------------------------------------
     def choose(
@@ -100,8 +107,19 @@ class KeyPool:
         best, best_load, soonest, revoked_seen = -1, math.inf, math.inf, False
         now = table.acquire()
         try:
-            revoked, rest_until, weights, turns = table.revoked, table.rest_until, self._weights, table.turn
-            rows, n = table.rows_in_use(), table.keys
+            # Plain lists of the shared cells (a few C calls), then plain Python on them.
+            n = table.keys
+            revoked, rest_until, turns = (
+                table.revoked.tolist(),
+                table.rest_until.tolist(),
+                table.turn.tolist(),
+            )
+            rows = table.rows_in_use().tolist()
+            loads = rows[:n]
+            for start in range(n, len(rows), n):  # one row per worker: add them up
+                loads = list(map(add, loads, rows[start : start + n]))
+            if self._weights is not None:
+                loads = list(map(truediv, loads, self._weights))
             clock = turns[n]
             best_turn = math.inf
             for i in range(n):
@@ -112,14 +130,13 @@ class KeyPool:
                 elif rest_until[i] > now:
                     soonest = min(soonest, rest_until[i])
                 else:
-                    load = sum(rows[i::n]) if weights is None else sum(rows[i::n]) / weights[i]
-                    turn = max(turns[i], clock)
+                    load, turn = loads[i], max(turns[i], clock)
                     if load < best_load or (load == best_load and turn < best_turn):
                         best, best_load, best_turn = i, load, turn
             if best >= 0:
                 table.own[best] += 1
-                turns[n] = best_turn
-                turns[best] = best_turn + self._strides[best]
+                table.turn[n] = best_turn
+                table.turn[best] = best_turn + self._strides[best]
         finally:
             table.release()
         if best >= 0:
