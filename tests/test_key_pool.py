@@ -15,7 +15,7 @@ from app import create_app
 from app.config import ConfigError, build_config
 from app.keyspecs import key_spec
 from app.upstream.keypool import KeyPool, KeysUnavailable
-from tests.conftest import SECURITY_KEY, UPSTREAM_KEY, base_env, error_of, post_json
+from tests.conftest import SECURITY_KEY, UPSTREAM_KEY, ClosingClient, base_env, error_of, post_json
 from tests.fake_upstream import chat_completion, delay, error, reset, response_events
 from tests.logpage import AUTH, CHAT, rows
 from tests.test_metrics import samples, value
@@ -84,6 +84,7 @@ def test_weights_share_sequential_calls_and_models_restrict_keys(make_app, fake,
     config = build_config(base_env(fake, OPENAI_PROXY_RUNTIME_DIR=str(tmp_path / "run"),
                                    OPENAI_PROXY_LOG_DB=str(tmp_path / "log.sqlite3")))  # fmt: skip
     app = create_app(dataclasses.replace(config, upstream_keys=specs))
+    app.test_client_class = ClosingClient  # answers are closed, so their completion records go out
     client = app.test_client()
     try:
         for _ in range(6):
@@ -124,9 +125,17 @@ def test_choose_honours_allowed_names_models_and_exclusions(tmp_path):
 def test_fewest_in_flight_wins_over_the_rotation(pool_app, pool_client, fake):
     """A long call holds alpha: the next calls go to the keys with nothing in flight."""
     import gevent
+    from gevent.event import Event
 
-    fake.push("POST", CHAT_PATH, delay(30), key=KEY_A)
-    held = gevent.spawn(post_json, pool_client, "/openai", CHAT)
+    release = Event()
+
+    def held(req, conn):
+        while not release.is_set():
+            conn.wait(0.02)
+        conn.send_json(200, chat_completion("gpt-4o-mini"))
+
+    fake.push("POST", CHAT_PATH, held, key=KEY_A)
+    call = gevent.spawn(post_json, pool_client, "/openai", CHAT)
     deadline = time.monotonic() + 10
     while health_keys(pool_client)["alpha"]["inFlight"] != 1:
         assert time.monotonic() < deadline
@@ -134,11 +143,9 @@ def test_fewest_in_flight_wins_over_the_rotation(pool_app, pool_client, fake):
     for _ in range(4):
         assert post_json(pool_client, "/openai", CHAT).status_code == 200
     assert used(fake)[1:] == ["beta", "gamma", "beta", "gamma"]
-    held.kill()
-    deadline = time.monotonic() + 10
-    while health_keys(pool_client)["alpha"]["inFlight"] != 0:
-        assert time.monotonic() < deadline, "a cancelled call's key was not given back"
-        gevent.sleep(0.02)
+    release.set()
+    assert call.get(timeout=10).status_code == 200
+    assert {k["inFlight"] for k in health_keys(pool_client).values()} == {0}
 
 
 # ---- rests ----------------------------------------------------------------------------------------

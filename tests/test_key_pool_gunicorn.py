@@ -19,7 +19,7 @@ import requests
 from gevent.event import Event
 
 from tests.conftest import ROOT
-from tests.fake_upstream import default_handler, error, response_events
+from tests.fake_upstream import default_handler, delay, error, response_events
 from tests.logpage import AUTH, CHAT, CLOSE, rows
 from tests.test_key_pool import CHAT_PATH, KEY_A, KEY_B, KEY_C, PAGES, POOL, V1, used
 from tests.test_metrics import samples, value
@@ -208,6 +208,40 @@ def test_a_started_stream_is_never_sent_again(server, fake):
         r = post(server, "/openai2", {**CHAT, "input": "hi", "stream": True})
         assert r.status_code == 200 and "event: error" in r.text and "[DONE]" not in r.text
     assert len(fake.requests) == 3
+
+
+def test_a_call_counts_until_its_stream_ends_or_its_client_leaves(server, fake):
+    release = Event()
+
+    def slow_stream(req, conn):
+        events = response_events("gpt-4o-mini")
+        conn.start_stream()
+        conn.event(events[0], "response.created")
+        while not release.is_set():
+            conn.wait(0.02)
+        for event in events[1:]:
+            conn.event(event, event["type"])
+        conn.end_stream()
+
+    def in_flight() -> int:
+        return sum(k["inFlight"] for k in keys_of(health(server)).values())
+
+    fake.push("POST", "/v1/responses", slow_stream)
+    with requests.post(server.url + "/openai2", json={**CHAT, "input": "hi", "stream": True}, headers=CLOSE,
+                       stream=True, timeout=30) as r:  # fmt: skip
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        assert next(lines).startswith(b"data: {")
+        assert in_flight() == 1  # headers and the first event are out: the stream still holds its key
+        release.set()
+        assert list(lines)[-2:] == [b"data: [DONE]", b""]
+    until(lambda: in_flight() == 0, what="the key given back after the stream")
+
+    fake.push("POST", CHAT_PATH, delay(30))
+    with pytest.raises(requests.ReadTimeout):
+        requests.post(server.url + "/openai", json=CHAT, headers=CLOSE, timeout=1.0)
+    until(lambda: in_flight() == 0, what="the key given back after the client left")
+    until(lambda: fake.requests[-1].client_closed_at is not None, what="the upstream call to be dropped")
 
 
 def test_a_request_key_bypasses_the_pool(server, fake):
