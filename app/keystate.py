@@ -32,10 +32,16 @@ import glob
 import mmap
 import os
 import struct
-import threading
 import time
 import weakref
 from collections.abc import Callable
+
+try:
+    from gevent.monkey import get_original
+
+    _allocate_lock = get_original("_thread", "allocate_lock")
+except ImportError:  # pragma: no cover - gevent is a dependency; this only keeps the module standalone
+    from _thread import allocate_lock as _allocate_lock
 
 MAGIC = 0x4B505850  # "PXPK"
 VERSION = 1
@@ -76,8 +82,10 @@ class KeyTable:
         int_cells = self._row0 + rows * keys
         self._doubles = -(-int_cells * 4 // 8) * 8  # byte offset, 8-aligned
         self.size = self._doubles + (3 * keys + 1) * 8
-        # Orders the greenlets or threads of this process; the flock orders the processes.
-        self._lock = threading.Lock()
+        # Orders the threads of this process (a threaded dev server); the flock orders the processes.
+        # The OS lock even under gevent: nothing waits or switches greenlets while it is held, and it
+        # costs less than gevent's.
+        self._lock = _allocate_lock()
         self._fd = -1  # this process's descriptor, once attached
         # A child process attaches anew: an inherited descriptor shares the parent's flock and
         # carries none of its row lock.
