@@ -77,7 +77,10 @@ class Upstream:
                 organization=organization or config.openai_organization,
             )
         return Credentials(
-            None, project or config.openai_project, organization or config.openai_organization, True
+            api_key=None,
+            project=project or config.openai_project,
+            organization=organization or config.openai_organization,
+            pooled=True,
         )
 
     def send(self, call: UpstreamCall) -> UpstreamResponse:
