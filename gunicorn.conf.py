@@ -16,6 +16,7 @@ import tempfile
 
 from app.clients import ClientsFileError, load_clients
 from app.config import ConfigError, load_config
+from app.keystate import forget as forget_key_state
 from app.worker import clear_server_stopping, mark_server_stopping
 
 try:
@@ -177,6 +178,9 @@ def on_reload(server):
         server.log.error("Clients file not reloaded, the previous clients stay in use: %s", _clients_problem)
     elif _config.clients_file:
         server.log.info("Clients file reloaded: %s", _config.clients_file)
+    # Upstream keys taken out (401, 403, insufficient_quota) come back on a reload: workers started
+    # from now on begin a fresh key state; the old ones finish their calls on the old one.
+    forget_key_state(_runtime_dir)
 
 
 def pre_exec(server):

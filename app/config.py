@@ -16,6 +16,7 @@ from urllib.request import proxy_bypass_environment
 from dotenv import dotenv_values
 
 from app import logurl
+from app.keyspecs import KeySpec, KeySpecError, parse_api_keys
 
 log = logging.getLogger("openai_proxy.config")
 
@@ -72,6 +73,8 @@ class Config:
     clients_snapshot: str | None = None
     gate_uri: str | None = None
     gate_lease_s: int = 10
+    # The upstream key pool (OPENAI_API_KEYS, with OPENAI_API_KEY): empty means no pool.
+    upstream_keys: tuple[KeySpec, ...] = ()
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -93,6 +96,9 @@ class Config:
                 value = _without_userinfo(value)
             elif f.name == "log_db":
                 value = logurl.shown(value)
+            elif f.name == "upstream_keys":
+                value = [{"name": k.name, "weight": k.weight, "models": sorted(k.models) if k.models else None}
+                         for k in value]  # fmt: skip
             out[f.name] = value
         out["effective_max_timeout_ms"] = self.effective_max_timeout_ms
         return out
@@ -379,6 +385,13 @@ def build_config(values: Mapping[str, str]) -> Config:
     gate_uri = kwargs.get("gate_uri")
     if isinstance(gate_uri, str):
         kwargs["gate_uri"] = _gate_uri(gate_uri)
+    single = kwargs.get("openai_api_key")
+    try:
+        kwargs["upstream_keys"] = parse_api_keys(
+            single if isinstance(single, str) else None, values.get("OPENAI_API_KEYS")
+        )
+    except KeySpecError as exc:
+        raise ConfigError(str(exc)) from None
     log_db = kwargs.get("log_db")
     if isinstance(log_db, str):
         kwargs["log_db"] = _log_db(log_db)
@@ -408,7 +421,7 @@ def build_config(values: Mapping[str, str]) -> Config:
         warnings.append(
             "SECURITY_KEY is not set: every API route answers 403 until it is configured (never open)"
         )
-    if not config.openai_api_key:
+    if not config.openai_api_key and not config.upstream_keys:
         warnings.append(
             "OPENAI_API_KEY is not set: upstream calls only work with a per-request openai_api_key"
         )

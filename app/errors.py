@@ -3,6 +3,7 @@
     ProxyError (500 internal_error)
     ├── BadRequest 400 · Unauthorized 401 · Forbidden 403 · NotFound 404 · RequestTimeout 408
     ├── PayloadTooLarge 413 · RateLimited 429 · ClientLimited 429 · Overloaded 503 (+ Retry-After)
+    ├── KeysResting 429 (+ Retry-After) · NoUpstreamKey 503: the key pool has no key for the call
     ├── ClientCancelled 499 (nothing is sent)
     ├── UpstreamAPIError (upstream's status) · UpstreamBadResponse 502 · UpstreamTransport 502
     ├── UpstreamTimeout 504
@@ -17,6 +18,7 @@ OpenAI's own `{"error": {message, type, param, code}}` on `/v1`, so the SDKs rai
 from __future__ import annotations
 
 import logging
+import math
 import re
 from typing import Any
 
@@ -29,6 +31,7 @@ from app import jsonio
 from app.context import RequestRecord, new_request_id
 from app.redact import redact_text
 from app.upstream.client import BadUpstreamResponse
+from app.upstream.keypool import KeysUnavailable
 
 log = logging.getLogger("openai_proxy")
 
@@ -142,6 +145,28 @@ class ClientLimited(ProxyError):
         self.openai_type, self.openai_code = self._OPENAI[limit]
 
 
+class KeysResting(RateLimited):
+    """Every upstream key the call may use rests after a 429: upstream is not called."""
+
+    code = "OPENAI_PROXY_UPSTREAM_KEYS_RESTING"
+    openai_type, openai_code = "requests", "rate_limit_exceeded"
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message, headers={"Retry-After": str(max(1, math.ceil(retry_after_s)))})
+
+
+class NoUpstreamKey(ProxyError):
+    """No upstream key may take the call until an operator acts (all revoked, or none serves it):
+    503, since the proxy cannot serve it now, rather than 502, which would blame an answer of OpenAI."""
+
+    status, type, code, result = (
+        503,
+        "upstream_keys_unavailable",
+        "OPENAI_PROXY_NO_UPSTREAM_KEY",
+        "no_upstream_key",
+    )
+
+
 class UpstreamAPIError(ProxyError):
     type, code, result = "upstream_api_error", "OPENAI_PROXY_UPSTREAM_API_ERROR", "upstream_api_error"
 
@@ -218,6 +243,10 @@ def classify(exc: BaseException) -> ProxyError:
     """Map any exception from an upstream call to a ProxyError: by type first, text only as a last resort."""
     if isinstance(exc, ProxyError):
         return exc
+    if isinstance(exc, KeysUnavailable):
+        if exc.retry_after is None:
+            return NoUpstreamKey(str(exc))
+        return KeysResting(str(exc), exc.retry_after)
     if isinstance(exc, openai.APIStatusError):
         response = exc.response
         return upstream_api_error(exc.status_code, response.headers, response.content)

@@ -24,11 +24,12 @@ from app.context import RequestRecord, new_request_id
 from app.gate import open_gate
 from app.limits import open_limit_store
 from app.logstore import LogStore
-from app.metrics import Metrics
+from app.metrics import KeyPoolCollector, Metrics
 from app.prices import load_prices
 from app.redact import SECRETS, WHOLE_WORD_BELOW, redact_text
 from app.state import ProxyState
 from app.upstream import Upstream
+from app.upstream.keypool import KeyPool
 
 log = logging.getLogger("openai_proxy")
 
@@ -79,7 +80,9 @@ def build_app(config: Config | None = None) -> Flask:
     gate = open_gate(config, runtime_dir)
     st = app.extensions["openai_proxy"] = ProxyState(
         config=config,
-        upstream=Upstream(config),
+        upstream=Upstream(
+            config, KeyPool(config.upstream_keys, runtime_dir) if config.upstream_keys else None
+        ),
         gate=gate,
         completion_log=CompletionLog(prices=prices, host=config.host_name),
         runtime_dir=runtime_dir,
@@ -93,6 +96,8 @@ def build_app(config: Config | None = None) -> Flask:
     # Observability hangs off the existing hooks: finished requests, retries, new parallel peaks.
     st.completion_log.sinks += [st.log_store.append, st.metrics.observe, functools.partial(charge, st)]
     st.upstream.retry_sinks.append(st.log_store.append_retry)
+    if st.upstream.pool is not None:
+        st.metrics.add_collector(KeyPoolCollector(st.upstream.pool))
     gate.on_new_peak = st.log_store.note_peak
     st.log_store.on_drop = st.metrics.log_record_dropped
 
@@ -133,6 +138,8 @@ def configured_secrets(config: Config) -> dict[str, str]:
         found[f"the password in {name}"] = unquote(password) if password else None
     for i, password in enumerate(logurl.secrets(config.log_db)):
         found[f"password {i + 1} in OPENAI_PROXY_LOG_DB"] = password
+    for spec in config.upstream_keys:
+        found[f"the upstream key {spec.name}"] = spec.key
     return {name: value for name, value in found.items() if value}
 
 

@@ -59,9 +59,10 @@ def _uptime(st: ProxyState) -> dict[str, Any]:
 
 
 def liveness(st: ProxyState) -> dict[str, Any]:
-    """Ready means API routes can serve (SECURITY_KEY or a named client is configured); a log store problem, or the fleet-wide
-    gate's Redis not answering (the host's gate stands in), only degrades; a server told to stop is
-    draining and not ready (in-flight work finishes, `/ready` says 503)."""
+    """Ready means API routes can serve (SECURITY_KEY or a named client is configured); a log store
+    problem, the fleet-wide gate's Redis not answering (the host's gate stands in) or every upstream
+    key revoked only degrades; a server told to stop is draining and not ready (in-flight work
+    finishes, `/ready` says 503)."""
     config = st.config
     store_error = st.log_store.check_writable()
     draining = st.draining()
@@ -69,7 +70,8 @@ def liveness(st: ProxyState) -> dict[str, Any]:
     # Counted first: asking Redis is also what finds out whether it answers.
     gate = {"inUse": st.gate.in_use(), "limit": st.gate.limit, "heldByThisWorker": st.gate.held_here()}
     gate.update(st.gate.status())
-    healthy = store_error is None and not gate.get("fallback")
+    keys = upstream_keys(st)
+    healthy = store_error is None and not gate.get("fallback") and not keys["allRevoked"]
     return {
         "status": "draining" if draining else "ok" if ready and healthy else "degraded",
         "ready": ready,
@@ -85,7 +87,18 @@ def liveness(st: ProxyState) -> dict[str, Any]:
         "limits": st.limits.status(),
         "gate": gate,
         "logStore": {"writable": store_error is None, "error": store_error, **st.log_store.stats()},
+        "upstreamKeys": keys,
     }
+
+
+def upstream_keys(st: ProxyState) -> dict[str, Any]:
+    """The key pool (name, last four characters, state, resting until per key); a lone
+    OPENAI_API_KEY is not pooled: it is always used, and not shown."""
+    pool = st.upstream.pool
+    if pool is None:
+        return {"pooled": False, "allRevoked": False, "keys": []}
+    keys = pool.describe()
+    return {"pooled": True, "allRevoked": all(k["state"] == "revoked" for k in keys), "keys": keys}
 
 
 def deep_check(st: ProxyState, request_id: str) -> tuple[dict[str, Any], int]:

@@ -61,6 +61,31 @@ class GateCollector:
             )
 
 
+class KeyPoolCollector:
+    """Each upstream key's state on the host, read from the pool's shared table when scraped."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        keys = self.pool.describe()
+        families = (
+            ("openai_proxy_upstream_key_in_flight", "Calls in flight per upstream key, all workers",
+             lambda k: k["inFlight"]),
+            ("openai_proxy_upstream_key_resting_seconds", "Seconds until a key rested after a 429 is used again",
+             lambda k: k.get("restingForS") or 0.0),
+            ("openai_proxy_upstream_key_revoked", "1 for a key out of use until restart or reload (401, 403, "
+             "insufficient_quota)", lambda k: 1 if k["state"] == "revoked" else 0),
+        )  # fmt: skip
+        for name, doc, value in families:
+            family = GaugeMetricFamily(name, doc, labels=["key"])
+            for key in keys:
+                family.add_metric([key["name"]], value(key))
+            yield family
+
+
 class Metrics:
     """The proxy's metrics for one worker, and the exposition of the whole server's."""
 
@@ -76,6 +101,7 @@ class Metrics:
             self._own.register(GateCollector(gate))
         self.gate = gate
         self.prices = prices
+        self._collectors: list[Any] = []
         self._models: set[str] = set()
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         reg = self._own
@@ -111,6 +137,14 @@ class Metrics:
         self.log_dropped = Counter(
             "openai_proxy_log_dropped", "Request log records dropped from a full queue", registry=reg
         )
+        self.key_calls = Counter("openai_proxy_upstream_key_calls", "Upstream attempts per pool key and outcome",
+                                 ["key", "outcome"], registry=reg)  # fmt: skip
+
+    def add_collector(self, collector: Any) -> None:
+        """Another collector read at each scrape (it sees the whole server by itself, like the gate's)."""
+        self._collectors.append(collector)
+        if self._own is not None:
+            self._own.register(collector)
 
     def limit_rejected(self, client: str, limit: str) -> None:
         """A client's request was refused by its own limit (names come from the clients file only)."""
@@ -138,6 +172,8 @@ class Metrics:
             self._child(self.cancellations, route).inc()
         if entry.get("retries"):
             self._child(self.retries, route).inc(entry["retries"])
+        for attempt in entry.get("attempts") or ():
+            self._child(self.key_calls, attempt["key"], attempt["outcome"]).inc()
         # Usage of calls that name a model: a retrieved response's usage was counted when it was made.
         usage, model = entry.get("usage"), entry.get("model")
         if usage and model:
@@ -187,4 +223,6 @@ class Metrics:
             registry = CollectorRegistry()
             MultiProcessCollector(registry, path=self.dir)
             registry.register(GateCollector(self.gate))
+            for collector in self._collectors:
+                registry.register(collector)
         return generate_latest(registry), CONTENT_TYPE_LATEST

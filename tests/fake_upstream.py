@@ -11,6 +11,7 @@ per process (`ca_path()` is that CA's PEM file, for OPENAI_PROXY_CA_BUNDLE or `v
 Usage in tests::
 
     fake.push("POST", "/v1/chat/completions", error(429, "Slow down", headers={"Retry-After": "3"}))
+    fake.push("POST", "/v1/chat/completions", error(401, "Bad key"), times=None, key="sk-one-key")
     ...
     req = fake.last("/v1/chat/completions")
     assert req.json["model"] == "gpt-4o-mini"
@@ -618,9 +619,12 @@ class _Script:
     path: str | re.Pattern[str]
     handler: Handler
     times: int | None  # None = until cleared
+    key: str | None = None  # only requests sent with `Authorization: Bearer <key>`
 
-    def matches(self, method: str, path: str) -> bool:
+    def matches(self, method: str, path: str, authorization: str | None = None) -> bool:
         if self.method != method:
+            return False
+        if self.key is not None and authorization != f"Bearer {self.key}":
             return False
         return bool(self.path.fullmatch(path)) if isinstance(self.path, re.Pattern) else self.path == path
 
@@ -641,6 +645,9 @@ class FakeUpstream:
     # Connections accepted since the last reset(); each Received says which one carried it (ids are
     # never reused, so a connection kept from before a reset keeps its own).
     connections: int = 0
+    # Connections reset on arrival, before TLS or any byte (`refuse_connections`), since the last reset().
+    refused: int = 0
+    _refuse: int = 0
     _idle: dict[int, socket.socket] = field(default_factory=dict)
     _scripts: list[_Script] = field(default_factory=list)
     _server: StreamServer | None = None
@@ -688,6 +695,7 @@ class FakeUpstream:
         self.handshake_errors.clear()
         self._scripts.clear()
         self.connections = 0
+        self.refused = self._refuse = 0
 
     def close_idle(self) -> int:
         """Close every kept-alive connection that waits for its next request, as servers do after
@@ -699,9 +707,30 @@ class FakeUpstream:
                 sock.shutdown(socket.SHUT_RDWR)
         return len(idle)
 
-    def push(self, method: str, path: str | re.Pattern[str], handler: Handler, times: int | None = 1) -> None:
-        """Answer the next `times` matching requests with `handler` (None: every one until reset)."""
-        self._scripts.append(_Script(method, path, handler, times))
+    def push(
+        self,
+        method: str,
+        path: str | re.Pattern[str],
+        handler: Handler,
+        times: int | None = 1,
+        key: str | None = None,
+    ) -> None:
+        """Answer the next `times` matching requests with `handler` (None: every one until reset);
+        with `key`, only requests made with that upstream key (`Authorization: Bearer <key>`)."""
+        self._scripts.append(_Script(method, path, handler, times, key))
+
+    def refuse_connections(self, count: int = 1) -> None:
+        """Reset the next `count` new connections as they arrive (before TLS): a connect error for
+        whoever makes them. Kept-alive connections are not affected (see `close_idle`)."""
+        self._refuse += count
+
+    def keys(self, path: str, method: str | None = None) -> list[str | None]:
+        """The upstream key (Bearer token) of each request for `path`, in order."""
+        out = []
+        for req in self.matching(path, method):
+            auth = req.headers.get("authorization") or ""
+            out.append(auth[len("Bearer ") :] if auth.startswith("Bearer ") else None)
+        return out
 
     def matching(self, path: str, method: str | None = None) -> list[Received]:
         return [r for r in self.requests if r.path == path and (method is None or r.method == method)]
@@ -714,9 +743,9 @@ class FakeUpstream:
     def count(self, path: str, method: str | None = None) -> int:
         return len(self.matching(path, method))
 
-    def _pick(self, method: str, path: str) -> Handler:
+    def _pick(self, method: str, path: str, authorization: str | None = None) -> Handler:
         for script in self._scripts:
-            if script.matches(method, path):
+            if script.matches(method, path, authorization):
                 if script.times is not None:
                     script.times -= 1
                     if script.times <= 0:
@@ -725,6 +754,12 @@ class FakeUpstream:
         return default_handler
 
     def _serve(self, sock: socket.socket, addr: tuple[str, int]) -> None:
+        if self._refuse > 0:
+            self._refuse -= 1
+            self.refused += 1
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+            return
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as real servers do for streams
         if self.tls:
             try:
@@ -749,7 +784,7 @@ class FakeUpstream:
                 self.requests.append(req)
                 conn = Conn(sock, req, reader)
                 try:
-                    self._pick(req.method, req.path)(req, conn)
+                    self._pick(req.method, req.path, req.headers.get("authorization"))(req, conn)
                 except ClientGone:
                     return
                 finally:

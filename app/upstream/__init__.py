@@ -9,6 +9,11 @@ to drive it, one result type (`UpstreamResponse`, returned once headers are in, 
   still goes through the same client (`app.upstream.sdk.WireTransport`).
 Both bound each attempt's wait for response *headers*; once headers are in, a slow body or stream is
 not cut by it.
+
+With a key pool (`OPENAI_API_KEYS`), a call that brings no key of its own takes one from the pool per
+attempt and may fail over once (`app.upstream.failover`). On the SDK's road the key is chosen per SDK
+attempt, in its transport: an SDK retry after a 429 goes out with another key, and the one failover is
+shared with the SDK's retries, so a call makes at most its SDK attempts plus one.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import openai
 from app.config import Config
 from app.upstream.call import Credentials, UpstreamCall
 from app.upstream.client import UpstreamClient, UpstreamResponse
+from app.upstream.failover import PoolCall
+from app.upstream.keypool import KeyPool
 from app.upstream.sdk import (
     RAW_RESPONSE_HEADER,
     WIRE,
@@ -46,8 +53,9 @@ _SDK_METHODS = {"GET": "get", "POST": "post", "DELETE": "delete"}
 class Upstream:
     """One worker's access to the OpenAI API: a shared connection pool, two retry policies."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, key_pool: KeyPool | None = None) -> None:
         self.config = config
+        self.pool = key_pool
         self.retry_sinks: list[RetrySink] = []
         # The constructor key is never what upstream sees: every call sends explicit credentials.
         sdk = openai.OpenAI(api_key="unset", base_url=config.openai_base_url, max_retries=0)
@@ -59,11 +67,20 @@ class Upstream:
         self._sdk = {0: sdk, RETRIES_IDEMPOTENT: sdk.with_options(max_retries=RETRIES_IDEMPOTENT)}
 
     def credentials(self, api_key: str | None, project: str | None, organization: str | None) -> Credentials:
-        """Request overrides win; empty means unset, which falls back to the configuration."""
+        """Request overrides win; empty means unset, which falls back to the configuration (the key
+        pool when there is one: a key per attempt)."""
+        config = self.config
+        if api_key or self.pool is None:
+            return Credentials(
+                api_key=api_key or config.openai_api_key,
+                project=project or config.openai_project,
+                organization=organization or config.openai_organization,
+            )
         return Credentials(
-            api_key=api_key or self.config.openai_api_key,
-            project=project or self.config.openai_project,
-            organization=organization or self.config.openai_organization,
+            api_key=None,
+            project=project or config.openai_project,
+            organization=organization or config.openai_organization,
+            pooled=True,
         )
 
     def send(self, call: UpstreamCall) -> UpstreamResponse:
@@ -77,7 +94,23 @@ class Upstream:
         query = call.query or (self._sdk[0].qs.stringify(call.params) if call.params else "")
         target = self.settings.base_path + call.path + (f"?{query}" if query else "")
         headers = [*self._static_headers, *call.credentials.header_list(), *call.headers]
-        response = self.client.send(
+        if call.credentials.pooled:
+            body = call.body
+            response = self._pool_call(call).send(
+                lambda key: self._send_plain(call, target, [*headers, ("Authorization", f"Bearer {key}")]),
+                replayable=body is None or isinstance(body, bytes | bytearray),
+            )
+        else:
+            response = self._send_plain(call, target, headers)
+        record = call.record
+        record.upstream_headers_at = time.perf_counter()
+        record.upstream_request_id = response.headers.get("x-request-id") or record.upstream_request_id
+        return response
+
+    def _send_plain(
+        self, call: UpstreamCall, target: str, headers: list[tuple[str, str]]
+    ) -> UpstreamResponse:
+        return self.client.send(
             call.method,
             target,
             headers,
@@ -85,16 +118,18 @@ class Upstream:
             header_timeout=call.timeout.seconds,
             content_length=call.content_length,
         )
-        record = call.record
-        record.upstream_headers_at = time.perf_counter()
-        record.upstream_request_id = response.headers.get("x-request-id") or record.upstream_request_id
-        return response
+
+    def _pool_call(self, call: UpstreamCall) -> PoolCall:
+        assert self.pool is not None
+        return PoolCall(self.pool, call.record, call.path, self.retry_sinks, call.credentials.key_names)
 
     def _send_sdk(self, call: UpstreamCall) -> UpstreamResponse:
         verb = _SDK_METHODS.get(call.method.upper())
         if verb is None:
             raise ValueError(f"unsupported method for a retried call: {call.method}")
         creds = call.credentials
+        pool_call = self._pool_call(call) if creds.pooled else None
+        attempts = Attempts(call.record, call.timeout.seconds, self.retry_sinks, pool=pool_call)
         headers: dict[str, Any] = {
             "Authorization": f"Bearer {creds.api_key}" if creds.api_key else openai.omit,
             "OpenAI-Project": creds.project or openai.omit,
@@ -109,14 +144,21 @@ class Upstream:
         args: dict[str, Any] = {"cast_to": httpx2.Response, "options": options}
         if verb == "post":
             args.update(body=call.form, content=call.body, files=call.files)
-        attempts = Attempts(call.record, call.timeout.seconds, self.retry_sinks)
+        if pool_call is not None:
+            # Chosen before the SDK starts: when every key rests, nothing else is done. (A later
+            # attempt that finds none raises KeysUnavailable in the transport, which ends the call.)
+            attempts.lease = pool_call.first()
         token = current_attempts.set(attempts)
         try:
             response = getattr(self._sdk[call.retries], verb)(call.path, **args)
         finally:
             current_attempts.reset(token)
+            if attempts.lease is not None:  # the SDK failed before its first attempt
+                attempts.lease.release()
         return response.extensions[WIRE]
 
     def close(self) -> None:
         self._http.close()
         self.client.close()
+        if self.pool is not None:
+            self.pool.close()

@@ -11,11 +11,18 @@ from app.context import RequestRecord, TimeoutDecision
 
 @dataclass(frozen=True)
 class Credentials:
-    """Who the upstream call is made as: overrides from the request, else the configured values."""
+    """Who the upstream call is made as: overrides from the request, else the configured values.
+
+    `pooled`: the request brought no key of its own and the proxy has a key pool, so `api_key` is None
+    and each attempt takes a key from the pool (`app.upstream.keypool`), among `key_names` if given
+    (a client restricted to named keys).
+    """
 
     api_key: str | None
     project: str | None
     organization: str | None
+    pooled: bool = False
+    key_names: frozenset[str] | None = None
 
     def header_list(self) -> list[tuple[str, str]]:
         """`Authorization`, `OpenAI-Project`, `OpenAI-Organization`: only those that are set."""

@@ -85,10 +85,13 @@ class UpstreamResponse(HTTPSocketPoolResponse):
     """One upstream response: llhttp parses it; the body is handed on as it arrives.
 
     The connection goes back to the pool when the body has been read to its end, and is closed by
-    `close()` otherwise. Owners must call `close()` (it is idempotent).
+    `close()` otherwise. Owners must call `close()` (it is idempotent): it also gives back the key
+    pool's `lease` the call was made with, if any, since the call has then really ended.
     """
 
     def __init__(self, sock: Any, client: UpstreamClient, method: str) -> None:
+        self.lease: Any = None
+        self._replay: bytes | None = None
         self._failed = False
         self._head_size = 0
         self._read_timeout = client.settings.read_timeout
@@ -153,6 +156,10 @@ class UpstreamResponse(HTTPSocketPoolResponse):
         With `timeout`, None means nothing arrived in time (the caller may wait again); without it,
         a silence longer than the read timeout is an error.
         """
+        if self._replay is not None:
+            replay, self._replay = self._replay, None
+            if replay:
+                return replay
         try:
             while True:
                 if self._undecoded:
@@ -236,6 +243,12 @@ class UpstreamResponse(HTTPSocketPoolResponse):
             parts.append(piece)
         return b"".join(parts)
 
+    def buffer_body(self, limit: int) -> bytes:
+        """Read the whole body now (as `read_body`), and hand it out again to whoever reads it next."""
+        body = self.read_body(limit)
+        self._replay = body
+        return body
+
     def release(self) -> None:
         sock = self._sock
         if sock is not None and self._sock_timeout is not None:
@@ -244,8 +257,13 @@ class UpstreamResponse(HTTPSocketPoolResponse):
         super().release()
 
     def close(self) -> None:
-        """Give the connection back if the body was read to its end, else close it."""
-        self.release()
+        """Give the connection back if the body was read to its end, else close it; end the lease."""
+        try:
+            self.release()
+        finally:
+            lease, self.lease = self.lease, None
+            if lease is not None:
+                lease.release()
 
 
 def _reason(exc: HTTPParseError) -> str:

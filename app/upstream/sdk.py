@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx2
 
@@ -22,6 +22,10 @@ from app.context import RequestRecord
 from app.jsonio import dumps_text
 from app.redact import redact_text
 from app.upstream.client import MAX_ERROR_BODY, UpstreamClient, UpstreamResponse
+
+if TYPE_CHECKING:
+    from app.upstream.failover import PoolCall
+    from app.upstream.keypool import Lease
 
 log = logging.getLogger("openai_proxy.upstream")
 
@@ -50,6 +54,9 @@ class Attempts:
     retry_sinks: list[RetrySink]
     count: int = 0
     last_failure: str | None = None
+    # With the key pool: the call's use of it, and the key chosen for the first attempt (taken by it).
+    pool: PoolCall | None = None
+    lease: Lease | None = None
 
 
 current_attempts: ContextVar[Attempts | None] = ContextVar("openai_proxy_attempts", default=None)
@@ -100,15 +107,28 @@ class WireTransport(httpx2.BaseTransport):
         else:
             body = request.stream
         target = request.url.raw_path.decode("ascii")
-        try:
-            wire = self.client.send(
+        size = int(length) if length is not None else None
+
+        def send(key: str | None) -> UpstreamResponse:
+            sent = headers if key is None else [*headers, ("Authorization", f"Bearer {key}")]
+            return self.client.send(
                 request.method,
                 target,
-                headers,
+                sent,
                 body,
                 header_timeout=attempts.header_timeout_s,
-                content_length=int(length) if length is not None else None,
+                content_length=size,
             )
+
+        try:
+            if attempts.pool is None:
+                wire = send(None)
+            else:
+                headers = [(k, v) for k, v in headers if k.lower() != "authorization"]
+                # A key per SDK attempt. The body is bytes, or a multipart stream that reads its
+                # files again from the start (httpx2 seeks them), so it can be sent again.
+                lease, attempts.lease = attempts.lease, None
+                wire = attempts.pool.send(send, replayable=True, lease=lease)
         except httpx2.TransportError as exc:
             attempts.last_failure = f"{type(exc).__name__}: {exc}"
             raise
