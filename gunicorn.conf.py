@@ -85,7 +85,7 @@ def _publish_clients() -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(content)
         try:
-            load_clients(candidate, _config.security_key)
+            load_clients(candidate, _config.security_key, _config.upstream_keys, _config.openai_api_key)
             problem = None
         except ClientsFileError as exc:
             problem = str(exc).replace(candidate, _config.clients_file)

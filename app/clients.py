@@ -10,6 +10,13 @@
     daily_usd = 25.0                    # budget per UTC day
     monthly_usd = 500.0                 # budget per UTC month
     models = ["gpt-4o-mini"]            # allowed models; others are refused with 403
+    keys = ["team-a"]                   # upstream keys of the pool it may use (default: any)
+
+    [[upstream_key]]                    # more keys for the upstream key pool (`app.upstream.keypool`)
+    name = "team-a"
+    key = "sk-..."
+    weight = 2                          # optional, 1-100
+    models = ["gpt-4o-mini"]            # optional: the models this key may serve
 
 `SECURITY_KEY`, when set, is the client `default` with no limits, so a deployment without a clients file
 changes nothing. Anything wrong in the file (syntax, an unknown field, a duplicate name or key, a bad
@@ -30,12 +37,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.keyspecs import KeySpec, KeySpecError, key_spec
+from app.keyspecs import add as add_key
 from app.limits import Limits
 
 DEFAULT_CLIENT = "default"
 NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
-_FIELDS = ("name", "key", "key_sha256", "rpm", "tpm", "daily_usd", "monthly_usd", "models")
+_FIELDS = ("name", "key", "key_sha256", "rpm", "tpm", "daily_usd", "monthly_usd", "models", "keys")
+_KEY_FIELDS = ("name", "key", "weight", "models")
 _INTS = ("rpm", "tpm")
 _USD = ("daily_usd", "monthly_usd")
 # Past these a value is a typo, not a plan (and would overflow the limit stores' arithmetic).
@@ -54,6 +64,7 @@ class Client:
     name: str
     limits: Limits = field(default_factory=Limits)
     models: frozenset[str] | None = None
+    keys: frozenset[str] | None = None  # names of the upstream keys it may use; None: any
 
     def allows_model(self, model: str | None) -> bool:
         """Whether the client may call `model`; a request that names no model is not refused here."""
@@ -67,7 +78,13 @@ def key_digest(key: str) -> bytes:
 class ClientBook:
     """The configured clients, looked up by the digest of the key a request presents."""
 
-    def __init__(self, entries: Iterable[tuple[bytes, Client]] = (), source: str | None = None) -> None:
+    def __init__(
+        self,
+        entries: Iterable[tuple[bytes, Client]] = (),
+        source: str | None = None,
+        upstream_keys: tuple[KeySpec, ...] = (),
+    ) -> None:
+        self.upstream_keys = upstream_keys  # the pool: the environment's keys, then the file's
         self._by_digest: dict[bytes, Client] = {}
         self._by_name: dict[str, Client] = {}
         for digest, client in entries:
@@ -104,20 +121,31 @@ class ClientBook:
         return any(c.limits.any() for c in self._by_name.values())
 
 
-def load_clients(path: str | None, security_key: str | None) -> tuple[ClientBook, list[str]]:
-    """The clients of `path` (if any) plus `default` for SECURITY_KEY, and the plain keys found in the
-    file (secrets to mask). Raises ClientsFileError."""
+def load_clients(
+    path: str | None,
+    security_key: str | None,
+    env_keys: tuple[KeySpec, ...] = (),
+    single_key: str | None = None,
+) -> tuple[ClientBook, list[str]]:
+    """The clients of `path` (if any) plus `default` for SECURITY_KEY, with the upstream key pool
+    (`env_keys` from OPENAI_API_KEYS, then the file's `[[upstream_key]]`s; OPENAI_API_KEY joins them
+    when the file alone makes a pool), and the plain keys found in the file (secrets to mask).
+    Raises ClientsFileError."""
     entries: list[tuple[bytes, Client]] = []
     plain_keys: list[str] = []
+    pool = list(env_keys)
     if security_key:
         entries.append((key_digest(security_key), Client(DEFAULT_CLIENT)))
     if path:
-        parsed, plain_keys = _parse_file(path, dict(entries))
+        parsed, plain_keys, file_keys = _parse_file(path, dict(entries), pool, single_key)
         entries += parsed
-    return ClientBook(entries, source=path), plain_keys
+        plain_keys += [spec.key for spec in file_keys]
+    return ClientBook(entries, source=path, upstream_keys=tuple(pool)), plain_keys
 
 
-def _parse_file(path: str, taken: dict[bytes, Client]) -> tuple[list[tuple[bytes, Client]], list[str]]:
+def _parse_file(
+    path: str, taken: dict[bytes, Client], pool: list[KeySpec], single_key: str | None
+) -> tuple[list[tuple[bytes, Client]], list[str], list[KeySpec]]:
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -136,18 +164,28 @@ def _parse_file(path: str, taken: dict[bytes, Client]) -> tuple[list[tuple[bytes
         reason = str(exc)[: where.start()].strip()
         raise ClientsFileError(f"{path}:{where.group(1)}: {reason} (column {where.group(2)})") from None
     lines = _table_lines(text)
-    unknown = sorted(set(doc) - {"client"})
+    unknown = sorted(set(doc) - {"client", "upstream_key"})
     if unknown:
         line = _line_of_key(text, unknown[0], 0, None)
-        raise ClientsFileError(f"{path}:{line}: unknown key {unknown[0]!r}; expected [[client]] tables")
+        raise ClientsFileError(
+            f"{path}:{line}: unknown key {unknown[0]!r}; expected [[client]] and [[upstream_key]] tables"
+        )
     tables = doc.get("client", [])
-    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
-        raise ClientsFileError(f"{path}: `client` must be an array of tables: [[client]]")
+    key_tables = doc.get("upstream_key", [])
+    for name, value in (("client", tables), ("upstream_key", key_tables)):
+        if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+            raise ClientsFileError(f"{path}: `{name}` must be an array of tables: [[{name}]]")
+    file_keys = _upstream_keys(path, text, key_tables, pool, single_key)
+    pool_names = {spec.name for spec in pool}
     out, plain = [], []
     names = {client.name for client in taken.values()}
     for index, table in enumerate(tables):
         where = _Where(path, text, lines, index)
         digest, client, key = _client(table, where)
+        missing = sorted((client.keys or frozenset()) - pool_names)
+        if missing:
+            raise where.error("keys", f"client {client.name!r}: no upstream key is named {missing[0]!r}"
+                              " (OPENAI_API_KEYS or [[upstream_key]])")  # fmt: skip
         if client.name in names:
             why = " (SECURITY_KEY is the client 'default')" if client.name == DEFAULT_CLIENT else ""
             raise where.error("name", f"duplicate client name {client.name!r}{why}")
@@ -160,7 +198,37 @@ def _parse_file(path: str, taken: dict[bytes, Client]) -> tuple[list[tuple[bytes
         out.append((digest, client))
         if key:
             plain.append(key)
-    return out, plain
+    return out, plain, file_keys
+
+
+def _upstream_keys(
+    path: str, text: str, tables: list[dict[str, Any]], pool: list[KeySpec], single_key: str | None
+) -> list[KeySpec]:
+    """The file's `[[upstream_key]]`s, validated like OPENAI_API_KEYS' entries, added to `pool`."""
+    lines = _table_lines(text, "upstream_key")
+    added: list[KeySpec] = []
+    if tables and not pool and single_key:
+        pool.append(key_spec(single_key, where="OPENAI_API_KEY"))  # the file makes a pool: it joins
+    for index, table in enumerate(tables):
+        where = _Where(path, text, lines, index)
+        for name in table:
+            if name not in _KEY_FIELDS:
+                raise where.error(name, f"unknown field {name!r} (allowed: {', '.join(_KEY_FIELDS)})")
+        key, models = table.get("key"), table.get("models")
+        if not isinstance(key, str):
+            raise where.error(
+                "key" if "key" in table else None, "every [[upstream_key]] needs a `key` string"
+            )
+        if models is not None and not (isinstance(models, list) and all(isinstance(m, str) for m in models)):
+            raise where.error("models", "`models` must be a non-empty list of model names")
+        try:
+            spec = key_spec(key, table.get("name"), table.get("weight", 1),
+                            frozenset(models) if models is not None else None, where=f"{path}:{where.start + 1}")  # fmt: skip
+            add_key(pool, spec, f"{path}:{where.start + 1}")
+        except KeySpecError as exc:
+            raise ClientsFileError(str(exc)) from None
+        added.append(spec)
+    return added
 
 
 class _Where:
@@ -176,9 +244,10 @@ class _Where:
         return ClientsFileError(f"{self.path}:{line}: {reason}")
 
 
-def _table_lines(text: str) -> list[int]:
-    """0-based line numbers of the `[[client]]` headers, in order."""
-    return [i for i, line in enumerate(text.splitlines()) if re.match(r"\s*\[\[\s*client\s*\]\]", line)]
+def _table_lines(text: str, table: str = "client") -> list[int]:
+    """0-based line numbers of the `[[<table>]]` headers, in order."""
+    header = re.compile(rf"\s*\[\[\s*{table}\s*\]\]")
+    return [i for i, line in enumerate(text.splitlines()) if header.match(line)]
 
 
 def _line_of_key(text: str, key: str, start: int, end: int | None) -> int:
@@ -238,4 +307,11 @@ def _client(table: Mapping[str, Any], where: _Where) -> tuple[bytes, Client, str
         ):
             raise where.error("models", f"client {name!r}: `models` must be a non-empty list of model names")
         models = frozenset(models)
-    return digest, Client(name, Limits(**values), models), key
+    keys = table.get("keys")
+    if keys is not None:
+        if not isinstance(keys, list) or not keys or not all(isinstance(k, str) and k for k in keys):
+            raise where.error(
+                "keys", f"client {name!r}: `keys` must be a non-empty list of upstream key names"
+            )
+        keys = frozenset(keys)
+    return digest, Client(name, Limits(**values), models, keys), key

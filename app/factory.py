@@ -70,7 +70,10 @@ def build_app(config: Config | None = None) -> Flask:
 
     try:
         clients, client_keys = load_clients(
-            config.clients_snapshot or config.clients_file, config.security_key
+            config.clients_snapshot or config.clients_file,
+            config.security_key,
+            config.upstream_keys,
+            config.openai_api_key,
         )
     except ClientsFileError as exc:
         raise ConfigError(str(exc)) from None
@@ -81,7 +84,7 @@ def build_app(config: Config | None = None) -> Flask:
     st = app.extensions["openai_proxy"] = ProxyState(
         config=config,
         upstream=Upstream(
-            config, KeyPool(config.upstream_keys, runtime_dir) if config.upstream_keys else None
+            config, KeyPool(clients.upstream_keys, runtime_dir) if clients.upstream_keys else None
         ),
         gate=gate,
         completion_log=CompletionLog(prices=prices, host=config.host_name),

@@ -87,11 +87,12 @@ def parse_api_keys(single: str | None, listed: str | None) -> tuple[KeySpec, ...
         where = f"OPENAI_API_KEYS entry {position}"
         name, sep, key = item.partition("=")
         spec = key_spec(key.strip(), name.strip(), where=where) if sep else key_spec(item, where=where)
-        _add(specs, spec, where)
+        add(specs, spec, where)
     return tuple(specs)
 
 
-def _add(specs: list[KeySpec], spec: KeySpec, where: str) -> None:
+def add(specs: list[KeySpec], spec: KeySpec, where: str) -> None:
+    """Add `spec` to `specs`: the same key again is one key; a name or key used twice is an error."""
     if any(other.name == spec.name and other.key != spec.key for other in specs):
         raise KeySpecError(
             f"{where}: the name {spec.name!r} is used twice; give each key its own name (name=key)"

@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import unquote_plus
 
 import gevent
-from flask import request
+from flask import g, request
 from werkzeug.exceptions import ClientDisconnected
 
 from app import jsonio
@@ -144,6 +144,7 @@ def credentials() -> Credentials:
         None,
         header_value("OpenAI-Project", project) if project else None,
         header_value("OpenAI-Organization", organization) if organization else None,
+        g.client.keys,
     )
 
 

@@ -116,11 +116,11 @@ def authenticate(provided: str | None) -> Client:
 def authorize(*sources: Mapping[str, Any]) -> Credentials:
     """Check the security key and resolve the per-request upstream credentials."""
     st = state()
-    authenticate(provided_security_key(request.headers, *sources))
+    client = authenticate(provided_security_key(request.headers, *sources))
     api_key, project, organization = (_override(sources, name) for name in OVERRIDE_FIELDS)
     # Upstream may echo the key back ("Incorrect API key provided: ..."), whatever it looks like.
     mask_in_this_request(api_key)
-    return st.upstream.credentials(api_key, project, organization)
+    return st.upstream.credentials(api_key, project, organization, client.keys)
 
 
 def _timeout_from(*sources: Mapping[str, Any]) -> TimeoutDecision:

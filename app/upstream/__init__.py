@@ -66,9 +66,15 @@ class Upstream:
         sdk = sdk.with_options(http_client=self._http)
         self._sdk = {0: sdk, RETRIES_IDEMPOTENT: sdk.with_options(max_retries=RETRIES_IDEMPOTENT)}
 
-    def credentials(self, api_key: str | None, project: str | None, organization: str | None) -> Credentials:
+    def credentials(
+        self,
+        api_key: str | None,
+        project: str | None,
+        organization: str | None,
+        key_names: frozenset[str] | None = None,
+    ) -> Credentials:
         """Request overrides win; empty means unset, which falls back to the configuration (the key
-        pool when there is one: a key per attempt)."""
+        pool when there is one: a key per attempt, among `key_names` when the client is restricted)."""
         config = self.config
         if api_key or self.pool is None:
             return Credentials(
@@ -81,6 +87,7 @@ class Upstream:
             project=project or config.openai_project,
             organization=organization or config.openai_organization,
             pooled=True,
+            key_names=key_names,
         )
 
     def send(self, call: UpstreamCall) -> UpstreamResponse:
