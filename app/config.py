@@ -263,48 +263,25 @@ def _host_name(raw: str) -> str:
     return raw
 
 
-def _limits_uri(raw: str) -> str:
-    """OPENAI_PROXY_LIMITS_URI: `redis[s]://[[user]:password@]host[:port][/db]` and nothing else, so a
-    typo stops the server instead of quietly counting limits per host."""
+def _redis_uri(var: str, raw: str) -> str:
+    """A Redis URL (`redis[s]://[[user]:password@]host[:port][/db]`) and nothing else, so a typo stops
+    the server instead of quietly counting per host (N hosts would make N x a limit)."""
     shown = _without_userinfo(raw)
     parts = urlsplit(raw)
     if parts.scheme.lower() not in ("redis", "rediss"):
         raise ConfigError(
-            f"OPENAI_PROXY_LIMITS_URI={shown!r}: only redis:// or rediss:// URLs such as "
-            "redis://host:6379/0 are supported"
+            f"{var}={shown!r}: only redis:// or rediss:// URLs such as redis://host:6379/0 are supported"
         )
     try:
         parts.port  # noqa: B018 - raises on a port that is not a number
     except ValueError:
-        raise ConfigError(f"OPENAI_PROXY_LIMITS_URI={shown!r} has an invalid port") from None
+        raise ConfigError(f"{var}={shown!r} has an invalid port") from None
     if not parts.hostname:
-        raise ConfigError(f"OPENAI_PROXY_LIMITS_URI={shown!r} has no host (redis://host:6379/0)")
+        raise ConfigError(f"{var}={shown!r} has no host (redis://host:6379/0)")
     if not re.fullmatch(r"/?(\d+)?", parts.path) or parts.query or parts.fragment:
         raise ConfigError(
-            f"OPENAI_PROXY_LIMITS_URI={shown!r}: after the host only a database number may follow "
-            "(redis://host:6379/0)"
+            f"{var}={shown!r}: after the host only a database number may follow (redis://host:6379/0)"
         )
-    return raw
-
-
-def _gate_uri(raw: str) -> str:
-    """OPENAI_PROXY_GATE_URI: the Redis of the fleet-wide gate, `redis[s]://[[user]:password@]host[:port][/db]`.
-    Anything else stops the server at start: a gate silently per host would let N hosts make N x the limit."""
-    shown = _without_userinfo(raw)
-    parts = urlsplit(raw)
-    if parts.scheme.lower() not in ("redis", "rediss"):
-        raise ConfigError(
-            f"OPENAI_PROXY_GATE_URI={shown!r}: only redis:// or rediss:// URLs like redis://host:6379/0 "
-            "are supported"
-        )
-    try:
-        parts.port  # noqa: B018 - raises on a port that is not a number
-    except ValueError:
-        raise ConfigError(f"OPENAI_PROXY_GATE_URI={shown!r} has an invalid port") from None
-    if not parts.hostname:
-        raise ConfigError(f"OPENAI_PROXY_GATE_URI={shown!r} names no host (redis://host:6379/0)")
-    if parts.path.strip("/") and not parts.path.strip("/").isdigit():
-        raise ConfigError(f"OPENAI_PROXY_GATE_URI={shown!r}: the path must be a database number, like /0")
     return raw
 
 
@@ -384,7 +361,7 @@ def build_config(values: Mapping[str, str]) -> Config:
         load_prices(prices_file)  # a bad file stops the server here, naming its line and what is wrong
     gate_uri = kwargs.get("gate_uri")
     if isinstance(gate_uri, str):
-        kwargs["gate_uri"] = _gate_uri(gate_uri)
+        kwargs["gate_uri"] = _redis_uri("OPENAI_PROXY_GATE_URI", gate_uri)
     single = kwargs.get("openai_api_key")
     try:
         kwargs["upstream_keys"] = parse_api_keys(
@@ -397,7 +374,7 @@ def build_config(values: Mapping[str, str]) -> Config:
         kwargs["log_db"] = _log_db(log_db)
     limits_uri = kwargs.get("limits_uri")
     if isinstance(limits_uri, str):
-        kwargs["limits_uri"] = _limits_uri(limits_uri)
+        kwargs["limits_uri"] = _redis_uri("OPENAI_PROXY_LIMITS_URI", limits_uri)
     if isinstance(kwargs.get("host_name"), str):
         kwargs["host_name"] = _host_name(str(kwargs["host_name"]))
     for attr, var in _RATE_LIMIT_VARS.items():
