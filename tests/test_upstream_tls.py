@@ -84,3 +84,29 @@ def test_upstream_closing_idle_connections_never_fails_the_next_call(server, fak
     assert fake.count("/v1/chat/completions") == 5
     # Every call after a close went out on a new connection, none on a closed one.
     assert len(connections_used(fake)) == 5
+
+
+def test_connections_are_reused_when_the_worker_has_more_than_1024_descriptors(make_app, fake):
+    """A gevent worker serves up to 2000 connections, so its sockets' numbers pass 1024, where
+    `select()` cannot look: the pool's liveness check must still tell an open connection from a
+    closed one there, or every call opens a new upstream connection (and a new TLS handshake)."""
+    import os
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1300:
+        pytest.skip(f"this process may open only {hard} files")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1300), hard))
+    ballast = []
+    try:
+        while not ballast or ballast[-1] < 1100:
+            ballast.append(os.open(os.devnull, os.O_RDONLY))
+        client = make_app().test_client()
+        for _ in range(5):
+            r = client.post("/openai", json=CHAT, headers=KEY)
+            assert r.status_code == 200
+        assert len(connections_used(fake)) == 1
+    finally:
+        for fd in ballast:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -13,6 +13,7 @@ failures raised as httpx2's exception types, so the SDK's retry policy and our c
 from __future__ import annotations
 
 import errno
+import select
 import ssl
 import zlib
 from collections.abc import Iterable, Iterator
@@ -285,9 +286,12 @@ class _Sized:
         return iter(self._chunks)
 
 
-# The OS's select, not gevent's: gevent's select(..., 0) yields to the hub on every call, which for a
-# liveness check made once per request is a greenlet round trip for nothing.
-_select = get_original("select", "select")
+# The OS's poll, not gevent's: gevent's versions yield to the hub on every call, which for a liveness
+# check made once per request is a greenlet round trip for nothing. poll, not select: select() cannot
+# look at a descriptor numbered 1024 or more, and a worker serving 2000 connections has those, so
+# every pooled connection would look dead and each call would open (and handshake) a new one.
+_poll = get_original("select", "poll")
+_READABLE = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
 
 
 def _idle_and_open(sock: Any) -> bool:
@@ -299,8 +303,9 @@ def _idle_and_open(sock: Any) -> bool:
         pending = getattr(sock, "pending", None)
         if pending is not None and pending():
             return False
-        readable, _, _ = _select([sock], [], [], 0)
-        return not readable
+        poller = _poll()
+        poller.register(sock.fileno(), _READABLE)
+        return not poller.poll(0)
     except (OSError, ValueError):
         return False
 
@@ -327,7 +332,7 @@ class UpstreamClient(HTTPClient):
             proxy_password=proxy.password if proxy else None,
         )
         self.default_headers.clear()  # the User-Agent comes with each call's headers: one merge less
-        # The pool's own check is right but costs a hub switch per call (see _select).
+        # The pool's own check is right but costs a hub switch per call (see _poll).
         self._connection_pool._is_socket_alive = _idle_and_open
 
     @property
