@@ -519,25 +519,34 @@ def test_sign_in_page_through_filter_and_sign_out_in_a_real_browser(gunicorn_ser
         browser.screenshot("1-signed-in-page-1")
         # 2. Page through with the pager links.
         browser.click("a[rel=next]")
-        assert browser.url == f"{server.url}/log?per_page=2&page=2"
+        assert (
+            browser.wait_for_url(f"{server.url}/log?per_page=2&page=2")
+            == f"{server.url}/log?per_page=2&page=2"
+        )
         assert [rid for _, rid, _ in rows(browser.source)] == ok_ids[2:4]
         browser.click("a[rel=next]")
-        assert browser.url == f"{server.url}/log?per_page=2&page=3"
+        assert (
+            browser.wait_for_url(f"{server.url}/log?per_page=2&page=3")
+            == f"{server.url}/log?per_page=2&page=3"
+        )
         assert [rid for _, rid, _ in rows(browser.source)] == ok_ids[4:]
         browser.screenshot("2-page-3")
         # 3. The errors tab, filtered with the form.
         browser.click("nav a:not([aria-current])")
-        assert browser.url == f"{server.url}/log_errors"
+        assert browser.wait_for_url(f"{server.url}/log_errors") == f"{server.url}/log_errors"
         browser.type("input[name=status]", "403")
         browser.click(".filters button[type=submit]")
-        assert browser.url == f"{server.url}/log_errors?status=403&endpoint=&request_id="
+        assert (
+            browser.wait_for_url(f"{server.url}/log_errors?status=403&endpoint=&request_id=")
+            == f"{server.url}/log_errors?status=403&endpoint=&request_id="
+        )
         html = browser.source
         assert [rid for _, rid, _ in rows(html)] == [denied.headers["X-Proxy-Request-Id"]]
         assert "Invalid security_key" in html and "access_token" not in html
         browser.screenshot("3-errors-filtered")
         # 4. Sign out: back to the sign-in page, the cookie gone, the pages closed again.
         browser.click(".signout button")
-        assert browser.url == f"{server.url}/signin"
+        assert browser.wait_for_url(f"{server.url}/signin") == f"{server.url}/signin"
         assert browser.cookies() == []
         browser.screenshot("4-signed-out")
         browser.get(f"{server.url}/log_errors?status=4xx")
@@ -546,13 +555,16 @@ def test_sign_in_page_through_filter_and_sign_out_in_a_real_browser(gunicorn_ser
         # 5. The form: a wrong token is refused, the right one leads back to the page asked for.
         browser.type("input[name=access_token]", "not-the-token")
         browser.click("form button[type=submit]")
-        assert browser.url == f"{server.url}/signin"
+        assert browser.wait_for_url(f"{server.url}/signin") == f"{server.url}/signin"
         assert browser.text(".banner") == "That access token is not valid."
         assert browser.cookies() == []
         browser.screenshot("5-wrong-token")
         browser.type("input[name=access_token]", ACCESS_TOKEN)
         browser.click("form button[type=submit]")
-        assert browser.url == f"{server.url}/log_errors?status=4xx"
+        assert (
+            browser.wait_for_url(f"{server.url}/log_errors?status=4xx")
+            == f"{server.url}/log_errors?status=4xx"
+        )
         assert [rid for _, rid, _ in rows(browser.source)] == [denied.headers["X-Proxy-Request-Id"]]
         assert [c["name"] for c in browser.cookies()] == [SESSION_COOKIE]
         browser.screenshot("6-signed-in-with-the-form")

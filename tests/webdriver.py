@@ -96,6 +96,14 @@ class Browser:
     def click(self, css: str) -> None:
         self._session("POST", f"/element/{self.find(css)}/click", {})
 
+    def wait_for_url(self, expected: str, within_s: float = 15.0) -> str:
+        """The page's URL once it is `expected`, or whatever it is after `within_s`: a click that submits a
+        form returns before the browser has followed the answer's redirect on a busy machine."""
+        deadline = time.monotonic() + within_s
+        while (url := self.url) != expected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return url
+
     def type(self, css: str, text: str) -> None:
         element = self.find(css)
         self._session("POST", f"/element/{element}/clear", {})
