@@ -235,6 +235,8 @@ def _register_hooks(app: Flask) -> None:
             response.call_on_close(lambda: state.completion_log.emit(rec))
             limit_headers = getattr(ctx, "ratelimit_headers", None)
             if limit_headers:
+                # set(), not add(): on /v1 they replace upstream's, which describe the organisation's
+                # limits, not this client's.
                 for name, value in limit_headers:
-                    headers[name] = value
+                    headers.set(name, value)
         return response

@@ -157,3 +157,23 @@ def test_a_spent_budget_is_insufficient_quota_until_the_period_ends(make_app, fa
     # Spend survives a restart of the server (a new app on the same files).
     again = make_app(OPENAI_PROXY_CLIENTS_FILE=clients_file(tmp_path, **{budget: 0.000005}))
     assert post_json(again.test_client(), "/openai", CHAT, headers=as_client(LIMITED_KEY)).status_code == 429
+
+
+def test_on_v1_the_clients_own_headers_replace_upstreams(make_app, fake, tmp_path):
+    import json
+
+    from tests.fake_upstream import raw
+
+    answer = json.dumps({"id": "c1", "object": "chat.completion", "model": "gpt-4o-mini", "choices": [],
+                         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()  # fmt: skip
+    org_limits = {"x-ratelimit-limit-requests": "10000", "x-ratelimit-remaining-requests": "9999"}
+    fake.push("POST", "/v1/chat/completions", raw(200, answer, "application/json", org_limits))
+    app = make_app(OPENAI_PROXY_CLIENTS_FILE=clients_file(tmp_path, rpm=3))
+    r = post_json(app.test_client(), "/v1/chat/completions", CHAT, headers=as_client(LIMITED_KEY))
+    assert r.status_code == 200
+    assert r.headers.getlist("x-ratelimit-limit-requests") == ["3"]
+    assert r.headers.getlist("x-ratelimit-remaining-requests") == ["2"]
+    # A client without limits sees what upstream says, as before.
+    fake.push("POST", "/v1/chat/completions", raw(200, answer, "application/json", org_limits))
+    r = post_json(app.test_client(), "/v1/chat/completions", CHAT, headers=as_client(FREE_KEY))
+    assert r.headers.getlist("x-ratelimit-limit-requests") == ["10000"]

@@ -68,6 +68,7 @@ class _Table:
             os.close(self.fd)
             raise
         self.slots: dict[str, int] = {}  # client -> slot offset, checked against the digest on use
+        self.digests: dict[str, bytes] = {}  # client -> its name's digest (names are few and fixed)
 
     def _prepare(self, capacity: int) -> int:
         fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, 0)
@@ -93,7 +94,9 @@ class _Table:
         """The offset of `client`'s slot, taking an empty or idle one for a new client (lock held)."""
         mm = self.map
         offset = self.slots.get(client)
-        digest = hashlib.blake2b(client.encode(), digest_size=16).digest()
+        digest = self.digests.get(client)
+        if digest is None:
+            digest = self.digests[client] = hashlib.blake2b(client.encode(), digest_size=16).digest()
         if offset is not None and mm[offset + _DIGEST : offset + _DIGEST + 16] == digest:
             return offset
         start = int.from_bytes(digest[:8], "little") % self.capacity
