@@ -28,16 +28,14 @@ import httpx2
 
 from app import jsonio
 from app.context import RequestRecord
-from app.jsonio import dumps_text
-from app.redact import redact_text
 from app.upstream import keypool as kp
 from app.upstream.client import MAX_ERROR_BODY, UpstreamResponse
 from app.upstream.keypool import KeyPool, KeysUnavailable, Lease
 from app.upstream.rest import rest_seconds
+from app.upstream.sdk import RetrySink, report_retry
 
 log = logging.getLogger("openai_proxy.upstream")
 
-RetrySink = Callable[[dict[str, Any]], None]
 SendOnce = Callable[[str], UpstreamResponse]
 # Answers that refuse the work before doing any: another key may take it.
 REFUSED = frozenset({kp.RATE_LIMITED, kp.INSUFFICIENT_QUOTA, kp.UNAUTHORIZED, kp.FORBIDDEN, kp.UNAVAILABLE})
@@ -116,27 +114,9 @@ class PoolCall:
         except KeysUnavailable:
             return None
         self.failovers -= 1
-        record = self.record
-        record.retries += 1
-        event = {
-            "event": "upstream_failover",
-            "requestId": record.request_id,
-            "endpoint": record.endpoint,
-            "attempt": len(record.attempts) + 1,
-            "retry": record.retries,
-            "upstreamPath": self.path,
-            "key": failed.name,
-            "nextKey": following.name,
-            "reason": redact_text(
-                f"key {failed.name}: {outcome} ({detail}); sent again with key {following.name}"
-            ),
-        }
-        log.warning(dumps_text(event))
-        for sink in self.sinks:
-            try:
-                sink(event)
-            except Exception:
-                log.exception("retry sink %r failed", sink)
+        report_retry(self.record, self.sinks, "upstream_failover", len(self.record.attempts) + 1, self.path,
+                     f"key {failed.name}: {outcome} ({detail}); sent again with key {following.name}",
+                     key=failed.name, nextKey=following.name)  # fmt: skip
         return following
 
 

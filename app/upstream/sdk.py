@@ -147,20 +147,26 @@ class WireTransport(httpx2.BaseTransport):
 
 
 def _log_retry(attempts: Attempts, request: httpx2.Request) -> None:
-    record = attempts.record
+    report_retry(attempts.record, attempts.retry_sinks, "upstream_retry", attempts.count, request.url.path,
+                 attempts.last_failure or "unknown")  # fmt: skip
+
+
+def report_retry(
+    record: RequestRecord,
+    sinks: list[RetrySink],
+    kind: str,
+    attempt: int,
+    path: str,
+    reason: str,
+    **extra: Any,
+) -> None:
+    """Count one more attempt of the request (an SDK retry, a key failover), log it, and hand the
+    same event once to whoever else keeps retries (the log store: /log_errors shows them)."""
     record.retries += 1
-    event = {
-        "event": "upstream_retry",
-        "requestId": record.request_id,
-        "endpoint": record.endpoint,
-        "attempt": attempts.count,
-        "retry": record.retries,
-        "upstreamPath": request.url.path,
-        "reason": redact_text(attempts.last_failure or "unknown"),
-    }
+    event = {"event": kind, "requestId": record.request_id, "endpoint": record.endpoint, "attempt": attempt,
+             "retry": record.retries, "upstreamPath": path, **extra, "reason": redact_text(reason)}  # fmt: skip
     log.warning(dumps_text(event))
-    # The same event, once, to whoever else keeps retries (the log store).
-    for sink in attempts.retry_sinks:
+    for sink in sinks:
         try:
             sink(event)
         except Exception:
