@@ -10,8 +10,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /srv/openai-proxy
 
 COPY pyproject.toml README.md ./
-COPY app ./app
+COPY openai_proxy ./openai_proxy
 RUN pip install .
+COPY app ./app
 COPY gunicorn.conf.py ./
 
 RUN useradd --system --uid 10001 --home-dir /srv/openai-proxy proxy \

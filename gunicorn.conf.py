@@ -14,10 +14,10 @@ import signal
 import sys
 import tempfile
 
-from app.clients import ClientsFileError, load_clients
-from app.config import ConfigError, load_config
-from app.keystate import forget as forget_key_state
-from app.worker import clear_server_stopping, mark_server_stopping
+from openai_proxy.clients import ClientsFileError, load_clients
+from openai_proxy.config import ConfigError, load_config
+from openai_proxy.keys.state import forget as forget_key_state
+from openai_proxy.worker import clear_server_stopping, mark_server_stopping
 
 try:
     _config = load_config(warn=False)
@@ -112,7 +112,7 @@ wsgi_app = "app.wsgi:app"
 bind = f"0.0.0.0:{_config.port}"
 # gunicorn's gevent worker, plus: `/ready` turns 503 and idle connections close as soon as the server
 # is told to stop, `OPENAI_PROXY_DRAIN_DELAY_S`, and JSON instead of gunicorn's HTML error pages.
-worker_class = "app.worker.ProxyWorker"
+worker_class = "openai_proxy.worker.ProxyWorker"
 workers = _config.workers or multiprocessing.cpu_count()
 # Concurrent connections per worker (streams included); the gate bounds upstream work separately.
 worker_connections = 2000

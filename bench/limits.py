@@ -29,7 +29,7 @@ import time  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from app.limits import Limits, LocalLimitStore  # noqa: E402
+from openai_proxy.limits import Limits, LocalLimitStore  # noqa: E402
 
 LIMITS = Limits(rpm=10**9, tpm=10**12, daily_usd=10.0**9, monthly_usd=10.0**9)  # never refuses
 
@@ -120,7 +120,7 @@ def main() -> None:
             return
         proc, uri = started
         try:
-            from app.limits.shared import RedisLimitStore
+            from openai_proxy.limits.shared import RedisLimitStore
 
             host, port = uri[len("redis://") :].split("/")[0].split(":")
             with socket.create_connection((host, int(port))) as bare:

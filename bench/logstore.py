@@ -21,10 +21,10 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from app import logdb  # noqa: E402
-from app.logdb import Batch  # noqa: E402
-from app.logsql import open_database  # noqa: E402
-from app.logstore import LogStore  # noqa: E402
+from openai_proxy.log import db as logdb  # noqa: E402
+from openai_proxy.log.db import Batch  # noqa: E402
+from openai_proxy.log.sql import open_database  # noqa: E402
+from openai_proxy.log.store import LogStore  # noqa: E402
 
 ENTRY = {"event": "completion", "requestId": "0b0f1f4e-3c1d-4f7e-9a57-0c9b8f6f2d11", "endpoint": "/openai",
          "method": "POST", "model": "gpt-4o-mini", "client": "default", "status": 200, "durationMs": 812.4,

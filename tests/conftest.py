@@ -18,8 +18,8 @@ import pytest  # noqa: E402
 import requests  # noqa: E402
 from flask.testing import FlaskClient  # noqa: E402
 
-from app import create_app  # noqa: E402
-from app.config import build_config  # noqa: E402
+from openai_proxy import create_app  # noqa: E402
+from openai_proxy.config import build_config  # noqa: E402
 from tests.fake_upstream import FakeUpstream  # noqa: E402
 from tests.postgres_server import log_db, postgres_db, postgres_session  # noqa: E402, F401
 from tests.redis_server import redis_server, redis_session  # noqa: E402, F401

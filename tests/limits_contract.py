@@ -1,4 +1,4 @@
-"""What every client limit store must do (app/limits docstring), run against each backend.
+"""What every client limit store must do (openai_proxy/limits docstring), run against each backend.
 
 Subclasses provide `open_store`: a callable opening a store on the same backing state each time (a
 second call is a restart, or another worker). Time moves through the `now` argument, never by sleeping.
@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from app.limits import Admission, Limits
+from openai_proxy.limits import Admission, Limits
 
 NOW = float(calendar.timegm((2025, 1, 15, 12, 0, 0)))  # a Wednesday noon, UTC
 

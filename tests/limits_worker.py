@@ -8,14 +8,14 @@ import os
 import time
 from typing import Any
 
-from app.limits import LocalLimitStore
-from app.limits.rules import Limits
+from openai_proxy.limits import LocalLimitStore
+from openai_proxy.limits.rules import Limits
 
 
 def _open(backend: dict[str, Any]) -> Any:
     if backend["kind"] == "local":
         return LocalLimitStore(backend["path"])
-    from app.limits.shared import RedisLimitStore
+    from openai_proxy.limits.shared import RedisLimitStore
 
     return RedisLimitStore(backend["uri"], backend["uri"], LocalLimitStore(backend["path"]))
 

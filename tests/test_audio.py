@@ -14,8 +14,8 @@ import wave
 import pytest
 import requests
 
-from app import multipart
-from app.multipart import FORM_OVERHEAD_BYTES
+from openai_proxy.inbound import multipart
+from openai_proxy.inbound.multipart import FORM_OVERHEAD_BYTES
 from tests.conftest import SECURITY_KEY, UPSTREAM_KEY, error_of
 from tests.fake_upstream import delay, error, raw
 

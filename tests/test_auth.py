@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.auth import constant_time_equal
+from openai_proxy.inbound.auth import constant_time_equal
 from tests.conftest import SECURITY_KEY, error_of, post_json
 
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}

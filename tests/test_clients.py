@@ -7,8 +7,8 @@ import textwrap
 
 import pytest
 
-from app.clients import DEFAULT_CLIENT, ClientsFileError, load_clients
-from app.config import ConfigError
+from openai_proxy.clients import DEFAULT_CLIENT, ClientsFileError, load_clients
+from openai_proxy.config import ConfigError
 from tests.conftest import SECURITY_KEY, error_of, post_json
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}

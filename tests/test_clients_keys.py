@@ -6,9 +6,9 @@ import textwrap
 
 import pytest
 
-from app.clients import ClientsFileError, load_clients
-from app.config import ConfigError
-from app.keyspecs import key_spec
+from openai_proxy.clients import ClientsFileError, load_clients
+from openai_proxy.config import ConfigError
+from openai_proxy.keys.specs import key_spec
 from tests.conftest import SECURITY_KEY, UPSTREAM_KEY, post_json
 from tests.test_key_pool import CHAT_PATH, KEY_A, KEY_B, KEY_C, PAGES, health_keys
 

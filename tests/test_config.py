@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from app.config import Config, build_config, read_environment
+from openai_proxy.config import Config, build_config, read_environment
 
 EVERY_VARIABLE = {
     "PORT": ("port", "4000", 4000),

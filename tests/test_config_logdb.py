@@ -9,9 +9,9 @@ import socket
 
 import pytest
 
-from app.config import ConfigError, build_config
-from app.factory import RedactingFormatter, configured_secrets
-from app.logurl import LIBPQ_PARAMS
+from openai_proxy.config import ConfigError, build_config
+from openai_proxy.extension import RedactingFormatter, configured_secrets
+from openai_proxy.log.url import LIBPQ_PARAMS
 from tests.logpage import AUTH
 
 

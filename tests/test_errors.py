@@ -6,7 +6,7 @@ import httpx2
 import openai
 import pytest
 
-from app import errors
+from openai_proxy import errors
 from tests.conftest import SECURITY_KEY, error_of, post_json
 from tests.fake_upstream import delay, error, raw, reset, truncated_json
 
@@ -154,7 +154,7 @@ def test_overload_503_with_retry_after(make_app, fake, records):
 
 
 def test_bug_is_500_internal(client, fake, monkeypatch):
-    from app.routes import chat as chat_routes
+    from openai_proxy.routes import chat as chat_routes
 
     def broken(body):
         raise RuntimeError("sk-secret-in-a-bug-message-1234")

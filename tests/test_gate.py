@@ -15,7 +15,7 @@ import gevent
 import pytest
 import requests
 
-from app.gate import _FLOCK, Gate
+from openai_proxy.gate.local import _FLOCK, Gate
 from tests.conftest import SECURITY_KEY, error_of, post_json
 from tests.fake_upstream import delay
 
@@ -85,7 +85,7 @@ def test_gate_peak_counts_slots_other_processes_hold(tmp_path):
 HOLDER = textwrap.dedent(
     """
     import sys, time
-    from app.gate import Gate
+    from openai_proxy.gate.local import Gate
     gate = Gate(sys.argv[1], int(sys.argv[2]))
     got = [gate.try_acquire() for _ in range(int(sys.argv[3]))]
     print("held", got, flush=True)

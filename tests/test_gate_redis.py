@@ -18,10 +18,10 @@ import redis
 import requests
 from gevent.event import Event
 
-from app.config import ConfigError, build_config
-from app.factory import configured_secrets
-from app.gate import Gate
-from app.gate_redis import KEY, RedisGate
+from openai_proxy.config import ConfigError, build_config
+from openai_proxy.extension import configured_secrets
+from openai_proxy.gate.local import Gate
+from openai_proxy.gate.shared import KEY, RedisGate
 from tests.conftest import ROOT, error_of, post_json
 from tests.fake_upstream import default_handler
 from tests.logpage import AUTH, CHAT, CLOSE, counters
@@ -102,8 +102,8 @@ def test_limit_is_exact_under_concurrency_from_many_greenlets(gates, rdb):
 CHILD = textwrap.dedent(
     """
     import os, sys, tempfile, threading
-    from app.gate import Gate
-    from app.gate_redis import RedisGate
+    from openai_proxy.gate.local import Gate
+    from openai_proxy.gate.shared import RedisGate
     url, limit, lease_s, tries = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     fallback = Gate(os.path.join(tempfile.mkdtemp(), "slots"), limit)
     gate = RedisGate(url, limit, lease_s, fallback=fallback)

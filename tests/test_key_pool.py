@@ -11,10 +11,10 @@ from email.utils import format_datetime
 
 import pytest
 
-from app import create_app
-from app.config import ConfigError, build_config
-from app.keyspecs import key_spec
-from app.upstream.keypool import KeyPool, KeysUnavailable
+from openai_proxy import create_app
+from openai_proxy.config import ConfigError, build_config
+from openai_proxy.keys.pool import KeyPool, KeysUnavailable
+from openai_proxy.keys.specs import key_spec
 from tests.conftest import SECURITY_KEY, UPSTREAM_KEY, ClosingClient, base_env, error_of, post_json
 from tests.fake_upstream import chat_completion, delay, error, reset, response_events
 from tests.logpage import AUTH, CHAT, rows

@@ -374,8 +374,8 @@ def test_calls_of_a_killed_worker_stop_counting(gunicorn_server, fake):
 
 _OUTSIDER = """
 import sys, time
-from app.config import build_config
-from app.upstream.keypool import KeyPool
+from openai_proxy.config import build_config
+from openai_proxy.keys.pool import KeyPool
 
 pool = KeyPool(build_config({"OPENAI_API_KEYS": sys.argv[1]}).upstream_keys, sys.argv[2])
 leases = [pool.choose() for _ in range(3)]

@@ -1,5 +1,5 @@
 """The server's life: start-up settings, `/ready`, a visible drain on SIGTERM, clean reloads, and JSON for
-the errors gunicorn answers itself (`app.worker`, `gunicorn.conf.py`)."""
+the errors gunicorn answers itself (`openai_proxy.worker`, `gunicorn.conf.py`)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import pytest
 import requests
 from gevent.event import Event
 
-from app.config import ConfigError, build_config
-from app.worker import clear_server_stopping, mark_server_stopping
+from openai_proxy.config import ConfigError, build_config
+from openai_proxy.worker import clear_server_stopping, mark_server_stopping
 from tests.conftest import ROOT, SECURITY_KEY, base_env, free_port
 from tests.fake_upstream import default_handler, response_events, sse
 from tests.logpage import AUTH, CHAT, CLOSE

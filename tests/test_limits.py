@@ -1,4 +1,4 @@
-"""Per-client limits (app/limits, contract §11): the host's own store, exact across processes and
+"""Per-client limits (openai_proxy/limits, contract §11): the host's own store, exact across processes and
 crash-safe; the arithmetic; the configuration of where limits are shared."""
 
 from __future__ import annotations
@@ -13,12 +13,19 @@ import time
 
 import pytest
 
-from app.config import Config, ConfigError, build_config
-from app.factory import configured_secrets
-from app.limits import Admission, LimitFileError, Limits, LocalLimitStore, local_state_path, open_limit_store
-from app.limits import local as local_module
-from app.limits.rules import reset_text
-from app.redact import redact_text
+from openai_proxy.config import Config, ConfigError, build_config
+from openai_proxy.extension import configured_secrets
+from openai_proxy.limits import (
+    Admission,
+    LimitFileError,
+    Limits,
+    LocalLimitStore,
+    local_state_path,
+    open_limit_store,
+)
+from openai_proxy.limits import local as local_module
+from openai_proxy.limits.rules import reset_text
+from openai_proxy.redact import redact_text
 from tests.conftest import ACCESS_TOKEN
 from tests.limits_contract import NOW, StoreContract, allowed, refused, trio
 from tests.limits_worker import report  # the spawned processes import this module, never conftest

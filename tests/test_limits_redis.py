@@ -1,4 +1,4 @@
-"""Per-client limits shared in a real Redis (app/limits/shared.py, contract §13), the fallback to the
+"""Per-client limits shared in a real Redis (openai_proxy/limits/shared.py, contract §13), the fallback to the
 host's own store when Redis is down or stalled, and the page rate limits on the same Redis."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import time
 import gevent
 import pytest
 
-from app.config import build_config
-from app.limits import Limits, LocalLimitStore, open_limit_store
-from app.limits.shared import KEY_PREFIX, RedisLimitStore
+from openai_proxy.config import build_config
+from openai_proxy.limits import Limits, LocalLimitStore, open_limit_store
+from openai_proxy.limits.shared import KEY_PREFIX, RedisLimitStore
 from tests.limits_contract import NOW, StoreContract, allowed, refused, trio
 from tests.logpage import AUTH
 from tests.test_limits import SPAWN, run_processes

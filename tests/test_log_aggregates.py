@@ -10,11 +10,11 @@ from itertools import pairwise
 
 import pytest
 
-from app import logdb
-from app.logdb import Batch
-from app.logsql import open_database
-from app.logstats import BOUNDS_MS, MinuteRow, SpendRow, p50_p95, percentile
-from app.logstore import LogStore
+from openai_proxy.log import db as logdb
+from openai_proxy.log.db import Batch
+from openai_proxy.log.sql import open_database
+from openai_proxy.log.stats import BOUNDS_MS, MinuteRow, SpendRow, p50_p95, percentile
+from openai_proxy.log.store import LogStore
 from tests.conftest import SECURITY_KEY, post_json
 from tests.logpage import CHAT
 

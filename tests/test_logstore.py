@@ -10,7 +10,7 @@ import gevent
 import pytest
 import requests
 
-from app.logstore import LogStore
+from openai_proxy.log.store import LogStore
 from tests.conftest import SECURITY_KEY, post_json
 from tests.fake_upstream import delay, error
 from tests.logpage import AUTH, CHAT, CLOSE, counters, rows, served_by

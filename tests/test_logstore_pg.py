@@ -9,10 +9,10 @@ import socket
 import gevent
 import pytest
 
-from app import logdb
-from app.logdb import LogFilter
-from app.logsql import WRITE_LOCK_KEY, open_database
-from app.logstore import LogStore
+from openai_proxy.log import db as logdb
+from openai_proxy.log.db import LogFilter
+from openai_proxy.log.sql import WRITE_LOCK_KEY, open_database
+from openai_proxy.log.store import LogStore
 from tests.conftest import post_json
 from tests.logpage import AUTH, CHAT, counters, row_hosts, rows
 from tests.postgres_server import wait_until

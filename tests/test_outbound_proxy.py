@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import openai
 import pytest
 
-from app.config import ConfigError, build_config
+from openai_proxy.config import ConfigError, build_config
 from tests.conftest import ACCESS_TOKEN, ROOT, SECURITY_KEY, UPSTREAM_KEY, error_of, free_port, post_json
 from tests.fake_upstream import chat_completion, response_events
 from tests.forward_proxy import VIA_NAME, ForwardProxy, tinyproxy_path

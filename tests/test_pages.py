@@ -18,8 +18,8 @@ import requests
 from gevent.pywsgi import WSGIServer
 from markupsafe import escape
 
-from app.auth import SESSION_COOKIE, session_cookie_valid, session_cookie_value
-from app.routes.pages import HTML_CSP
+from openai_proxy.inbound.auth import SESSION_COOKIE, session_cookie_valid, session_cookie_value
+from openai_proxy.pages.views import HTML_CSP
 from tests.conftest import ACCESS_TOKEN, SECURITY_KEY, UPSTREAM_KEY, free_port, post_json
 from tests.fake_upstream import error
 from tests.logpage import AUTH, CHAT, CLOSE, TOKEN, counters, rows

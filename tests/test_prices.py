@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from app import create_app
-from app.config import ConfigError, build_config
-from app.prices import ModelPrice, PriceTable, cost_of, load_prices
+from openai_proxy import create_app
+from openai_proxy.config import ConfigError, build_config
+from openai_proxy.observe.prices import ModelPrice, PriceTable, cost_of, load_prices
 from tests.conftest import ROOT, base_env
 
 # What the brief promises operators the shipped table covers.
@@ -39,7 +39,7 @@ def test_the_shipped_table_covers_the_current_models(shipped):
 
 
 def test_the_shipped_file_says_where_its_prices_come_from():
-    head = (ROOT / "app" / "data" / "prices.toml").read_text().splitlines()[0]
+    head = (ROOT / "openai_proxy" / "data" / "prices.toml").read_text().splitlines()[0]
     assert head.startswith("# Standard-tier OpenAI prices") and "OpenAI pricing page, as of " in head
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.redact import REDACTED, redact, redact_text
+from openai_proxy.redact import REDACTED, redact, redact_text
 
 
 @pytest.mark.parametrize(

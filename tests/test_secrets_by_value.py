@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from app.factory import RedactingFormatter
-from app.redact import SECRETS, end_of_request, mask_in_this_request, redact_text
+from openai_proxy.extension import RedactingFormatter
+from openai_proxy.redact import SECRETS, end_of_request, mask_in_this_request, redact_text
 from tests.conftest import ACCESS_TOKEN, SECURITY_KEY, body_bytes, error_of, post_json
 from tests.fake_upstream import error
 from tests.logpage import rows
@@ -176,7 +176,9 @@ def test_security_key_and_access_token_echoed_by_upstream_are_masked(make_app, f
 
 def test_log_lines_mask_configured_and_request_secrets(make_app, capfd):
     make_app(OPENAI_API_KEY="sk-abc", SECURITY_KEY="unprefixed-security-key")
-    handler = logging.StreamHandler()  # stderr, as in production (`app.factory._configure_logging`)
+    handler = (
+        logging.StreamHandler()
+    )  # stderr, as in production (`openai_proxy.extension._configure_logging`)
     handler.setFormatter(RedactingFormatter("%(levelname)s %(message)s"))
     logger = logging.getLogger("openai_proxy.test_secrets")
     logger.addHandler(handler)

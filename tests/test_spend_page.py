@@ -6,8 +6,8 @@ import re
 import textwrap
 from datetime import date
 
-from app.logstats import BOUNDS_MS, BUCKETS, MinuteRow, SpendRow
-from app.spend import Minute, _ms_label, hour_chart, spend_periods
+from openai_proxy.log.stats import BOUNDS_MS, BUCKETS, MinuteRow, SpendRow
+from openai_proxy.pages.spend import Minute, _ms_label, hour_chart, spend_periods
 from tests.conftest import ACCESS_TOKEN, SECURITY_KEY, post_json
 from tests.fake_upstream import error
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from app.sse import SSEParser
+from openai_proxy.stream.sse import SSEParser
 from tests.conftest import SECURITY_KEY, error_of, post_json
 from tests.fake_upstream import delay, error, raw, reset, response_events, sse
 
@@ -306,7 +306,7 @@ def test_sse_parser_refuses_an_event_past_its_cap():
      (b"a\nb\n", -1), (b"\n\n", 2)],
 )  # fmt: skip
 def test_event_end(buffer, end):
-    from app.sse import event_end
+    from openai_proxy.stream.sse import event_end
 
     assert event_end(buffer, 0) == end
 

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from app.web import decide_timeout
+from openai_proxy.inbound.web import decide_timeout
 from tests.conftest import SECURITY_KEY, error_of, post_json
 from tests.fake_upstream import delay, error, reset, sse
 
@@ -75,8 +75,8 @@ def test_timeout_bounds_headers_not_the_body_of_a_stream(make_app, fake):
     fake.push("POST", "/v1/chat/completions", sse(events, gap=0.3))
     app = make_app()
     upstream = app.extensions["openai_proxy"].upstream
-    from app.context import RequestRecord, TimeoutDecision
-    from app.upstream import UpstreamCall
+    from openai_proxy.record import RequestRecord, TimeoutDecision
+    from openai_proxy.upstream import UpstreamCall
 
     call = UpstreamCall(
         "POST", "/chat/completions", record=RequestRecord(endpoint="/t", method="POST"),

@@ -15,7 +15,7 @@ import httpx2
 import openai
 import pytest
 
-from app.gate import Gate
+from openai_proxy.gate.local import Gate
 from tests.conftest import SECURITY_KEY, UPSTREAM_KEY
 from tests.fake_upstream import (
     EMBEDDING,

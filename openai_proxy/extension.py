@@ -1,0 +1,243 @@
+"""The Flask app: state, hooks, error handlers, CORS and blueprints."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+import tempfile
+import time
+import weakref
+from urllib.parse import unquote, urlsplit
+
+from flask import Flask, Response, g, request
+from flask_cors import CORS
+from werkzeug.routing import BaseConverter
+
+from openai_proxy import errors
+from openai_proxy.clients import ClientsFileError, load_clients
+from openai_proxy.clients.admission import charge
+from openai_proxy.config import Config, ConfigError, load_config
+from openai_proxy.gate.local import open_gate
+from openai_proxy.keys.pool import KeyPool
+from openai_proxy.limits import open_limit_store
+from openai_proxy.log import url as logurl
+from openai_proxy.log.store import LogStore
+from openai_proxy.observe.completion import CompletionLog
+from openai_proxy.observe.metrics import KeyPoolCollector, Metrics
+from openai_proxy.observe.prices import load_prices
+from openai_proxy.record import RequestRecord, new_request_id
+from openai_proxy.redact import SECRETS, WHOLE_WORD_BELOW, redact_text
+from openai_proxy.state import ProxyState
+from openai_proxy.upstream import Upstream
+
+log = logging.getLogger("openai_proxy")
+
+CORS_METHODS = "GET, POST, DELETE, OPTIONS"
+CORS_ALLOW_HEADERS = (
+    "Origin, X-Requested-With, Content-Type, Accept, X-Request-Id, Authorization, X-Security-Key"
+)
+CORS_EXPOSE_HEADERS = "X-Proxy-Request-Id, X-Incoming-Request-Id, Retry-After"
+MAX_INCOMING_ID = 200
+_CONVERTER = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
+
+
+class ResponseIdConverter(BaseConverter):
+    """A path segment that may be empty, so `/openai2/` answers `Missing response_id` instead of 404."""
+
+    regex = "[^/]*"
+
+
+def _runtime_dir(config: Config) -> str:
+    # Under gunicorn the master creates one directory before forking and exports it, so every
+    # worker shares the gate file. A lone process (tests, dev server) gets a private one.
+    path = config.runtime_dir or tempfile.mkdtemp(prefix="openai-proxy-")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def build_app(config: Config | None = None) -> Flask:
+    """Build the Flask app; `config` defaults to the environment and dotenv files."""
+    _configure_logging()
+    # Under gunicorn the master has already said what is missing; workers need not repeat it.
+    config = config or load_config(warn=not os.environ.get("OPENAI_PROXY_CONFIG_REPORTED"))
+    prices = load_prices(config.prices_file)  # before anything is made: a bad file stops here
+    app = Flask(__name__)
+    app.url_map.converters["rid"] = ResponseIdConverter
+    app.url_map.merge_slashes = False
+    app.url_map.redirect_defaults = False
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+
+    try:
+        clients, client_keys = load_clients(
+            config.clients_snapshot or config.clients_file,
+            config.security_key,
+            config.upstream_keys,
+            config.openai_api_key,
+        )
+    except ClientsFileError as exc:
+        raise ConfigError(str(exc)) from None
+    _register_secrets(app, config, client_keys)
+
+    runtime_dir = _runtime_dir(config)
+    gate = open_gate(config, runtime_dir)
+    st = app.extensions["openai_proxy"] = ProxyState(
+        config=config,
+        upstream=Upstream(
+            config, KeyPool(clients.upstream_keys, runtime_dir) if clients.upstream_keys else None
+        ),
+        gate=gate,
+        completion_log=CompletionLog(prices=prices, host=config.host_name),
+        runtime_dir=runtime_dir,
+        log_store=LogStore(
+            config.log_db, config.log_retention, max_queue=config.log_max_queue, host=config.host_name
+        ),
+        metrics=Metrics(runtime_dir, gate, prices),
+        clients=clients,
+        limits=open_limit_store(config),
+    )
+    # Observability hangs off the existing hooks: finished requests, retries, new parallel peaks.
+    st.completion_log.sinks += [st.log_store.append, st.metrics.observe, functools.partial(charge, st)]
+    st.upstream.retry_sinks.append(st.log_store.append_retry)
+    if st.upstream.pool is not None:
+        st.metrics.add_collector(KeyPoolCollector(st.upstream.pool))
+    gate.on_new_peak = st.log_store.note_peak
+    st.log_store.on_drop = st.metrics.log_record_dropped
+
+    _register_hooks(app)
+    errors.register(app, errors.LEGACY)
+    # Registered after our hooks so flask-cors runs first (after_request runs in reverse) and ours
+    # then pins the contract's exact method/header lists on every response, not only preflights.
+    CORS(
+        app,
+        origins="*",
+        send_wildcard=True,
+        expose_headers=CORS_EXPOSE_HEADERS,
+        methods=CORS_METHODS.split(", "),
+    )
+
+    from openai_proxy.pages.ratelimit import init_limiter
+    from openai_proxy.routes import register_blueprints
+
+    register_blueprints(app)
+    st.limiter = init_limiter(app, config)
+    return app
+
+
+def configured_secrets(config: Config) -> dict[str, str]:
+    """The configured secrets by where they come from (keys, tokens, passwords inside URLs)."""
+    found = {
+        "OPENAI_API_KEY": config.openai_api_key,
+        "SECURITY_KEY": config.security_key,
+        "ACCESS_TOKEN": config.access_token,
+    }
+    for name, url in (
+        ("the outbound proxy URL", config.outbound_proxy),
+        ("OPENAI_PROXY_RATELIMIT_STORAGE_URI", config.ratelimit_storage_uri),
+        ("OPENAI_PROXY_LIMITS_URI", config.limits_uri),
+        ("OPENAI_PROXY_GATE_URI", config.gate_uri),
+    ):
+        password = urlsplit(url).password if url and "@" in url else None
+        found[f"the password in {name}"] = unquote(password) if password else None
+    for i, password in enumerate(logurl.secrets(config.log_db)):
+        found[f"password {i + 1} in OPENAI_PROXY_LOG_DB"] = password
+    for spec in config.upstream_keys:
+        found[f"the upstream key {spec.name}"] = spec.key
+    return {name: value for name, value in found.items() if value}
+
+
+def _register_secrets(app: Flask, config: Config, client_keys: list[str]) -> None:
+    """Mask the configured secrets by value wherever they would leave the process, while `app` lives
+    (a test may build several apps in one process; the log handlers are shared)."""
+    secrets = configured_secrets(config)
+    for name, value in secrets.items():
+        if len(value) < WHOLE_WORD_BELOW:
+            log.warning(
+                "CONFIG WARNING: %s is only %d characters long; it is masked in logs, pages and error "
+                "messages only where it stands alone, not inside longer words. Use a long random value.",
+                name,
+                len(value),
+            )
+    group = ("config", id(app))
+    SECRETS.replace(group, [*secrets.values(), *client_keys])
+    weakref.finalize(app, SECRETS.replace, group, ())
+
+
+class RedactingFormatter(logging.Formatter):
+    """Log lines (tracebacks included) pass through redaction before they leave the process: known
+    secret values (`openai_proxy.redact.SECRETS`, and the current request's own key) and secret shapes."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_text(super().format(record))
+
+
+def _configure_logging() -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+    # One line per upstream call is the completion record's job; the SDK's own retry notice is
+    # replaced by ours, which carries the request id.
+    for name in ("httpx2", "httpcore2", "openai"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _register_hooks(app: Flask) -> None:
+    api_blueprints = {"chat", "responses", "embeddings", "audio", "v1"}
+
+    state = app.extensions["openai_proxy"]
+    endpoints: dict[str, str] = {}  # route rule -> the template shown in records and metrics
+
+    # These two run on every request; they look the request and `g` up once (each proxy access
+    # costs a context lookup) and cache the per-route endpoint name.
+    @app.before_request
+    def start_request() -> Response | None:
+        req, ctx = request._get_current_object(), g._get_current_object()  # type: ignore[attr-defined]
+        ctx.request_id = new_request_id()
+        incoming = req.headers.get("X-Request-Id")
+        ctx.incoming_request_id = incoming[:MAX_INCOMING_ID] if incoming else None
+        if req.method == "OPTIONS":
+            return Response(status=200)
+        rule = req.url_rule
+        if rule is not None and req.blueprint in api_blueprints:
+            endpoint = endpoints.get(rule.rule)
+            if endpoint is None:
+                endpoint = endpoints[rule.rule] = _CONVERTER.sub(r"<\1>", rule.rule)
+            ctx.record = RequestRecord(
+                endpoint=endpoint,
+                method=req.method,
+                request_id=ctx.request_id,
+                incoming_request_id=ctx.incoming_request_id,
+            )
+            state.metrics.request_started()
+        return None
+
+    @app.after_request
+    def finish_request(response: Response) -> Response:
+        ctx = g._get_current_object()  # type: ignore[attr-defined]
+        headers = response.headers
+        headers.add("X-Proxy-Request-Id", getattr(ctx, "request_id", None) or new_request_id())
+        incoming = getattr(ctx, "incoming_request_id", None)
+        if incoming:
+            headers.add("X-Incoming-Request-Id", incoming)
+        headers["Access-Control-Allow-Methods"] = CORS_METHODS
+        headers["Access-Control-Allow-Headers"] = CORS_ALLOW_HEADERS
+        rec: RequestRecord | None = getattr(ctx, "record", None)
+        if rec is not None:
+            rec.response_started = time.perf_counter()
+            headers.add("Server-Timing", rec.server_timing())
+            if rec.status is None:
+                rec.status = response.status_code
+            if rec.result is None and response.status_code < 400:
+                rec.result = "ok"
+            response.call_on_close(lambda: state.completion_log.emit(rec))
+            limit_headers = getattr(ctx, "ratelimit_headers", None)
+            if limit_headers:
+                # set(), not add(): on /v1 they replace upstream's, which describe the organisation's
+                # limits, not this client's.
+                for name, value in limit_headers:
+                    headers.set(name, value)
+        return response

@@ -1,0 +1,196 @@
+"""The concurrency gate: at most N upstream calls in flight across every worker of the server.
+
+Each slot is one byte of a shared file, held with a POSIX record lock (`fcntl`). The kernel drops a
+process's locks when it dies, so a SIGKILLed worker can never leak a slot. POSIX locks belong to the
+process, not the greenlet: a worker re-locking a byte it already holds would "succeed", so each
+worker remembers the slots its own greenlets hold and never offers them twice. Taking a slot never
+blocks or queues: either a slot is free now, or the caller answers 503.
+
+That is the default, one server's gate. With `OPENAI_PROXY_GATE_URI` set, `open_gate` returns the
+fleet-wide gate of `openai_proxy.gate.shared` instead (leases in Redis, this gate as its fallback). Both have the
+`SlotGate` interface, so nothing above the gate knows which one it uses.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import random
+import struct
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from openai_proxy.config import Config
+
+# struct flock on Linux: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid (+pad).
+_FLOCK = struct.Struct("hhqqi4x")
+PEAK_SCAN_INTERVAL_S = 0.5
+# What `try_acquire` hands out and `release` takes back: a slot number here, a lease id in Redis.
+Slot = int | str
+
+
+class SlotGate(Protocol):
+    """A server-wide (or fleet-wide) non-blocking gate: what the pipeline, pages and metrics use."""
+
+    limit: int
+    # Highest `in_use()` seen; `on_new_peak` is told when it rises ("Max parallel requests").
+    peak: int
+    on_new_peak: Callable[[int], None] | None
+
+    def try_acquire(self) -> Slot | None:
+        """A slot, or None when all `limit` slots are in use (never waits)."""
+        ...
+
+    def release(self, slot: Slot) -> None:
+        """Give a slot back; releasing twice is harmless."""
+        ...
+
+    def in_use(self) -> int:
+        """Slots in use across everything that shares this gate."""
+        ...
+
+    def held_here(self) -> int:
+        """Slots held by this worker."""
+        ...
+
+    def status(self) -> dict[str, Any]:
+        """What `/health` shows besides the counts: the backend and whether it is reachable."""
+        ...
+
+    def close(self) -> None:
+        """Stop background work (the app is going away)."""
+        ...
+
+
+def open_gate(config: Config, runtime_dir: str) -> SlotGate:
+    """This server's gate file, or the fleet-wide gate in Redis (with that file as its fallback)."""
+    local = Gate(os.path.join(runtime_dir, "gate.slots"), config.max_parallel_requests)
+    if not config.gate_uri:
+        return local
+    from openai_proxy.gate.shared import RedisGate  # redis-py is imported only by servers that use it
+
+    return RedisGate(config.gate_uri, config.max_parallel_requests, config.gate_lease_s, fallback=local)
+
+
+class Gate:
+    """Server-wide, non-blocking slot allocator backed by byte-range locks on one file."""
+
+    def __init__(self, path: str, limit: int) -> None:
+        self.path = path
+        self.limit = limit
+        self._fd: int | None = None
+        self._pid: int | None = None
+        self._held: set[int] = set()
+        # Greenlets never preempt inside acquire/release, but a plain thread (e.g. a dev server) could.
+        self._lock = threading.Lock()
+        # Server-wide high-water mark of `in_use()`, as far as this worker has seen it, and who is told
+        # when it rises (the log store persists the peak for the "Max parallel requests" counter).
+        self.peak = 0
+        self.on_new_peak: Callable[[int], None] | None = None
+        self._scanned_at = -PEAK_SCAN_INTERVAL_S
+
+    def _file(self) -> int:
+        # Opened lazily per process: a descriptor inherited over fork carries no locks, and closing
+        # any descriptor of the file would drop all of this process's locks on it.
+        pid = os.getpid()
+        if self._fd is None or self._pid != pid:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            self._pid = pid
+            self._held = set()
+        return self._fd
+
+    def try_acquire(self) -> int | None:
+        """Take a free slot and return its number, or None when all `limit` slots are in use."""
+        slot = self._take_free()
+        if slot is not None:
+            self._track_peak()
+        return slot
+
+    def _take_free(self) -> int | None:
+        # Probing from a random slot finds a free one in ~1/(1 - load) tries, whatever the limit; a
+        # scan from slot 0 would cost one failed probe per busy slot (quadratic in a burst).
+        with self._lock:
+            fd = self._file()
+            if len(self._held) >= self.limit:
+                return None
+            start = random.randrange(self.limit)
+            for i in range(self.limit):
+                slot = (start + i) % self.limit
+                if slot in self._held:
+                    continue
+                try:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, slot, os.SEEK_SET)
+                except OSError:
+                    continue
+                self._held.add(slot)
+                return slot
+            return None
+
+    def _track_peak(self) -> None:
+        """Keep the server-wide high-water mark of slots in use, cheaply.
+
+        This worker's own count is a free lower bound; the exact server-wide count costs `limit`
+        fcntl calls, so it is taken at most every PEAK_SCAN_INTERVAL_S, while slots are being taken.
+        """
+        self._raise_peak(len(self._held))
+        now = time.monotonic()
+        if now - self._scanned_at >= PEAK_SCAN_INTERVAL_S:
+            self._scanned_at = now
+            self._raise_peak(self.in_use())
+
+    def _raise_peak(self, busy: int) -> None:
+        if busy > self.peak:
+            self.peak = busy
+            if self.on_new_peak is not None:
+                self.on_new_peak(busy)
+
+    def release(self, slot: int) -> None:
+        """Give a slot back; releasing a slot twice is harmless."""
+        with self._lock:
+            if slot not in self._held or self._pid != os.getpid():
+                return
+            self._held.discard(slot)
+            fcntl.lockf(self._file(), fcntl.LOCK_UN, 1, slot, os.SEEK_SET)
+
+    def held_here(self) -> int:
+        """Slots held by this worker."""
+        return len(self._held) if self._pid == os.getpid() else 0
+
+    def in_use(self) -> int:
+        """Slots held by every worker together (own slots plus those other processes lock)."""
+        with self._lock:
+            fd = self._file()
+            busy = len(self._held)
+            for slot in range(self.limit):
+                if slot in self._held:
+                    continue
+                probe = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, slot, 1, 0)
+                l_type = _FLOCK.unpack(fcntl.fcntl(fd, fcntl.F_GETLK, probe))[0]
+                if l_type != fcntl.F_UNLCK:
+                    busy += 1
+            return busy
+
+    def status(self) -> dict[str, Any]:
+        return {"backend": "local", "scope": "host"}
+
+    def close(self) -> None:
+        """Nothing runs in the background; the file stays open while the process lives (closing any
+        descriptor of it would drop this process's locks)."""
+
+
+class SlotGuard:
+    """A slot taken for one request; `release()` is idempotent so every exit path can call it."""
+
+    __slots__ = ("_gate", "_slot")
+
+    def __init__(self, gate: SlotGate, slot: Slot) -> None:
+        self._gate = gate
+        self._slot: Slot | None = slot
+
+    def release(self) -> None:
+        slot, self._slot = self._slot, None
+        if slot is not None:
+            self._gate.release(slot)

@@ -1,0 +1,267 @@
+"""Client limits shared by several hosts in Redis, falling back to the host's own store in an outage.
+
+One hash per client (`openai-proxy:limits:<client>`) holds the same seven numbers as the local store.
+Each admit and each charge is one Lua script (one round trip, atomic in Redis), which reads Redis's
+own clock, so hosts whose clocks disagree still count one sliding window. Keys expire 35 days after
+their last use (longer while a token debt is still owed): a month's spend is never needed after that.
+
+Redis unreachable or slower than the socket timeout: the request is counted in the host's local
+store instead (still exact for this host, so the fleet is bounded by hosts x limit), the outage is
+logged once, and Redis is tried again every few seconds. A limits outage must not take the API down.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.commands.core import Script
+from redis.exceptions import NoScriptError
+from redis.retry import Retry
+
+from openai_proxy.limits import rules
+from openai_proxy.limits.local import LocalLimitStore
+from openai_proxy.limits.rules import ALLOWED, Admission, Limits
+
+log = logging.getLogger("openai_proxy.limits")
+
+KEY_PREFIX = "openai-proxy:limits:"
+TIMEOUT_S = 0.25
+RETRY_AFTER_OUTAGE_S = 5.0
+
+# Shared by both scripts: the clock, the calendar (Howard Hinnant's civil_from_days, the same UTC months
+# as Python's time.gmtime), loading and settling the state exactly as rules.settle does.
+_PRELUDE = """
+local function floor(x) return math.floor(x) end
+local function month_of(day)
+  local z = day + 719468
+  local era = floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = floor((doe - floor(doe / 1460) + floor(doe / 36524) - floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + floor(yoe / 4) - floor(yoe / 100))
+  local mp = floor((5 * doy + 2) / 153)
+  local m = mp < 10 and mp + 3 or mp - 9
+  local y = yoe + era * 400
+  if m <= 2 then y = y + 1 end
+  return y * 12 + m - 1
+end
+local function num(x) return string.format('%.17g', x) end
+local function available(debt, per_minute) return floor((60 - debt) * per_minute / 60 + 1e-6) end
+local now = tonumber(ARGV[1])
+if not now then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local day = floor(now / 86400)
+local month = month_of(day)
+local s = redis.call('HMGET', KEYS[1], 'at', 'r', 't', 'ds', 'ms', 'd', 'm')
+local elapsed = now - (tonumber(s[1]) or 0)
+local r, t = tonumber(s[2]) or 0, tonumber(s[3]) or 0
+if elapsed > 0 then
+  r = math.max(0, r - elapsed)
+  t = math.max(0, t - elapsed)
+end
+local ds = tonumber(s[6]) == day and tonumber(s[4]) or 0
+local ms = tonumber(s[7]) == month and tonumber(s[5]) or 0
+local function store()
+  redis.call('HSET', KEYS[1], 'at', num(now), 'r', num(r), 't', num(t), 'ds', num(ds), 'ms', num(ms),
+             'd', day, 'm', month)
+  redis.call('EXPIRE', KEYS[1], math.min(315360000, math.max(3024000, math.ceil(t) + 60)))
+end
+"""
+# ARGV: now ('' = Redis's clock), rpm, tpm (0 = none), daily_usd, monthly_usd ('' = none).
+ADMIT = (
+    _PRELUDE
+    + """
+local rpm, tpm = tonumber(ARGV[2]), tonumber(ARGV[3])
+local daily, monthly = tonumber(ARGV[4]), tonumber(ARGV[5])
+local ok = not ((rpm > 0 and available(r, rpm) < 1) or (tpm > 0 and available(t, tpm) < 1)
+                or (daily and ds >= daily) or (monthly and ms >= monthly))
+if ok and rpm > 0 then r = r + 60 / rpm end
+store()  -- even when refused: after a clock step back, 'at' must follow it (rules.admit)
+return {ok and 1 or 0, num(now), num(r), num(t), num(ds), num(ms), day, month}
+"""
+)
+# ARGV: now ('' = Redis's clock), tpm (0 = none), tokens, cost_usd.
+CHARGE = (
+    _PRELUDE
+    + """
+local tpm, tokens, cost = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+if tpm > 0 and tokens > 0 then t = t + tokens * 60 / tpm end
+if cost > 0 then
+  ds = ds + cost
+  ms = ms + cost
+end
+store()
+return 1
+"""
+)
+
+
+def _arg(value: float | None) -> str:
+    return "" if value is None else repr(float(value))
+
+
+class RedisLimitStore:
+    """Limits in Redis for a fleet of hosts; `local` counts during outages (and is closed with this)."""
+
+    def __init__(
+        self,
+        uri: str,
+        shown_uri: str,
+        local: LocalLimitStore,
+        retry_after_outage_s: float = RETRY_AFTER_OUTAGE_S,
+        timeout_s: float = TIMEOUT_S,
+    ) -> None:
+        # No retries inside redis-py: its default (3, with back-off) would turn one dead Redis into
+        # seconds per request; the fallback below is the retry.
+        self._pool = redis.ConnectionPool.from_url(
+            uri,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+        )
+        client = redis.Redis(connection_pool=self._pool)
+        self._admit = client.register_script(ADMIT)
+        self._charge = client.register_script(CHARGE)
+        # Connections of this store, idle ones here. A call takes one for its round trip: redis-py's
+        # client and pool cost ~2x the round trip itself in CPU (a readiness poll per checkout, event
+        # hooks), more than the budget for limits, while a bare connection costs little more than it.
+        self._idle: list[redis.Connection] = []
+        self.uri = shown_uri
+        self._local = local
+        self._retry_s = retry_after_outage_s
+        self._retry_at = 0.0  # monotonic; while down, the next time one request tries Redis again
+        self._down_since: float | None = None  # wall clock, for status()
+        self.last_error: str | None = None
+
+    def _run(self, script: Script, key: str, args: list[Any]) -> Any:
+        """EVALSHA `script` on one connection (loading it first if Redis lost it): one round trip."""
+        idle = self._idle
+        while True:
+            reused = bool(idle)
+            conn = idle.pop() if reused else self._pool.connection_class(**self._pool.connection_kwargs)
+            try:
+                try:
+                    conn.send_command("EVALSHA", script.sha, 1, key, *args)
+                    reply = conn.read_response()
+                except NoScriptError:  # a restarted Redis: load the script, once
+                    conn.send_command("SCRIPT", "LOAD", script.script)
+                    conn.read_response()
+                    conn.send_command("EVALSHA", script.sha, 1, key, *args)
+                    reply = conn.read_response()
+            except redis.ConnectionError:
+                conn.disconnect()
+                if not reused:
+                    raise
+                # Closed while idle (Redis restarted, an idle timeout): Redis had closed it before the
+                # command arrived, so sending it again on a new connection counts it once. The
+                # other idle connections are as stale.
+                for stale in idle:
+                    stale.disconnect()
+                idle.clear()
+                continue
+            except BaseException:
+                conn.disconnect()  # a timed-out reply may still come: never reuse this one
+                raise
+            idle.append(conn)
+            return reply
+
+    def _try_redis(self) -> bool:
+        if self._down_since is None:
+            return True
+        if time.monotonic() < self._retry_at:
+            return False
+        self._retry_at = time.monotonic() + self._retry_s  # the others stay local while one probes
+        return True
+
+    def _failed(self, exc: Exception) -> None:
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        self._retry_at = time.monotonic() + self._retry_s
+        if self._down_since is None:
+            self._down_since = time.time()
+            log.warning(
+                "client limits: Redis at %s failed (%s); counting on this host until it answers "
+                "(tried again every %gs)",
+                self.uri,
+                self.last_error,
+                self._retry_s,
+            )
+
+    def _answered(self) -> None:
+        if self._down_since is not None:
+            log.warning(
+                "client limits: Redis at %s answers again after %.1fs; counting there again",
+                self.uri,
+                time.time() - self._down_since,
+            )
+            self._down_since = None
+
+    def admit(self, client: str, limits: Limits, now: float | None = None) -> Admission:
+        """Check every limit of `client`; when all pass, count this request (one round trip)."""
+        if not limits.any():
+            return ALLOWED
+        if self._try_redis():
+            args = [
+                _arg(now),
+                limits.rpm or 0,
+                limits.tpm or 0,
+                _arg(limits.daily_usd),
+                _arg(limits.monthly_usd),
+            ]
+            try:
+                reply = self._run(self._admit, KEY_PREFIX + client, args)
+            except (redis.RedisError, OSError) as exc:
+                self._failed(exc)
+            else:
+                self._answered()
+                ok, when, requests, tokens, day_usd, month_usd, day, month = reply
+                settled = (float(when), float(requests), float(tokens), float(day_usd), float(month_usd))
+                state = (*settled, int(day), int(month))
+                refused = [] if ok else rules.refusals(limits, *settled[1:]) or ["requests"]
+                return rules.admission(limits, state, refused)  # type: ignore[arg-type]
+        return self._local.admit(client, limits, now)
+
+    def charge(
+        self, client: str, limits: Limits, tokens: int, cost_usd: float | None, now: float | None = None
+    ) -> None:
+        """Count an answer's tokens and cost (one round trip, none when there is nothing to count).
+        Never raises."""
+        tokens, cost = rules.clean_tokens(tokens), rules.clean_cost(cost_usd)
+        if not limits.any() or ((limits.tpm is None or not tokens) and not cost):
+            return
+        if self._try_redis():
+            try:
+                self._run(self._charge, KEY_PREFIX + client, [_arg(now), limits.tpm or 0, tokens, cost])
+            except (redis.RedisError, OSError) as exc:
+                self._failed(exc)
+            except Exception as exc:  # never fail an answer that was already served
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("client limits: could not charge client %r", client)
+                return
+            else:
+                self._answered()
+                return
+        self._local.charge(client, limits, tokens, cost_usd, now)
+
+    def status(self) -> dict[str, Any]:
+        down = self._down_since is not None
+        return {
+            "backend": "redis",
+            "uri": self.uri,
+            "reachable": not down,
+            "usingFallback": down,
+            "downSince": self._down_since,
+            "lastError": self.last_error,
+            "fallback": self._local.status(),
+        }
+
+    def close(self) -> None:
+        while self._idle:
+            self._idle.pop().disconnect()
+        self._pool.disconnect()
+        self._local.close()

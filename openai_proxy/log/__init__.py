@@ -1,0 +1,1 @@
+"""The request log store: SQLite or PostgreSQL, its queries and aggregates."""

@@ -1,0 +1,289 @@
+"""The request log shared by all workers (and hosts), written in batches off the request path.
+
+The database is a SQLite file (WAL), or a PostgreSQL database that several hosts share
+(`openai_proxy.log.sql`). The completion and retry sinks only append to an in-memory queue (bounded; drops are
+counted here, in `/metrics`, and in the database once it is reachable). One writer greenlet per worker
+flushes the queue every FLUSH_INTERVAL_S in one transaction: the records, the cumulative counters, the
+aggregates and the retention trim (`openai_proxy.log.db`). Every database call runs in a one-thread pool that
+owns the worker's one connection: a locked, slow or unreachable database waits in that thread, never
+in the gevent hub, so it cannot stall the worker's requests.
+
+A failed write keeps its batch and tries again later (with backoff, reconnecting): the same batch,
+unchanged, because a failure may have come after the COMMIT took effect (`openai_proxy.log.db` recognises a
+batch it has already written). Records queued meanwhile wait behind it, up to `max_queue` in all.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import gevent
+from gevent.event import Event
+from gevent.lock import Semaphore
+from gevent.threadpool import ThreadPool
+
+from openai_proxy.log import db as logdb
+from openai_proxy.log import stats as logstats
+from openai_proxy.log import url as logurl
+from openai_proxy.log.db import Batch, LogFilter, LogPage, Queued
+from openai_proxy.log.sql import Database, open_database
+from openai_proxy.log.stats import MinuteRow, SpendRow
+from openai_proxy.redact import redact
+
+log = logging.getLogger("openai_proxy.logstore")
+
+FLUSH_INTERVAL_S = 0.25
+MAX_BACKOFF_S = 5.0
+MAX_QUEUE = 10_000
+BUSY_TIMEOUT_MS = 2_000
+PRUNE_INTERVAL_S = 60.0
+
+T = TypeVar("T")
+
+
+class LogStore:
+    """One worker's access to the shared log: a bounded queue, a writer greenlet, one connection."""
+
+    def __init__(
+        self, target: str, retention: int, *, max_queue: int = MAX_QUEUE, host: str | None = None
+    ) -> None:
+        self.target = target  # a SQLite path or a postgresql:// URL
+        self.path = logurl.shown(target)  # what pages and logs may show
+        self.backend = "postgresql" if logurl.is_postgres_url(target) else "sqlite"
+        self.retention = retention
+        self.max_queue = max_queue
+        self.host = host or socket.gethostname()
+        self.busy_timeout_ms = BUSY_TIMEOUT_MS
+        self.dropped = 0
+        self.write_failures = 0
+        self.written = 0
+        self.already_written = 0  # batches a retry found written (their first COMMIT's answer was lost)
+        self.last_error: str | None = None
+        self.last_write_at: float | None = None
+        self.on_drop: Callable[[], None] | None = None  # metrics
+        self._queue: deque[Queued] = deque()
+        self._unsure: Batch | None = None  # the batch being written, or waiting to be written again
+        self._dropped_saved = 0
+        self._seq = 0
+        self._writer_id = ""
+        self._last_prune = 0.0
+        self._peak = 0
+        self._peak_dirty = False
+        self._pending = Event()
+        self._stop = Event()
+        self._flushing = Semaphore()
+        # Created on first use, by the worker that uses them (never inherited over a fork).
+        self._writer: gevent.Greenlet | None = None
+        self._pool: ThreadPool | None = None
+        self._db: Database | None = None
+
+    # -- the request path: sinks only queue ---------------------------------------------------------
+    def append(self, entry: dict[str, Any]) -> None:
+        """Completion sink: queue the (already redacted) record; never blocks, never raises."""
+        self._enqueue("completion", entry)
+
+    def append_retry(self, event: dict[str, Any]) -> None:
+        """Retry sink (`Upstream.retry_sinks`)."""
+        self._enqueue("retry", event)
+
+    def note_peak(self, in_use: int) -> None:
+        """A new server-wide high-water mark of parallel upstream calls (`Gate.on_new_peak`)."""
+        self._peak = max(self._peak, in_use)
+        self._peak_dirty = True
+        self._wake()
+
+    @property
+    def queued(self) -> int:
+        """Records waiting for the database, the batch being written included."""
+        return len(self._queue) + (len(self._unsure.items) if self._unsure else 0)
+
+    @property
+    def unsaved_dropped(self) -> int:
+        """Records this worker dropped that the database does not count yet."""
+        return self.dropped - self._dropped_saved
+
+    def _enqueue(self, kind: str, entry: dict[str, Any]) -> None:
+        if self.queued >= self.max_queue:
+            self.dropped += 1
+            if self.on_drop is not None:
+                self.on_drop()
+            if self.dropped % 1000 == 1:
+                log.warning(
+                    "log store queue full (%d); %d records dropped so far", self.max_queue, self.dropped
+                )
+            self._wake()  # the count itself is saved with the next batch
+            return
+        self._queue.append((kind, entry, time.time()))
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._writer is None and not self._stop.is_set():
+            self._writer = gevent.spawn(self._run)
+        if not self._pending.is_set():
+            self._pending.set()
+
+    # -- the writer ---------------------------------------------------------------------------------
+    def _run(self) -> None:
+        delay = FLUSH_INTERVAL_S
+        while not self._stop.is_set():
+            self._pending.wait()
+            self._stop.wait(delay)  # let a batch build up; returns at once on close()
+            self._pending.clear()
+            try:
+                ok = self.flush()
+            except Exception:
+                log.exception("log store writer failed")
+                ok = False
+            delay = FLUSH_INTERVAL_S if ok else min(delay * 2, MAX_BACKOFF_S)
+            if self._queue or self._peak_dirty or self._unsure or self.unsaved_dropped:
+                self._pending.set()
+
+    def flush(self) -> bool:
+        """Write what is queued now; False (and the records kept) when the database failed."""
+        with self._flushing:  # one batch at a time: a batch in doubt goes first, alone
+            batch = self._unsure or self._next_batch()
+            if batch is None:
+                return True
+            self._unsure = batch
+            try:
+                fresh = self._call(self._write, batch)
+            except Exception as exc:
+                self.write_failures += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("log store %s: write failed (%s); %d records kept for the next try",
+                            self.path, self.last_error, self.queued)  # fmt: skip
+                return False
+            self._unsure = None
+        self._dropped_saved += batch.dropped
+        self.written += len(batch.items)
+        self.already_written += not fresh
+        self.last_error = None
+        self.last_write_at = time.time()
+        return True
+
+    def _next_batch(self) -> Batch | None:
+        peak, self._peak_dirty = (self._peak if self._peak_dirty else 0), False
+        items = [self._queue.popleft() for _ in range(len(self._queue))]
+        dropped = self.unsaved_dropped
+        if not items and not peak and not dropped:
+            return None
+        if not self._writer_id:
+            self._writer_id = f"{self.host}:{os.getpid()}:{secrets.token_hex(4)}"
+        now = time.time()
+        prune = now - self._last_prune >= PRUNE_INTERVAL_S
+        if prune:
+            self._last_prune = now
+        self._seq += 1
+        return Batch(self._writer_id, self._seq, self.host, os.getpid(), items, peak, dropped, prune, now)
+
+    def close(self) -> None:
+        """Flush what is queued, then release the connection and the thread (worker exit, tests)."""
+        self._stop.set()
+        self._pending.set()
+        if self._writer is not None:
+            self._writer.join(timeout=10)
+        if self.flush() and self._queue:
+            self.flush()  # what queued up behind a batch that was in doubt
+        if self._pool is not None:
+            self._call(self._close_db)
+            self._pool.kill()
+            self._pool = None
+
+    # -- reads (pages, /health, the operator's spend page) ------------------------------------------
+    def page(self, level: str, where: LogFilter, page: int, per_page: int) -> LogPage:
+        """Records of one level, newest first, with the counters and the endpoints seen.
+
+        Records are stored redacted; they are masked once more on the way out, with the secrets known
+        now, since rows written by an older version of the proxy may still hold one in clear.
+        """
+        result = self._call(self._with_db, lambda db: logdb.read_page(db, level, where, page, per_page))
+        result.records = redact(result.records)
+        return result
+
+    def spend(self, since_day: str) -> list[SpendRow]:
+        """Spend per UTC day, client and model from `since_day` ('YYYY-MM-DD') on, all hosts."""
+        return self._call(self._with_db, lambda db: logstats.read_spend(db, since_day))
+
+    def minutes(self, since_minute: int) -> list[MinuteRow]:
+        """Requests, errors and latency histogram per minute (Unix time // 60), all hosts."""
+        return self._call(self._with_db, lambda db: logstats.read_minutes(db, since_minute))
+
+    def check_writable(self) -> str | None:
+        """None when this worker could write to the database right now, else why not."""
+        try:
+            self._call(self._with_db, lambda db: db.probe_writable())
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    def stats(self) -> dict[str, Any]:
+        """This worker's side of the store, for /health and the pages."""
+        return {
+            "backend": self.backend,
+            "path": self.path,
+            "host": self.host,
+            "queued": self.queued,
+            "written": self.written,
+            "dropped": self.dropped,
+            "unsavedDropped": self.unsaved_dropped,
+            "writeFailures": self.write_failures,
+            "alreadyWritten": self.already_written,
+            "lastError": self.last_error,
+            "lastWriteAt": self.last_write_at,
+        }
+
+    # -- in the database thread ---------------------------------------------------------------------
+    def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._pool is None:
+            self._pool = ThreadPool(1)
+        ok, value = self._pool.apply(_outcome, (fn, *args))
+        if not ok:
+            raise value
+        return value
+
+    def _connect(self) -> Database:
+        if self._db is None:
+            db = open_database(self.target, self.busy_timeout_ms)
+            try:
+                logdb.create_schema(db)
+            except BaseException:
+                db.close()
+                raise
+            self._db = db
+        return self._db
+
+    def _with_db(self, fn: Callable[[Database], T]) -> T:
+        """`fn` on the connection; once more on a new one when the server went away since last use."""
+        reused = self._db is not None
+        db = self._connect()
+        try:
+            return fn(db)
+        except BaseException:
+            lost = db.lost
+            self._close_db()  # reopened on the next try: the server restarted, the file was replaced
+            if not (reused and lost):
+                raise
+        return fn(self._connect())
+
+    def _write(self, batch: Batch) -> bool:
+        return self._with_db(lambda db: logdb.write_batch(db, batch, self.retention))
+
+    def _close_db(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            db.close()
+
+
+def _outcome(fn: Callable[..., Any], *args: Any) -> tuple[bool, Any]:
+    # Errors travel back as values: gevent's pool would print a traceback for every failed write.
+    try:
+        return True, fn(*args)
+    except Exception as exc:
+        return False, exc

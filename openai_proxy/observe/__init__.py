@@ -1,0 +1,1 @@
+"""What the proxy says about its calls: completion records, metrics, prices."""

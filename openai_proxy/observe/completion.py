@@ -1,0 +1,106 @@
+"""The completion record: one redacted JSON line per API request, on stdout and to every sink."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from openai_proxy.jsonio import dumps_text
+from openai_proxy.observe.prices import PriceTable
+from openai_proxy.record import RequestRecord
+from openai_proxy.redact import end_of_request, redact, redact_text
+
+log = logging.getLogger("openai_proxy.completion")
+
+Sink = Callable[[dict[str, Any]], None]
+
+
+def build_entry(
+    record: RequestRecord, prices: PriceTable | None = None, host: str | None = None
+) -> dict[str, Any]:
+    """The record as a flat, redacted dict (the shape stored and printed).
+
+    Only the fields that carry text from outside (the client, upstream) can hold a secret, so only
+    they go through redaction; the rest are our own ids, numbers and route templates. Redaction masks
+    the configured secrets and the request's own override key by value (`openai_proxy.redact`). `host` names
+    the server (OPENAI_PROXY_HOST_NAME), for logs several servers share.
+    """
+    timeout = record.timeout
+    upstream_ms = record.upstream_ms()
+    entry: dict[str, Any] = {
+        "event": "completion",
+        "requestId": record.request_id,
+        "incomingRequestId": redact_text(record.incoming_request_id),
+        "upstreamRequestId": redact_text(record.upstream_request_id),
+        "client": record.client,
+        "endpoint": record.endpoint,
+        "method": record.method,
+        "model": redact_text(record.model),
+        "upstreamModel": redact_text(record.upstream_model),
+        "stream": record.stream,
+        "timeoutMs": timeout.ms if timeout else None,
+        "timeoutSource": timeout.source if timeout else None,
+        "start": datetime.fromtimestamp(record.started_at, UTC).isoformat(timespec="milliseconds"),
+        "durationMs": round((time.perf_counter() - record.started) * 1000.0, 1),
+        "upstreamMs": round(upstream_ms, 1) if upstream_ms is not None else None,
+        "result": record.result,
+        "status": record.status,
+        "retries": record.retries,
+        "overloaded": record.overloaded,
+        "cancelled": record.cancelled,
+        "usage": record.usage,
+        "costUsd": cost_usd(record, prices),
+        "attempts": record.attempts or None,
+        "error": redact(record.error) if record.error else None,
+        "host": host,
+        "pid": os.getpid(),
+    }
+    return entry
+
+
+def cost_usd(record: RequestRecord, prices: PriceTable | None) -> float | None:
+    """What the request cost at the model upstream says it used (else the one asked for); None when
+    that model has no price or upstream reported no usage. A re-read costs nothing (`billable`)."""
+    if prices is None or not record.usage:
+        return None
+    if not record.billable:
+        return 0.0
+    return prices.cost_usd(record.upstream_model or record.model, record.usage)
+
+
+class CompletionLog:
+    """Emits each finished request once: a stdout line, then the registered sinks (store, metrics)."""
+
+    def __init__(
+        self, stream: TextIO | None = None, prices: PriceTable | None = None, host: str | None = None
+    ) -> None:
+        self._stream = stream
+        self._prices = prices
+        self.host = host
+        self.sinks: list[Sink] = []
+
+    def emit(self, record: RequestRecord) -> dict[str, Any] | None:
+        if record.finished:
+            return None
+        record.finished = True
+        try:
+            entry = build_entry(record, self._prices, self.host)
+        finally:
+            end_of_request()  # the request's own secrets were needed up to here, and not after
+        out = self._stream or sys.stdout
+        try:
+            out.write(dumps_text(entry) + "\n")
+            out.flush()
+        except (OSError, ValueError):  # a closed stdout must not fail the request
+            pass
+        for sink in self.sinks:
+            try:
+                sink(entry)
+            except Exception:
+                log.exception("completion sink %r failed", sink)
+        return entry

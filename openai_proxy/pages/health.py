@@ -1,0 +1,189 @@
+"""What `/health`, `/health2` and `/debug/runtime` report.
+
+`/health` is cheap (no upstream call, no tokens): liveness and readiness. `/health2` makes one real,
+minimal upstream call through the same client, gate and error classification as the API routes.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import re
+import sqlite3
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from flask import Flask
+
+from openai_proxy import __version__, jsonio, pipeline
+from openai_proxy.errors import ProxyError
+from openai_proxy.record import RequestRecord, TimeoutDecision
+from openai_proxy.state import ProxyState
+from openai_proxy.upstream import CONNECT_TIMEOUT_S, JSON_HEADERS, RETRIES_IDEMPOTENT, UpstreamCall
+
+# One output token of DEFAULT_MODEL: enough to prove the key, the network and the model work.
+HEALTH2_MAX_TOKENS = 1
+HEALTH2_TIMEOUT_MS = 15_000
+# The routes that use the SDK's retries (see the route table in README.md); every other API call is create-style (billed)
+# and never retried, and `/v1` leaves retries to the client's SDK. The routes pass `retries=`
+# themselves: this table is what operators see on /debug/runtime.
+RETRIED_ROUTES = {
+    ("POST", "/openai2/input_tokens"),
+    ("GET", "/openai2/<response_id>"),
+    ("GET", "/openai2/<response_id>/input_items"),
+    ("DELETE", "/openai2/<response_id>"),
+}
+VERSIONED = (
+    "flask",
+    "gunicorn",
+    "gevent",
+    "geventhttpclient",
+    "openai",
+    "httpx2",
+    "flask-limiter",
+    "prometheus-client",
+    "psycopg",
+)
+_CONVERTER = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
+
+
+def _uptime(st: ProxyState) -> dict[str, Any]:
+    return {
+        "version": __version__,
+        "pid": os.getpid(),
+        "startedAt": datetime.fromtimestamp(st.started_at, UTC).isoformat(timespec="seconds"),
+        "uptimeS": round(time.time() - st.started_at, 1),
+    }
+
+
+def liveness(st: ProxyState) -> dict[str, Any]:
+    """Ready means API routes can serve (SECURITY_KEY or a named client is configured); a log store
+    problem, the fleet-wide gate's Redis not answering (the host's gate stands in) or every upstream
+    key revoked only degrades; a server told to stop is draining and not ready (in-flight work
+    finishes, `/ready` says 503)."""
+    config = st.config
+    store_error = st.log_store.check_writable()
+    draining = st.draining()
+    ready = len(st.clients) > 0 and not draining
+    # Counted first: asking Redis is also what finds out whether it answers.
+    gate = {"inUse": st.gate.in_use(), "limit": st.gate.limit, "heldByThisWorker": st.gate.held_here()}
+    gate.update(st.gate.status())
+    keys = upstream_keys(st)
+    healthy = store_error is None and not gate.get("fallback") and not keys["allRevoked"]
+    return {
+        "status": "draining" if draining else "ok" if ready and healthy else "degraded",
+        "ready": ready,
+        "draining": draining,
+        **_uptime(st),
+        "config": {
+            "loaded": True,
+            "securityKeySet": bool(config.security_key),
+            "openaiApiKeySet": bool(config.openai_api_key),
+            "warnings": list(config.warnings),
+        },
+        "clients": {"count": len(st.clients), "file": config.clients_file},
+        "limits": st.limits.status(),
+        "gate": gate,
+        "logStore": {"writable": store_error is None, "error": store_error, **st.log_store.stats()},
+        "upstreamKeys": keys,
+    }
+
+
+def upstream_keys(st: ProxyState) -> dict[str, Any]:
+    """The key pool (name, last four characters, state, resting until per key); a lone
+    OPENAI_API_KEY is not pooled: it is always used, and not shown."""
+    pool = st.upstream.pool
+    if pool is None:
+        return {"pooled": False, "allRevoked": False, "keys": []}
+    keys = pool.describe()
+    return {"pooled": True, "allRevoked": all(k["state"] == "revoked" for k in keys), "keys": keys}
+
+
+def deep_check(st: ProxyState, request_id: str) -> tuple[dict[str, Any], int]:
+    """One minimal chat completion upstream: 200 with its latency, or 503 with the classified error."""
+    config = st.config
+    record = RequestRecord(endpoint="/health2", method="POST", request_id=request_id)
+    body = {
+        "model": config.default_model,
+        "messages": [{"role": "user", "content": "ping"}],
+        "max_completion_tokens": HEALTH2_MAX_TOKENS,
+    }
+    timeout = TimeoutDecision(float(min(HEALTH2_TIMEOUT_MS, config.upstream_timeout_ms)), "default")
+    report: dict[str, Any] = {"model": config.default_model, "baseUrl": config.openai_base_url}
+    started = time.perf_counter()
+    call = UpstreamCall(
+        "POST",
+        "/chat/completions",
+        record=record,
+        timeout=timeout,
+        credentials=st.upstream.credentials(None, None, None),
+        body=jsonio.dumps(body),
+        headers=JSON_HEADERS,
+    )
+    try:
+        pipeline.fetch(call).json()
+    except ProxyError as err:
+        report.update(latencyMs=_ms_since(started), error=err.body(request_id)["error"])
+        return {"status": "fail", **report}, 503
+    report.update(latencyMs=_ms_since(started), upstreamRequestId=record.upstream_request_id)
+    return {"status": "ok", **report}, 200
+
+
+def _ms_since(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000.0, 1)
+
+
+def runtime_info(st: ProxyState, app: Flask) -> dict[str, Any]:
+    """Effective settings (never a secret), derived timeouts and limits, retries per route, versions."""
+    config = st.config
+    return {
+        **_uptime(st),
+        "config": config.public_view(),
+        "timeouts": {
+            "defaultMs": config.upstream_timeout_ms,
+            "maxMs": config.effective_max_timeout_ms,
+            "meaning": "wait for upstream response headers, per attempt",
+            "connectS": CONNECT_TIMEOUT_S,
+            # One socket bound for reads mid-body and for a streamed upload upstream stops taking.
+            "readS": st.upstream.settings.read_timeout,
+            "writeS": st.upstream.settings.read_timeout,
+            "sseKeepaliveMs": config.sse_keepalive_interval_ms,
+        },
+        "limits": {
+            "maxParallelRequests": config.max_parallel_requests,
+            "maxBodyBytes": config.max_body_bytes,
+            "maxAudioBytes": config.max_audio_bytes,
+            "pagesRateLimit": config.pages_rate_limit,
+            "health2RateLimit": config.health2_rate_limit,
+            "logRetention": config.log_retention,
+        },
+        "retries": {
+            "policy": "SDK retries: connection errors, timeouts, 408/409/429/5xx, honouring Retry-After",
+            "routes": retries_per_route(app),
+        },
+        "versions": versions(),
+    }
+
+
+def retries_per_route(app: Flask) -> dict[str, int]:
+    """`"METHOD /path": retries` for every API route the app serves."""
+    out: dict[str, int] = {}
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint.startswith(("pages.", "ready.", "static")):
+            continue
+        path = _CONVERTER.sub(r"<\1>", rule.rule)
+        for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
+            out[f"{method} {path}"] = RETRIES_IDEMPOTENT if (method, path) in RETRIED_ROUTES else 0
+    return dict(sorted(out.items(), key=lambda item: item[0].split(" ", 1)[::-1]))
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "sqlite": sqlite3.sqlite_version}
+    for name in VERSIONED:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out

@@ -1,0 +1,90 @@
+"""Throttling of the guarded operator pages with flask-limiter; a breach is the contract's JSON 429.
+
+Limits count per client address, per page; the sign-in form (`/signin`) counts as a page, so guessing
+ACCESS_TOKEN there is throttled like guessing it in a page's query. Storage `memory://` (the default)
+counts in each worker process, so a client may get up to one limit per worker; a `redis://` URI
+(`OPENAI_PROXY_LIMITS_URI`, else `OPENAI_PROXY_RATELIMIT_STORAGE_URI`) makes the limits exact across
+workers and hosts. A Redis that is down or stalled costs a page at most the short socket timeout, then
+the pages count in memory until it is back. API routes and `/` are never throttled here.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, Response, request
+from flask_limiter import Limiter, RateLimitExceeded
+from flask_limiter.util import get_remote_address
+from limits.errors import ConfigurationError
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from openai_proxy.config import Config
+from openai_proxy.errors import RateLimited, render
+from openai_proxy.pages import views as pages
+
+log = logging.getLogger("openai_proxy.ratelimit")
+
+# The same bound as the client limits' Redis calls: redis-py waits forever by default, and retries 3
+# times with back-off, so a stalled Redis would stall every page.
+REDIS_TIMEOUT_S = 0.25
+
+
+def init_limiter(app: Flask, config: Config) -> Limiter:
+    """Attach a limiter to `app`: `OPENAI_PROXY_PAGES_RATE_LIMIT` per guarded page and for /signin, less
+    for /health2."""
+    options = {
+        "headers_enabled": True,  # Retry-After and X-RateLimit-* on the pages
+        # A storage outage (e.g. redis down) falls back to counting in memory, never fails the page.
+        "in_memory_fallback_enabled": True,
+        "swallow_errors": True,
+    }
+    uri = config.pages_limits_uri
+    if uri.startswith(("redis://", "rediss://")):
+        options["storage_options"] = {
+            "socket_timeout": REDIS_TIMEOUT_S,
+            "socket_connect_timeout": REDIS_TIMEOUT_S,
+            "retry": Retry(NoBackoff(), 0),
+        }
+    try:
+        limiter = Limiter(get_remote_address, app=app, storage_uri=uri, **options)
+    except ConfigurationError as exc:
+        variable = "OPENAI_PROXY_LIMITS_URI" if config.limits_uri else "OPENAI_PROXY_RATELIMIT_STORAGE_URI"
+        log.warning("CONFIG WARNING: %s unusable (%s); counting in memory", variable, exc)
+        options.pop("storage_options", None)
+        limiter = Limiter(get_remote_address, app=app, storage_uri="memory://", **options)
+
+    def limit_for_page() -> str:
+        return config.health2_rate_limit if request.endpoint == pages.HEALTH2 else config.pages_rate_limit
+
+    limiter.limit(limit_for_page, exempt_when=lambda: request.endpoint not in pages.THROTTLED)(pages.bp)
+    app.register_error_handler(RateLimitExceeded, too_many_requests)
+    _scope_hooks_to_pages(app, limiter)
+    return limiter
+
+
+def _scope_hooks_to_pages(app: Flask, limiter: Limiter) -> None:
+    """Run the limiter's request hooks for the pages blueprint only.
+
+    flask-limiter registers them app-wide, where they cost ~180 us on every API request (measured)
+    to conclude that nothing applies: more than half the proxy's own budget per request. Moved to
+    the blueprint it limits, they run first among its hooks, before the access-token check.
+    """
+    for hooks in (app.before_request_funcs, app.after_request_funcs, app.teardown_request_funcs):
+        mine = [
+            f
+            for f in hooks.get(None, [])
+            if getattr(f, "__self__", None) is limiter or _is_limiter_partial(f, limiter)
+        ]
+        if not mine:
+            continue
+        hooks[None] = [f for f in hooks[None] if f not in mine]
+        hooks.setdefault(pages.bp.name, [])[:0] = mine
+
+
+def _is_limiter_partial(func: object, limiter: Limiter) -> bool:
+    return limiter in getattr(func, "args", ())
+
+
+def too_many_requests(err: RateLimitExceeded) -> Response:
+    return render(RateLimited(f"Too many requests: {err.description}; try again later"))

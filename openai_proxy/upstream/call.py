@@ -1,0 +1,58 @@
+"""One upstream call, as the routes describe it, and the credentials it is made with."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from openai_proxy.record import RequestRecord, TimeoutDecision
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Who the upstream call is made as: overrides from the request, else the configured values.
+
+    `pooled`: the request brought no key of its own and the proxy has a key pool, so `api_key` is None
+    and each attempt takes a key from the pool (`openai_proxy.keys.pool`), among `key_names` if given
+    (a client restricted to named keys).
+    """
+
+    api_key: str | None
+    project: str | None
+    organization: str | None
+    pooled: bool = False
+    key_names: frozenset[str] | None = None
+
+    def header_list(self) -> list[tuple[str, str]]:
+        """`Authorization`, `OpenAI-Project`, `OpenAI-Organization`: only those that are set."""
+        out = [("Authorization", f"Bearer {self.api_key}")] if self.api_key else []
+        if self.project:
+            out.append(("OpenAI-Project", self.project))
+        if self.organization:
+            out.append(("OpenAI-Organization", self.organization))
+        return out
+
+
+@dataclass
+class UpstreamCall:
+    """What to send upstream, as whom, how long to wait for headers, and how often to try.
+
+    `path` is below the base URL's path (`/chat/completions`); `query` is sent as given, `params` are
+    encoded the way the SDK encodes them. `body` is bytes or an iterable streamed at the client's
+    pace (with `content_length` when known); `form` and `files` make a multipart upload instead.
+    """
+
+    method: str
+    path: str
+    record: RequestRecord
+    timeout: TimeoutDecision
+    credentials: Credentials
+    query: str = ""
+    params: Mapping[str, Any] | None = None
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes | Iterable[bytes] | None = None
+    content_length: int | None = None
+    retries: int = 0
+    form: Mapping[str, Any] | None = None
+    files: Any = None
