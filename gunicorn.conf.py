@@ -17,10 +17,14 @@ import tempfile
 from openai_proxy.clients import ClientsFileError, load_clients
 from openai_proxy.config import ConfigError, load_config
 from openai_proxy.keys.state import forget as forget_key_state
-from openai_proxy.worker import clear_server_stopping, mark_server_stopping
+from openai_proxy.observe.prices import load_prices
+from openai_proxy.runtime import clear_server_stopping, mark_server_stopping
 
 try:
     _config = load_config(warn=False)
+    # Checked here so that a bad prices file stops the server before any worker starts; each worker
+    # then reads the file once, when it builds the app.
+    load_prices(_config.prices_file)
 except ConfigError as exc:
     # A setting the proxy cannot run with (an unsupported proxy scheme, a missing CA file, ...):
     # say which and stop, rather than start and fail every request.

@@ -9,7 +9,9 @@ if TYPE_CHECKING:
 
     from openai_proxy.config import Config
 
-__version__ = "1.0.0"
+from openai_proxy.version import __version__
+
+__all__ = ["__version__", "create_app"]
 
 
 def create_app(config: Config | None = None) -> Flask:

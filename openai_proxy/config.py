@@ -11,7 +11,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
-from urllib.request import proxy_bypass_environment
 
 from dotenv import dotenv_values
 
@@ -22,6 +21,7 @@ log = logging.getLogger("openai_proxy.config")
 
 MIB = 1024 * 1024
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+DEFAULT_LOG_DB = "var/openai-proxy.sqlite3"
 
 
 class ConfigError(ValueError):
@@ -57,7 +57,7 @@ class Config:
     graceful_timeout_s: int = 60
     drain_delay_s: float = 0.0
     keepalive_s: int = 5
-    log_db: str = "var/openai-proxy.sqlite3"
+    log_db: str = DEFAULT_LOG_DB
     log_retention: int = 10_000
     log_max_queue: int = 10_000
     # Names this server on the records of a log several servers share (OPENAI_PROXY_HOST_NAME).
@@ -236,8 +236,12 @@ def outbound_proxy(values: Mapping[str, str], base_url: str) -> str | None:
         raise ConfigError(f"{name}={_without_userinfo(raw)!r} is not a proxy URL like http://host:3128")
     no_proxy = values.get("NO_PROXY") or values.get("no_proxy") or ""
     host = urlsplit(base_url).hostname or ""
-    if no_proxy and proxy_bypass_environment(host, {"no": no_proxy}):
-        return None
+    if no_proxy:
+        # urllib.request loads ssl, which the gunicorn master must not import before workers patch it.
+        from urllib.request import proxy_bypass_environment
+
+        if proxy_bypass_environment(host, {"no": no_proxy}):
+            return None
     netloc = parts.netloc if port else f"{parts.netloc}:80"
     return f"http://{netloc}"
 
@@ -354,11 +358,6 @@ def build_config(values: Mapping[str, str]) -> Config:
     ca_bundle = kwargs.get("ca_bundle")
     if isinstance(ca_bundle, str) and not os.path.isfile(ca_bundle):
         raise ConfigError(f"OPENAI_PROXY_CA_BUNDLE / SSL_CERT_FILE: no such PEM file {ca_bundle!r}")
-    prices_file = kwargs.get("prices_file")
-    if isinstance(prices_file, str):
-        from openai_proxy.observe.prices import load_prices  # (it imports this module for ConfigError)
-
-        load_prices(prices_file)  # a bad file stops the server here, naming its line and what is wrong
     gate_uri = kwargs.get("gate_uri")
     if isinstance(gate_uri, str):
         kwargs["gate_uri"] = _redis_uri("OPENAI_PROXY_GATE_URI", gate_uri)

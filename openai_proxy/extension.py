@@ -6,7 +6,6 @@ import functools
 import logging
 import os
 import re
-import tempfile
 import time
 import weakref
 from urllib.parse import unquote, urlsplit
@@ -19,7 +18,7 @@ from openai_proxy import errors
 from openai_proxy.clients import ClientsFileError, load_clients
 from openai_proxy.clients.admission import charge
 from openai_proxy.config import Config, ConfigError, load_config
-from openai_proxy.gate.local import open_gate
+from openai_proxy.gate import open_gate
 from openai_proxy.keys.pool import KeyPool
 from openai_proxy.limits import open_limit_store
 from openai_proxy.log import url as logurl
@@ -29,6 +28,7 @@ from openai_proxy.observe.metrics import KeyPoolCollector, Metrics
 from openai_proxy.observe.prices import load_prices
 from openai_proxy.record import RequestRecord, new_request_id
 from openai_proxy.redact import SECRETS, WHOLE_WORD_BELOW, redact_text
+from openai_proxy.runtime import open_runtime_dir
 from openai_proxy.state import ProxyState
 from openai_proxy.upstream import Upstream
 
@@ -47,14 +47,6 @@ class ResponseIdConverter(BaseConverter):
     """A path segment that may be empty, so `/openai2/` answers `Missing response_id` instead of 404."""
 
     regex = "[^/]*"
-
-
-def _runtime_dir(config: Config) -> str:
-    # Under gunicorn the master creates one directory before forking and exports it, so every
-    # worker shares the gate file. A lone process (tests, dev server) gets a private one.
-    path = config.runtime_dir or tempfile.mkdtemp(prefix="openai-proxy-")
-    os.makedirs(path, exist_ok=True)
-    return path
 
 
 def build_app(config: Config | None = None) -> Flask:
@@ -80,7 +72,7 @@ def build_app(config: Config | None = None) -> Flask:
         raise ConfigError(str(exc)) from None
     _register_secrets(app, config, client_keys)
 
-    runtime_dir = _runtime_dir(config)
+    runtime_dir = open_runtime_dir(config.runtime_dir)
     gate = open_gate(config, runtime_dir)
     st = app.extensions["openai_proxy"] = ProxyState(
         config=config,

@@ -20,14 +20,15 @@ from flask import Response, request
 
 from openai_proxy import jsonio
 from openai_proxy.clients.admission import admit
-from openai_proxy.errors import Overloaded, UpstreamBadResponse, classify, upstream_api_error
-from openai_proxy.gate.local import SlotGuard
+from openai_proxy.errors import Overloaded, UpstreamBadResponse
+from openai_proxy.gate import SlotGuard
 from openai_proxy.inbound.disconnect import cancel_current_greenlet
 from openai_proxy.record import RequestRecord
 from openai_proxy.state import state
 from openai_proxy.stream.relay import Relay
 from openai_proxy.stream.sse import EventRelay
 from openai_proxy.upstream import JSON_HEADERS, READ_MARGIN_S, UpstreamCall, UpstreamResponse
+from openai_proxy.upstream.classify import classify, upstream_api_error
 from openai_proxy.upstream.client import MAX_ERROR_BODY, Headers
 from openai_proxy.usage import note_answer
 

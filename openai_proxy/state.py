@@ -11,13 +11,13 @@ from flask_limiter import Limiter
 
 from openai_proxy.clients import ClientBook
 from openai_proxy.config import Config
-from openai_proxy.gate.local import SlotGate
+from openai_proxy.gate import SlotGate
 from openai_proxy.limits import LimitStore
 from openai_proxy.log.store import LogStore
 from openai_proxy.observe.completion import CompletionLog
 from openai_proxy.observe.metrics import Metrics
+from openai_proxy.runtime import server_stopping
 from openai_proxy.upstream import Upstream
-from openai_proxy.worker import server_stopping
 
 
 @dataclass

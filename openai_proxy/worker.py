@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import html
-import os
 import re
 import socket
 import time
@@ -44,7 +43,8 @@ from gunicorn.http.message import Request
 from gunicorn.sock import ssl_context
 from gunicorn.workers.ggevent import GeventWorker
 
-STOPPING_MARKER = "stopping"
+from openai_proxy.runtime import server_stopping
+
 # Kept back from the graceful timeout: time to end what still runs and flush the log store before the
 # master's SIGKILL (the master counts the same timeout from the same signal).
 EXIT_MARGIN_S = 0.5
@@ -57,23 +57,6 @@ LINGER_S = 1.0
 LINGER_BYTES = 1024 * 1024
 _STATUS_LINE = re.compile(rb"HTTP/1\.[01] (\d{3}) ([^\r\n]*)\r\n")
 _PAGE_MESSAGE = re.compile(rb"</h1>\s*(.*?)\s*</body>", re.S)
-
-
-def mark_server_stopping(runtime_dir: str) -> None:
-    """Say, for every worker's `/ready` and `/health`, that the server was told to stop."""
-    with open(os.path.join(runtime_dir, STOPPING_MARKER), "w") as marker:
-        marker.write(str(os.getpid()))
-
-
-def clear_server_stopping(runtime_dir: str) -> None:
-    """Forget a stop marker (a server starting in a runtime dir that an earlier one left behind)."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(os.path.join(runtime_dir, STOPPING_MARKER))
-
-
-def server_stopping(runtime_dir: str) -> bool:
-    """Whether the server using `runtime_dir` was told to stop (SIGTERM); a stat, cheap enough per request."""
-    return os.path.exists(os.path.join(runtime_dir, STOPPING_MARKER))
 
 
 class ProxyWorker(GeventWorker):

@@ -7,6 +7,7 @@ import openai
 import pytest
 
 from openai_proxy import errors
+from openai_proxy.upstream.classify import classify
 from tests.conftest import SECURITY_KEY, error_of, post_json
 from tests.fake_upstream import delay, error, raw, reset, truncated_json
 
@@ -182,21 +183,21 @@ def _status_error(status: int, message: str) -> openai.APIStatusError:
 
 
 def test_status_error_mentioning_timeout_keeps_its_status():
-    err = errors.classify(_status_error(400, "Request timed out waiting for tool; timeout exceeded"))
+    err = classify(_status_error(400, "Request timed out waiting for tool; timeout exceeded"))
     assert isinstance(err, errors.UpstreamAPIError)
     assert err.status == 400
 
 
 def test_classify_types():
     request = httpx2.Request("GET", "https://api.openai.com/v1/x")
-    assert isinstance(errors.classify(openai.APITimeoutError(request=request)), errors.UpstreamTimeout)
-    assert isinstance(errors.classify(openai.APIConnectionError(request=request)), errors.UpstreamTransport)
-    assert isinstance(errors.classify(httpx2.RemoteProtocolError("peer closed")), errors.UpstreamTransport)
-    assert isinstance(errors.classify(httpx2.ReadTimeout("slow")), errors.UpstreamTimeout)
-    assert isinstance(errors.classify(KeyError("x")), errors.Internal)
+    assert isinstance(classify(openai.APITimeoutError(request=request)), errors.UpstreamTimeout)
+    assert isinstance(classify(openai.APIConnectionError(request=request)), errors.UpstreamTransport)
+    assert isinstance(classify(httpx2.RemoteProtocolError("peer closed")), errors.UpstreamTransport)
+    assert isinstance(classify(httpx2.ReadTimeout("slow")), errors.UpstreamTimeout)
+    assert isinstance(classify(KeyError("x")), errors.Internal)
 
 
 def test_classify_text_is_the_last_resort():
-    assert isinstance(errors.classify(openai.OpenAIError("socket timed out")), errors.UpstreamTimeout)
-    assert isinstance(errors.classify(openai.OpenAIError("read ECONNRESET")), errors.UpstreamTransport)
-    assert isinstance(errors.classify(openai.OpenAIError("something else")), errors.Internal)
+    assert isinstance(classify(openai.OpenAIError("socket timed out")), errors.UpstreamTimeout)
+    assert isinstance(classify(openai.OpenAIError("read ECONNRESET")), errors.UpstreamTransport)
+    assert isinstance(classify(openai.OpenAIError("something else")), errors.Internal)

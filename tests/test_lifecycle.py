@@ -20,7 +20,7 @@ import requests
 from gevent.event import Event
 
 from openai_proxy.config import ConfigError, build_config
-from openai_proxy.worker import clear_server_stopping, mark_server_stopping
+from openai_proxy.runtime import clear_server_stopping, mark_server_stopping
 from tests.conftest import ROOT, SECURITY_KEY, base_env, free_port
 from tests.fake_upstream import default_handler, response_events, sse
 from tests.logpage import AUTH, CHAT, CLOSE

@@ -214,7 +214,7 @@ def test_a_bad_price_file_stops_the_server_with_file_line_and_reason(make_app, t
     path.write_text(text)
     expected = f"OPENAI_PROXY_PRICES_FILE={str(path)!r}, {says}"
     with pytest.raises(ConfigError) as exc:
-        build_config({"OPENAI_PROXY_PRICES_FILE": str(path)})
+        load_prices(str(path))
     assert str(exc.value) == expected
     with pytest.raises(ConfigError) as exc:
         make_app(OPENAI_PROXY_PRICES_FILE=str(path))
@@ -229,18 +229,18 @@ def test_a_bad_price_file_stops_the_server_with_file_line_and_reason(make_app, t
 def test_an_unreadable_price_file_is_named(tmp_path):
     missing = tmp_path / "nope.toml"
     with pytest.raises(ConfigError) as exc:
-        build_config({"OPENAI_PROXY_PRICES_FILE": str(missing)})
+        load_prices(str(missing))
     assert (
         str(exc.value)
         == f"OPENAI_PROXY_PRICES_FILE={str(missing)!r}: cannot be read (No such file or directory)"
     )
     with pytest.raises(ConfigError) as exc:
-        build_config({"OPENAI_PROXY_PRICES_FILE": str(tmp_path)})
+        load_prices(str(tmp_path))
     assert str(exc.value) == f"OPENAI_PROXY_PRICES_FILE={str(tmp_path)!r}: cannot be read (Is a directory)"
     latin = tmp_path / "latin1.toml"
     latin.write_bytes(b"# caf\xe9\n")
     with pytest.raises(ConfigError) as exc:
-        build_config({"OPENAI_PROXY_PRICES_FILE": str(latin)})
+        load_prices(str(latin))
     assert str(exc.value) == (
         f"OPENAI_PROXY_PRICES_FILE={str(latin)!r}: is not UTF-8 text (invalid continuation byte at byte 5)"
     )

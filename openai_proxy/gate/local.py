@@ -1,14 +1,10 @@
-"""The concurrency gate: at most N upstream calls in flight across every worker of the server.
+"""This server's gate: at most N upstream calls in flight across every worker of the server.
 
 Each slot is one byte of a shared file, held with a POSIX record lock (`fcntl`). The kernel drops a
 process's locks when it dies, so a SIGKILLed worker can never leak a slot. POSIX locks belong to the
 process, not the greenlet: a worker re-locking a byte it already holds would "succeed", so each
 worker remembers the slots its own greenlets hold and never offers them twice. Taking a slot never
 blocks or queues: either a slot is free now, or the caller answers 503.
-
-That is the default, one server's gate. With `OPENAI_PROXY_GATE_URI` set, `open_gate` returns the
-fleet-wide gate of `openai_proxy.gate.shared` instead (leases in Redis, this gate as its fallback). Both have the
-`SlotGate` interface, so nothing above the gate knows which one it uses.
 """
 
 from __future__ import annotations
@@ -20,59 +16,11 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
-
-if TYPE_CHECKING:
-    from openai_proxy.config import Config
+from typing import Any
 
 # struct flock on Linux: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid (+pad).
 _FLOCK = struct.Struct("hhqqi4x")
 PEAK_SCAN_INTERVAL_S = 0.5
-# What `try_acquire` hands out and `release` takes back: a slot number here, a lease id in Redis.
-Slot = int | str
-
-
-class SlotGate(Protocol):
-    """A server-wide (or fleet-wide) non-blocking gate: what the pipeline, pages and metrics use."""
-
-    limit: int
-    # Highest `in_use()` seen; `on_new_peak` is told when it rises ("Max parallel requests").
-    peak: int
-    on_new_peak: Callable[[int], None] | None
-
-    def try_acquire(self) -> Slot | None:
-        """A slot, or None when all `limit` slots are in use (never waits)."""
-        ...
-
-    def release(self, slot: Slot) -> None:
-        """Give a slot back; releasing twice is harmless."""
-        ...
-
-    def in_use(self) -> int:
-        """Slots in use across everything that shares this gate."""
-        ...
-
-    def held_here(self) -> int:
-        """Slots held by this worker."""
-        ...
-
-    def status(self) -> dict[str, Any]:
-        """What `/health` shows besides the counts: the backend and whether it is reachable."""
-        ...
-
-    def close(self) -> None:
-        """Stop background work (the app is going away)."""
-        ...
-
-
-def open_gate(config: Config, runtime_dir: str) -> SlotGate:
-    """This server's gate file, or the fleet-wide gate in Redis (with that file as its fallback)."""
-    local = Gate(os.path.join(runtime_dir, "gate.slots"), config.max_parallel_requests)
-    if not config.gate_uri:
-        return local
-    from openai_proxy.gate.shared import RedisGate  # redis-py is imported only by servers that use it
-
-    return RedisGate(config.gate_uri, config.max_parallel_requests, config.gate_lease_s, fallback=local)
 
 
 class Gate:
@@ -179,18 +127,3 @@ class Gate:
     def close(self) -> None:
         """Nothing runs in the background; the file stays open while the process lives (closing any
         descriptor of it would drop this process's locks)."""
-
-
-class SlotGuard:
-    """A slot taken for one request; `release()` is idempotent so every exit path can call it."""
-
-    __slots__ = ("_gate", "_slot")
-
-    def __init__(self, gate: SlotGate, slot: Slot) -> None:
-        self._gate = gate
-        self._slot: Slot | None = slot
-
-    def release(self) -> None:
-        slot, self._slot = self._slot, None
-        if slot is not None:
-            self._gate.release(slot)

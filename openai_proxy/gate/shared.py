@@ -51,7 +51,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from redis.exceptions import RedisError
 
-from openai_proxy.gate.local import Gate, Slot
+from openai_proxy.gate import Slot
+from openai_proxy.gate.local import Gate
 from openai_proxy.redact import redact_text
 from openai_proxy.redis_link import RedisLink
 

@@ -31,11 +31,13 @@ Stores:
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from openai_proxy.config import Config
 from openai_proxy.limits.local import LimitFileError, LocalLimitStore
 from openai_proxy.limits.rules import ALLOWED, Admission, Limits
+
+if TYPE_CHECKING:
+    from openai_proxy.config import Config
 
 __all__ = [
     "ALLOWED",
@@ -70,7 +72,9 @@ class LimitStore(Protocol):
 def local_state_path(config: Config) -> str:
     """The local limits file: beside the SQLite request log (`<log db>-limits`, like its -wal), so it
     survives restarts; with a database URL, beside where the default SQLite log would be."""
-    log_db = config.log_db if "://" not in config.log_db else Config().log_db
+    from openai_proxy.config import DEFAULT_LOG_DB
+
+    log_db = config.log_db if "://" not in config.log_db else DEFAULT_LOG_DB
     return f"{log_db}-limits"
 
 

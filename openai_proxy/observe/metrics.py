@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from openai_proxy.gate.local import SlotGate
+from openai_proxy.gate import SlotGate
 from openai_proxy.observe.prices import PriceTable
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"

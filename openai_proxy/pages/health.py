@@ -17,11 +17,12 @@ from typing import Any
 
 from flask import Flask
 
-from openai_proxy import __version__, jsonio, pipeline
+from openai_proxy import jsonio, pipeline
 from openai_proxy.errors import ProxyError
 from openai_proxy.record import RequestRecord, TimeoutDecision
 from openai_proxy.state import ProxyState
 from openai_proxy.upstream import CONNECT_TIMEOUT_S, JSON_HEADERS, RETRIES_IDEMPOTENT, UpstreamCall
+from openai_proxy.version import __version__
 
 # One output token of DEFAULT_MODEL: enough to prove the key, the network and the model work.
 HEALTH2_MAX_TOKENS = 1

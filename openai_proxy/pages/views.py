@@ -25,7 +25,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 from flask import Blueprint, Response, current_app, g, redirect, render_template, request, url_for
 from markupsafe import Markup
 
-from openai_proxy import __version__, jsonio
+from openai_proxy import jsonio
 from openai_proxy.errors import BadRequest, Forbidden
 from openai_proxy.inbound.auth import (
     QUERY,
@@ -40,6 +40,7 @@ from openai_proxy.log.db import LogFilter, LogPage, empty_counters
 from openai_proxy.pages import spend as spend_view
 from openai_proxy.pages.health import deep_check, liveness, runtime_info
 from openai_proxy.state import state
+from openai_proxy.version import __version__
 
 logger = logging.getLogger("openai_proxy.pages")
 

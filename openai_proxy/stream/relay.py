@@ -18,10 +18,11 @@ from typing import Any, Protocol
 
 import gevent
 
-from openai_proxy.errors import ClientCancelled, ProxyError, UpstreamTimeout, classify
-from openai_proxy.gate.local import SlotGuard
+from openai_proxy.errors import ClientCancelled, ProxyError, UpstreamTimeout
+from openai_proxy.gate import SlotGuard
 from openai_proxy.inbound.disconnect import DisconnectWatch, cancel
 from openai_proxy.record import RequestRecord
+from openai_proxy.upstream.classify import classify
 
 
 class ChunkSource(Protocol):

@@ -26,14 +26,13 @@ import openai
 
 from openai_proxy.config import Config
 from openai_proxy.keys.pool import KeyPool
-from openai_proxy.upstream.call import Credentials, UpstreamCall
+from openai_proxy.upstream.call import Credentials, RetrySink, UpstreamCall
 from openai_proxy.upstream.client import UpstreamClient, UpstreamResponse
 from openai_proxy.upstream.failover import PoolCall
 from openai_proxy.upstream.sdk import (
     RAW_RESPONSE_HEADER,
     WIRE,
     Attempts,
-    RetrySink,
     WireTransport,
     current_attempts,
 )

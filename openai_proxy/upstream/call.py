@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import logging
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from openai_proxy.jsonio import dumps_text
 from openai_proxy.record import RequestRecord, TimeoutDecision
+from openai_proxy.redact import redact_text
+
+log = logging.getLogger("openai_proxy.upstream")
 
 
 @dataclass(frozen=True)
@@ -56,3 +61,29 @@ class UpstreamCall:
     retries: int = 0
     form: Mapping[str, Any] | None = None
     files: Any = None
+
+
+# Who else keeps the retries and failovers of calls (the log store: /log_errors shows them).
+RetrySink = Callable[[dict[str, Any]], None]
+
+
+def report_retry(
+    record: RequestRecord,
+    sinks: list[RetrySink],
+    kind: str,
+    attempt: int,
+    path: str,
+    reason: str,
+    **extra: Any,
+) -> None:
+    """Count one more attempt of the request (an SDK retry, a key failover), log it, and hand the
+    same event once to whoever else keeps retries (the log store: /log_errors shows them)."""
+    record.retries += 1
+    event = {"event": kind, "requestId": record.request_id, "endpoint": record.endpoint, "attempt": attempt,
+             "retry": record.retries, "upstreamPath": path, **extra, "reason": redact_text(reason)}  # fmt: skip
+    log.warning(dumps_text(event))
+    for sink in sinks:
+        try:
+            sink(event)
+        except Exception:
+            log.exception("retry sink %r failed", sink)

@@ -7,7 +7,7 @@ call (a `gevent.Timeout`, started once a streamed request body is all sent), req
 at the client's pace with their `Content-Length` kept, response bodies handed on as soon as bytes
 arrive (`next_chunk`), a cap on the response head, transparent decoding of a gzip/deflate body, and
 failures raised as httpx2's exception types, so the SDK's retry policy and our classification
-(`openai_proxy.errors.classify`) treat them alike. No byte of HTTP framing is written or parsed here.
+(`openai_proxy.upstream.classify`) treat them alike. No byte of HTTP framing is written or parsed here.
 """
 
 from __future__ import annotations

@@ -31,8 +31,8 @@ from openai_proxy.keys import pool as kp
 from openai_proxy.keys.pool import KeyPool, KeysUnavailable, Lease
 from openai_proxy.keys.rest import rest_seconds
 from openai_proxy.record import RequestRecord
+from openai_proxy.upstream.call import RetrySink, report_retry
 from openai_proxy.upstream.client import MAX_ERROR_BODY, UpstreamResponse
-from openai_proxy.upstream.sdk import RetrySink, report_retry
 
 log = logging.getLogger("openai_proxy.upstream")
 

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import httpx2
 
-from openai_proxy.jsonio import dumps_text
 from openai_proxy.record import RequestRecord
-from openai_proxy.redact import redact_text
+from openai_proxy.upstream.call import RetrySink, report_retry
 from openai_proxy.upstream.client import MAX_ERROR_BODY, UpstreamClient, UpstreamResponse
 
 if TYPE_CHECKING:
@@ -29,7 +28,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("openai_proxy.upstream")
 
-RetrySink = Callable[[dict[str, Any]], None]
 # Asks the SDK for the response unread (its streaming-response mechanism); not for upstream.
 RAW_RESPONSE_HEADER = "X-Stainless-Raw-Response"
 # Set by the client per request (content length, coding), or meant for the SDK: not forwarded.
@@ -149,25 +147,3 @@ class WireTransport(httpx2.BaseTransport):
 def _log_retry(attempts: Attempts, request: httpx2.Request) -> None:
     report_retry(attempts.record, attempts.retry_sinks, "upstream_retry", attempts.count, request.url.path,
                  attempts.last_failure or "unknown")  # fmt: skip
-
-
-def report_retry(
-    record: RequestRecord,
-    sinks: list[RetrySink],
-    kind: str,
-    attempt: int,
-    path: str,
-    reason: str,
-    **extra: Any,
-) -> None:
-    """Count one more attempt of the request (an SDK retry, a key failover), log it, and hand the
-    same event once to whoever else keeps retries (the log store: /log_errors shows them)."""
-    record.retries += 1
-    event = {"event": kind, "requestId": record.request_id, "endpoint": record.endpoint, "attempt": attempt,
-             "retry": record.retries, "upstreamPath": path, **extra, "reason": redact_text(reason)}  # fmt: skip
-    log.warning(dumps_text(event))
-    for sink in sinks:
-        try:
-            sink(event)
-        except Exception:
-            log.exception("retry sink %r failed", sink)
