@@ -7,7 +7,6 @@ file in the master at start, and again on every SIGHUP (a reload) in the same ma
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import os
 import shutil
 import signal
@@ -15,7 +14,7 @@ import sys
 import tempfile
 
 from openai_proxy.clients import ClientsFileError, load_clients
-from openai_proxy.config import ConfigError, load_config
+from openai_proxy.config import ConfigError, available_cpus, load_config
 from openai_proxy.keys.state import forget as forget_key_state
 from openai_proxy.observe.prices import load_prices
 from openai_proxy.runtime import clear_server_stopping, mark_server_stopping
@@ -117,7 +116,8 @@ bind = f"0.0.0.0:{_config.port}"
 # gunicorn's gevent worker, plus: `/ready` turns 503 and idle connections close as soon as the server
 # is told to stop, `OPENAI_PROXY_DRAIN_DELAY_S`, and JSON instead of gunicorn's HTML error pages.
 worker_class = "openai_proxy.worker.ProxyWorker"
-workers = _config.workers or multiprocessing.cpu_count()
+# The CPUs this process may use (affinity, a container's CPU quota), not the host's count.
+workers = _config.workers or available_cpus()
 # Concurrent connections per worker (streams included); the gate bounds upstream work separately.
 worker_connections = 2000
 # gevent workers heartbeat from their own greenlet, so this only fires for a truly stuck worker;

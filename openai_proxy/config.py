@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
+import math
 import os
 import re
 import socket
@@ -182,6 +184,66 @@ _RATE_LIMIT_VARS = {
     "pages_rate_limit": "OPENAI_PROXY_PAGES_RATE_LIMIT",
     "health2_rate_limit": "OPENAI_PROXY_HEALTH2_RATE_LIMIT",
 }
+# Read elsewhere in this module, or set by the proxy itself for its workers.
+_OTHER_VARS = (
+    "OPENAI_API_KEYS",
+    "OPENAI_PROXY_DRAIN_DELAY_S",
+    "OPENAI_PROXY_OUTBOUND_PROXY",
+    "HTTPS_PROXY",
+    "HTTP_PROXY",
+    "NO_PROXY",
+    "OPENAI_PROXY_CONFIG_REPORTED",
+    "OPENAI_PROXY_OWNED_RUNTIME_DIR",
+)
+# Every variable the proxy reads: settings may be given under these names in the environment, the
+# dotenv files, or a host app's `app.config`.
+KNOWN_VARIABLES = frozenset(
+    [*_INT_VARS, *(name for names in _STR_VARS.values() for name in names), *_OTHER_VARS]
+)
+PREFIX = "OPENAI_PROXY_"
+
+
+def unknown_variable_warnings(values: Mapping[str, str]) -> list[str]:
+    """A warning for each `OPENAI_PROXY_*` variable the proxy does not know (a misspelling is
+    otherwise ignored in silence), naming the closest known one."""
+    out = []
+    for name in sorted(values):
+        if not name.startswith(PREFIX) or name in KNOWN_VARIABLES:
+            continue
+        # Compared without the shared prefix, which would make every name look close.
+        suffixes = sorted(k.removeprefix(PREFIX) for k in KNOWN_VARIABLES if k.startswith(PREFIX))
+        close = difflib.get_close_matches(name.removeprefix(PREFIX), suffixes, n=1, cutoff=0.75)
+        hint = f" (did you mean {PREFIX}{close[0]}?)" if close else ""
+        out.append(f"{name} is not a setting of the proxy{hint}; it is ignored")
+    return out
+
+
+def available_cpus() -> int:
+    """The CPUs this process may really use: its affinity mask, capped by a cgroup CPU quota (a
+    container's `--cpus`), at least 1. `os.cpu_count()` counts the host's CPUs instead."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        cpus = min(cpus, max(1, math.ceil(quota)))
+    return max(1, cpus)
+
+
+def _cgroup_cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:
+    """CPUs allowed by the cgroup quota (v2 `cpu.max`, else v1 `cpu.cfs_quota_us`); None when unlimited."""
+    try:
+        with open(os.path.join(root, "cpu.max")) as f:
+            quota, period = f.read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(os.path.join(root, "cpu", "cpu.cfs_quota_us")) as f:
+            quota_us = int(f.read())
+        with open(os.path.join(root, "cpu", "cpu.cfs_period_us")) as f:
+            period_us = int(f.read())
+    except (OSError, ValueError):
+        return None
+    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
 
 
 def _base_url(raw: str) -> str:
@@ -322,7 +384,22 @@ def read_environment(
     return merged
 
 
-def _parse_positive_int(name: str, raw: str, default: int, warnings: list[str]) -> int:
+def _parse_port(raw: str) -> int:
+    """PORT has no safe fallback: a server on another port than the one asked for is unreachable."""
+    text = raw.strip()
+    if text.isascii() and text.isdigit() and 1 <= int(text) <= 65535:
+        return int(text)
+    raise ConfigError(f"PORT={raw!r} is not a port number (1-65535)")
+
+
+def _default_words(attr: str, default: int) -> str:
+    """What a setting falls back to, in words the operator can check."""
+    if attr == "workers":
+        return f"one worker per available CPU ({available_cpus()})"
+    return f"the default {default}"
+
+
+def _parse_positive_int(name: str, raw: str, default: int, warnings: list[str], attr: str = "") -> int:
     text = raw.strip()
     try:
         value = int(text)
@@ -334,19 +411,23 @@ def _parse_positive_int(name: str, raw: str, default: int, warnings: list[str]) 
         value = int(as_float) if as_float.is_integer() else 0
     if value > 0:
         return value
-    warnings.append(f"{name}={raw!r} is not an integer > 0; using the default {default}")
+    warnings.append(f"{name}={raw!r} is not an integer > 0; using {_default_words(attr, default)}")
     return default
 
 
 def build_config(values: Mapping[str, str]) -> Config:
     """Build a validated Config from a flat mapping of variables (see `read_environment`)."""
     defaults = Config()
-    warnings: list[str] = []
     kwargs: dict[str, object] = {}
+    warnings: list[str] = unknown_variable_warnings(values)
     for var, attr in _INT_VARS.items():
         raw = values.get(var)
-        if raw is not None and raw.strip() != "":
-            kwargs[attr] = _parse_positive_int(var, raw, getattr(defaults, attr), warnings)
+        if raw is None or raw.strip() == "":
+            continue
+        if attr == "port":
+            kwargs[attr] = _parse_port(raw)
+        else:
+            kwargs[attr] = _parse_positive_int(var, raw, getattr(defaults, attr), warnings, attr)
     for attr, names in _STR_VARS.items():
         for name in names:
             raw = values.get(name)

@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from openai_proxy.config import Config, build_config, read_environment
+from openai_proxy import config as config_module
+from openai_proxy.config import (
+    KNOWN_VARIABLES,
+    Config,
+    ConfigError,
+    available_cpus,
+    build_config,
+    read_environment,
+)
+from tests.conftest import ROOT
 
 EVERY_VARIABLE = {
     "PORT": ("port", "4000", 4000),
@@ -130,3 +144,87 @@ def test_invalid_rate_limits_fall_back_with_a_warning(raw):
     assert any(
         "OPENAI_PROXY_HEALTH2_RATE_LIMIT" in w and "using the default 6/minute" in w for w in config.warnings
     )
+
+
+# -- start-up truths: a wrong setting says so, with the value really used ---------------------------
+
+
+@pytest.mark.parametrize("raw", ["abc", "0", "65536", "-1", "80.5", "\uff13\uff10\uff10\uff12", "²"])
+def test_a_port_that_cannot_be_used_stops_the_server_naming_the_variable(raw):
+    with pytest.raises(ConfigError) as exc:
+        build_config({"PORT": raw})
+    assert str(exc.value) == f"PORT={raw!r} is not a port number (1-65535)"
+
+
+def test_a_port_with_spaces_around_it_is_read():
+    assert build_config({"PORT": " 4000 "}).port == 4000
+
+
+def test_an_unknown_proxy_variable_is_named_with_the_closest_known_one():
+    config = build_config(
+        {"OPENAI_PROXY_MAX_PARALEL_REQUESTS": "4", "OPENAI_PROXY_ZZZ": "1", "OTHER_THING": "x"}
+    )
+    assert config.max_parallel_requests == 32
+    assert [w for w in config.warnings if "not a setting" in w] == [
+        "OPENAI_PROXY_MAX_PARALEL_REQUESTS is not a setting of the proxy "
+        "(did you mean OPENAI_PROXY_MAX_PARALLEL_REQUESTS?); it is ignored",
+        "OPENAI_PROXY_ZZZ is not a setting of the proxy; it is ignored",
+    ]
+
+
+def test_every_variable_the_config_module_names_is_known():
+    # A new setting must be added to KNOWN_VARIABLES, or setting it would warn that it is unknown.
+    source = Path(config_module.__file__).read_text()
+    named = set(re.findall(r'"((?:OPENAI_PROXY|OPENAI)_[A-Z0-9_]+)"', source)) - {"OPENAI_PROXY_"}
+    assert named - KNOWN_VARIABLES == set()
+    assert [
+        w for w in build_config({name: "" for name in KNOWN_VARIABLES}).warnings if "not a setting" in w
+    ] == []
+
+
+def test_a_bad_worker_count_says_what_is_used_instead():
+    config = build_config({"OPENAI_PROXY_WORKERS": "two"})
+    assert config.workers == 0
+    assert (
+        f"OPENAI_PROXY_WORKERS='two' is not an integer > 0; using one worker per available CPU "
+        f"({available_cpus()})"
+    ) in config.warnings
+
+
+def test_available_cpus_follow_the_affinity_mask():
+    assert available_cpus() == min(len(os.sched_getaffinity(0)), available_cpus())
+    assert 1 <= available_cpus() <= len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize(
+    ("files", "quota"),
+    [
+        ({"cpu.max": "150000 100000\n"}, 1.5),
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "50000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 0.5),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),
+    ],
+)
+def test_the_cgroup_cpu_quota_is_read_in_v2_and_v1_layouts(tmp_path, files, quota):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert config_module._cgroup_cpu_quota(str(tmp_path)) == quota
+
+
+def test_a_container_quota_caps_the_worker_count(monkeypatch):
+    monkeypatch.setattr(config_module, "_cgroup_cpu_quota", lambda: 0.5)
+    assert available_cpus() == 1
+    monkeypatch.setattr(config_module, "_cgroup_cpu_quota", lambda: 1.2)
+    assert available_cpus() == min(2, len(os.sched_getaffinity(0)))
+
+
+def test_gunicorn_stops_on_a_port_it_cannot_use_and_names_it(tmp_path):
+    env = {"PATH": os.environ.get("PATH", ""), "PORT": "abc", "OPENAI_PROXY_RUNTIME_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app.wsgi:app"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "openai-proxy cannot start: PORT='abc' is not a port number (1-65535)" in done.stderr
