@@ -1,4 +1,5 @@
-"""The Flask app: state, hooks, error handlers, CORS and blueprints."""
+"""The proxy in a Flask app: `OpenAIProxy` for a host app, `build_app` for the deployable one; state,
+hooks, error handlers, CORS and blueprints."""
 
 from __future__ import annotations
 
@@ -10,14 +11,21 @@ import time
 import weakref
 from urllib.parse import unquote, urlsplit
 
-from flask import Flask, Response, g, request
+from flask import Blueprint, Flask, Response, g, request
 from flask_cors import CORS
 from werkzeug.routing import BaseConverter
 
 from openai_proxy import errors
 from openai_proxy.clients import ClientsFileError, load_clients
 from openai_proxy.clients.admission import charge
-from openai_proxy.config import Config, ConfigError, load_config
+from openai_proxy.config import (
+    KNOWN_VARIABLES,
+    Config,
+    ConfigError,
+    build_config,
+    load_config,
+    read_environment,
+)
 from openai_proxy.gate import open_gate
 from openai_proxy.keys.pool import KeyPool
 from openai_proxy.limits import open_limit_store
@@ -49,18 +57,70 @@ class ResponseIdConverter(BaseConverter):
     regex = "[^/]*"
 
 
+class OpenAIProxy:
+    """The proxy as a Flask extension.
+
+    `OpenAIProxy(app, url_prefix="/ai")`, or `proxy = OpenAIProxy(); proxy.init_app(app, url_prefix=...)`.
+    Settings come from `app.config` under the environment's names (`OPENAI_API_KEY`, `SECURITY_KEY`,
+    `OPENAI_PROXY_*`, ...), the environment and dotenv files as fallback; the proxy's state is
+    `app.extensions["openai_proxy"]`. Everything it adds hangs off its own blueprint, so the host's
+    routes, error handlers, CORS and body limits stay as they were.
+    """
+
+    def __init__(
+        self, app: Flask | None = None, *, url_prefix: str | None = None, config: Config | None = None
+    ):
+        self.url_prefix = url_prefix
+        self.config = config
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(
+        self, app: Flask, *, url_prefix: str | None = None, config: Config | None = None
+    ) -> ProxyState:
+        """Serve the proxy's routes and pages in `app`, under `url_prefix` (e.g. "/ai")."""
+        prefix = _prefix(url_prefix if url_prefix is not None else self.url_prefix)
+        config = config or self.config or config_from_app(app)
+        return _install(app, config, prefix, whole_app=False)
+
+
+def config_from_app(app: Flask) -> Config:
+    """Settings from `app.config` under the environment's names, the environment and dotenv files as
+    fallback; a value of None in `app.config` counts as unset."""
+    values = read_environment()
+    for name in KNOWN_VARIABLES:
+        value = app.config.get(name)
+        if value is not None:
+            values[name] = str(value)
+    return build_config(values)
+
+
 def build_app(config: Config | None = None) -> Flask:
-    """Build the Flask app; `config` defaults to the environment and dotenv files."""
-    _configure_logging()
+    """The proxy as a whole app (`app.wsgi`): its rules for the whole URL space, errors and CORS app-wide."""
     # Under gunicorn the master has already said what is missing; workers need not repeat it.
     config = config or load_config(warn=not os.environ.get("OPENAI_PROXY_CONFIG_REPORTED"))
-    prices = load_prices(config.prices_file)  # before anything is made: a bad file stops here
-    app = Flask(__name__)
-    app.url_map.converters["rid"] = ResponseIdConverter
+    app = Flask("openai_proxy")
+    # Exact paths (contract §2): `//openai` is not `/openai`, and no redirect answers for a route.
     app.url_map.merge_slashes = False
     app.url_map.redirect_defaults = False
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    _install(app, config, "", whole_app=True)
+    return app
 
+
+def _prefix(url_prefix: str | None) -> str:
+    """`/ai` from "ai", "/ai/" or "/ai"; "" for none."""
+    prefix = (url_prefix or "").strip("/")
+    if any(c in prefix for c in "<>?#%\\") or "//" in prefix:
+        raise ValueError(f"url_prefix {url_prefix!r} must be a plain path like '/ai'")
+    return f"/{prefix}" if prefix else ""
+
+
+def _install(app: Flask, config: Config, prefix: str, *, whole_app: bool) -> ProxyState:
+    if "openai_proxy" in app.extensions:
+        raise RuntimeError("OpenAIProxy is already installed on this app")
+    _configure_logging()
+    prices = load_prices(config.prices_file)  # before anything is made: a bad file stops here
     try:
         clients, client_keys = load_clients(
             config.clients_snapshot or config.clients_file,
@@ -88,6 +148,7 @@ def build_app(config: Config | None = None) -> Flask:
         metrics=Metrics(runtime_dir, gate, prices),
         clients=clients,
         limits=open_limit_store(config),
+        url_prefix=prefix,
     )
     # Observability hangs off the existing hooks: finished requests, retries, new parallel peaks.
     st.completion_log.sinks += [st.log_store.append, st.metrics.observe, functools.partial(charge, st)]
@@ -97,24 +158,31 @@ def build_app(config: Config | None = None) -> Flask:
     gate.on_new_peak = st.log_store.note_peak
     st.log_store.on_drop = st.metrics.log_record_dropped
 
-    _register_hooks(app)
-    errors.register(app, errors.LEGACY)
+    from openai_proxy.pages.ratelimit import init_limiter
+    from openai_proxy.routes import proxy_blueprint
+
+    converter = app.url_map.converters.setdefault("rid", ResponseIdConverter)
+    if converter is not ResponseIdConverter:
+        raise RuntimeError("the app already has a URL converter named 'rid'; the proxy's routes need theirs")
+    # The whole app's own hooks and handlers serve every path (404s included); mounted, the proxy's
+    # blueprint carries them, and the host's answers stay the host's.
+    root = proxy_blueprint(prefix)
+    target: Flask | Blueprint = app if whole_app else root
+    _register_request_ids(target, None if whole_app else config.max_body_bytes)
+    errors.register(target, errors.LEGACY)
     # Registered after our hooks so flask-cors runs first (after_request runs in reverse) and ours
     # then pins the contract's exact method/header lists on every response, not only preflights.
     CORS(
-        app,
+        target,
         origins="*",
         send_wildcard=True,
         expose_headers=CORS_EXPOSE_HEADERS,
         methods=CORS_METHODS.split(", "),
     )
-
-    from openai_proxy.pages.ratelimit import init_limiter
-    from openai_proxy.routes import register_blueprints
-
-    register_blueprints(app)
-    st.limiter = init_limiter(app, config)
-    return app
+    _register_record_hooks(root.api, st, prefix)
+    st.limiter = init_limiter(app, config, root)
+    app.register_blueprint(root, url_prefix=prefix or None)
+    return st
 
 
 def configured_secrets(config: Config) -> dict[str, str]:
@@ -177,37 +245,22 @@ def _configure_logging() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _register_hooks(app: Flask) -> None:
-    api_blueprints = {"chat", "responses", "embeddings", "audio", "v1"}
+def _register_request_ids(target: Flask | Blueprint, body_limit: int | None) -> None:
+    """Request ids on every answer, preflights, and the contract's exact CORS lists."""
 
-    state = app.extensions["openai_proxy"]
-    endpoints: dict[str, str] = {}  # route rule -> the template shown in records and metrics
-
-    # These two run on every request; they look the request and `g` up once (each proxy access
-    # costs a context lookup) and cache the per-route endpoint name.
-    @app.before_request
+    @target.before_request
     def start_request() -> Response | None:
         req, ctx = request._get_current_object(), g._get_current_object()  # type: ignore[attr-defined]
         ctx.request_id = new_request_id()
         incoming = req.headers.get("X-Request-Id")
         ctx.incoming_request_id = incoming[:MAX_INCOMING_ID] if incoming else None
+        if body_limit is not None:
+            req.max_content_length = body_limit  # mounted: the host's app-wide limit is not ours to set
         if req.method == "OPTIONS":
             return Response(status=200)
-        rule = req.url_rule
-        if rule is not None and req.blueprint in api_blueprints:
-            endpoint = endpoints.get(rule.rule)
-            if endpoint is None:
-                endpoint = endpoints[rule.rule] = _CONVERTER.sub(r"<\1>", rule.rule)
-            ctx.record = RequestRecord(
-                endpoint=endpoint,
-                method=req.method,
-                request_id=ctx.request_id,
-                incoming_request_id=ctx.incoming_request_id,
-            )
-            state.metrics.request_started()
         return None
 
-    @app.after_request
+    @target.after_request
     def finish_request(response: Response) -> Response:
         ctx = g._get_current_object()  # type: ignore[attr-defined]
         headers = response.headers
@@ -217,19 +270,51 @@ def _register_hooks(app: Flask) -> None:
             headers.add("X-Incoming-Request-Id", incoming)
         headers["Access-Control-Allow-Methods"] = CORS_METHODS
         headers["Access-Control-Allow-Headers"] = CORS_ALLOW_HEADERS
+        return response
+
+
+def _register_record_hooks(api: Blueprint, state: ProxyState, prefix: str) -> None:
+    """Every API request gets a completion record (the parent `api` blueprint carries it)."""
+    endpoints: dict[str, str] = {}  # route rule -> the template shown in records and metrics
+
+    # These run on every API request; they look the request and `g` up once (each proxy access
+    # costs a context lookup) and cache the per-route endpoint name.
+    @api.before_request
+    def start_record() -> None:
+        req, ctx = request._get_current_object(), g._get_current_object()  # type: ignore[attr-defined]
+        rule = req.url_rule
+        if rule is None or req.method == "OPTIONS":
+            return
+        endpoint = endpoints.get(rule.rule)
+        if endpoint is None:
+            # Records name the route as the contract does (`/openai`), whatever the mount prefix.
+            endpoint = endpoints[rule.rule] = _CONVERTER.sub(r"<\1>", rule.rule.removeprefix(prefix))
+        ctx.record = RequestRecord(
+            endpoint=endpoint,
+            method=req.method,
+            request_id=ctx.request_id,
+            incoming_request_id=ctx.incoming_request_id,
+        )
+        state.metrics.request_started()
+
+    @api.after_request
+    def finish_record(response: Response) -> Response:
+        ctx = g._get_current_object()  # type: ignore[attr-defined]
         rec: RequestRecord | None = getattr(ctx, "record", None)
-        if rec is not None:
-            rec.response_started = time.perf_counter()
-            headers.add("Server-Timing", rec.server_timing())
-            if rec.status is None:
-                rec.status = response.status_code
-            if rec.result is None and response.status_code < 400:
-                rec.result = "ok"
-            response.call_on_close(lambda: state.completion_log.emit(rec))
-            limit_headers = getattr(ctx, "ratelimit_headers", None)
-            if limit_headers:
-                # set(), not add(): on /v1 they replace upstream's, which describe the organisation's
-                # limits, not this client's.
-                for name, value in limit_headers:
-                    headers.set(name, value)
+        if rec is None:
+            return response
+        headers = response.headers
+        rec.response_started = time.perf_counter()
+        headers.add("Server-Timing", rec.server_timing())
+        if rec.status is None:
+            rec.status = response.status_code
+        if rec.result is None and response.status_code < 400:
+            rec.result = "ok"
+        response.call_on_close(lambda: state.completion_log.emit(rec))
+        limit_headers = getattr(ctx, "ratelimit_headers", None)
+        if limit_headers:
+            # set(), not add(): on /v1 they replace upstream's, which describe the organisation's
+            # limits, not this client's.
+            for name, value in limit_headers:
+                headers.set(name, value)
         return response

@@ -19,6 +19,11 @@ from openai_proxy.observe.metrics import Metrics
 from openai_proxy.runtime import server_stopping
 from openai_proxy.upstream import Upstream
 
+# The proxy's blueprint in an app: its endpoints are `openai_proxy.api.chat.<view>`, `openai_proxy.pages.<view>`,
+# ..., clear of a host app's own blueprints (a host's `api` or `pages` is common).
+ROOT_BLUEPRINT = "openai_proxy"
+API_ENDPOINTS = f"{ROOT_BLUEPRINT}.api."
+
 
 @dataclass
 class ProxyState:
@@ -32,6 +37,8 @@ class ProxyState:
     clients: ClientBook
     limits: LimitStore
     limiter: Limiter | None = None
+    # Where the proxy is mounted in its app ("/ai"); "" when it is the whole app.
+    url_prefix: str = ""
     started_at: float = field(default_factory=time.time)
 
     def draining(self) -> bool:

@@ -20,7 +20,7 @@ from flask import Flask
 from openai_proxy import jsonio, pipeline
 from openai_proxy.errors import ProxyError
 from openai_proxy.record import RequestRecord, TimeoutDecision
-from openai_proxy.state import ProxyState
+from openai_proxy.state import API_ENDPOINTS, ProxyState
 from openai_proxy.upstream import CONNECT_TIMEOUT_S, JSON_HEADERS, RETRIES_IDEMPOTENT, UpstreamCall
 from openai_proxy.version import __version__
 
@@ -162,19 +162,19 @@ def runtime_info(st: ProxyState, app: Flask) -> dict[str, Any]:
         },
         "retries": {
             "policy": "SDK retries: connection errors, timeouts, 408/409/429/5xx, honouring Retry-After",
-            "routes": retries_per_route(app),
+            "routes": retries_per_route(app, st.url_prefix),
         },
         "versions": versions(),
     }
 
 
-def retries_per_route(app: Flask) -> dict[str, int]:
+def retries_per_route(app: Flask, prefix: str = "") -> dict[str, int]:
     """`"METHOD /path": retries` for every API route the app serves."""
     out: dict[str, int] = {}
     for rule in app.url_map.iter_rules():
-        if rule.endpoint.startswith(("pages.", "ready.", "static")):
+        if not rule.endpoint.startswith(API_ENDPOINTS):
             continue
-        path = _CONVERTER.sub(r"<\1>", rule.rule)
+        path = _CONVERTER.sub(r"<\1>", rule.rule.removeprefix(prefix))
         for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
             out[f"{method} {path}"] = RETRIES_IDEMPOTENT if (method, path) in RETRIED_ROUTES else 0
     return dict(sorted(out.items(), key=lambda item: item[0].split(" ", 1)[::-1]))

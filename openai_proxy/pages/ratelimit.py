@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, Response, request
+from flask import Blueprint, Flask, Response
 from flask_limiter import Limiter, RateLimitExceeded
 from flask_limiter.util import get_remote_address
 from limits.errors import ConfigurationError
@@ -30,9 +30,10 @@ log = logging.getLogger("openai_proxy.ratelimit")
 REDIS_TIMEOUT_S = 0.25
 
 
-def init_limiter(app: Flask, config: Config) -> Limiter:
+def init_limiter(app: Flask, config: Config, root: Blueprint) -> Limiter:
     """Attach a limiter to `app`: `OPENAI_PROXY_PAGES_RATE_LIMIT` per guarded page and for /signin, less
-    for /health2."""
+    for /health2. Its hooks run for the pages under `root` (the proxy's blueprint) only, and its 429
+    is answered there, so a host app's own routes and limiter are left alone."""
     options = {
         "headers_enabled": True,  # Retry-After and X-RateLimit-* on the pages
         # A storage outage (e.g. redis down) falls back to counting in memory, never fails the page.
@@ -55,15 +56,15 @@ def init_limiter(app: Flask, config: Config) -> Limiter:
         limiter = Limiter(get_remote_address, app=app, storage_uri="memory://", **options)
 
     def limit_for_page() -> str:
-        return config.health2_rate_limit if request.endpoint == pages.HEALTH2 else config.pages_rate_limit
+        return config.health2_rate_limit if pages.view() == pages.HEALTH2 else config.pages_rate_limit
 
-    limiter.limit(limit_for_page, exempt_when=lambda: request.endpoint not in pages.THROTTLED)(pages.bp)
-    app.register_error_handler(RateLimitExceeded, too_many_requests)
-    _scope_hooks_to_pages(app, limiter)
+    limiter.limit(limit_for_page, exempt_when=lambda: pages.view() not in pages.THROTTLED)(pages.bp)
+    root.register_error_handler(RateLimitExceeded, too_many_requests)
+    _scope_hooks_to_pages(app, limiter, f"{root.name}.{pages.bp.name}")
     return limiter
 
 
-def _scope_hooks_to_pages(app: Flask, limiter: Limiter) -> None:
+def _scope_hooks_to_pages(app: Flask, limiter: Limiter, pages_name: str) -> None:
     """Run the limiter's request hooks for the pages blueprint only.
 
     flask-limiter registers them app-wide, where they cost ~180 us on every API request (measured)
@@ -79,7 +80,7 @@ def _scope_hooks_to_pages(app: Flask, limiter: Limiter) -> None:
         if not mine:
             continue
         hooks[None] = [f for f in hooks[None] if f not in mine]
-        hooks.setdefault(pages.bp.name, [])[:0] = mine
+        hooks.setdefault(pages_name, [])[:0] = mine
 
 
 def _is_limiter_partial(func: object, limiter: Limiter) -> bool:

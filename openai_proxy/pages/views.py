@@ -44,40 +44,40 @@ from openai_proxy.version import __version__
 
 logger = logging.getLogger("openai_proxy.pages")
 
-bp = Blueprint("pages", __name__)
+# Its templates live under `templates/openai_proxy/`, so a host app's own `log.html` cannot shadow ours.
+bp = Blueprint("pages", __name__, template_folder="templates")
 
-GUARDED = {
-    "pages.health",
-    "pages.health2",
-    "pages.log",
-    "pages.log_errors",
-    "pages.debug_runtime",
-    "pages.metrics",
-}
-HEALTH2 = "pages.health2"
+# Views are named without their blueprints (`view()`): the proxy may be mounted in a host app, where
+# its blueprints nest under its own, so full endpoint names differ between deployments.
+GUARDED = {"health", "health2", "log", "log_errors", "debug_runtime", "metrics"}
+HEALTH2 = "health2"
 # Pages a person reads in a browser: they sign in with a cookie instead of a token in every link.
-HTML_PAGES = {"/log": "pages.log", "/log_errors": "pages.log_errors"}
-SIGNIN, SIGNOUT = "pages.signin", "pages.signout"
+HTML_PAGES = ("log", "log_errors")
 # What app.ratelimit throttles: the guarded pages and the sign-in form (guessing the token there too).
-THROTTLED = GUARDED | {SIGNIN}
+THROTTLED = GUARDED | {"signin"}
 # The guarded pages answer any method, as the original did.
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 PER_PAGE, MAX_PER_PAGE = 50, 500
-TABS = (("Requests", "pages.log"), ("Errors", "pages.log_errors"))
+TABS = (("Requests", "log"), ("Errors", "log_errors"))
 # The page loads nothing and runs no script: even a value that slipped past escaping could not act.
 HTML_CSP = "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
 
 
+def view() -> str:
+    """The current view's own name, whatever blueprints it is nested in."""
+    return (request.endpoint or "").rpartition(".")[2]
+
+
 @bp.before_request
 def guard() -> Response | None:
-    endpoint = request.endpoint
+    endpoint = view()
     if endpoint not in GUARDED:
         return None
     expected = state().config.access_token
-    if endpoint not in HTML_PAGES.values():
+    if endpoint not in HTML_PAGES:
         require_access_token(expected, request.headers, request.args, request.cookies)
         return None
-    here = page_url(request.path, request.args.items(multi=True))
+    here = page_url(request.script_root + request.path, request.args.items(multi=True))
     try:
         source = require_access_token(expected, request.headers, request.args, request.cookies)
     except Forbidden:
@@ -99,7 +99,7 @@ def guard() -> Response | None:
 
 @bp.after_request
 def page_headers(response: Response) -> Response:
-    if request.endpoint in THROTTLED or request.endpoint == SIGNOUT:
+    if view() in THROTTLED or view() == "signout":
         response.headers["Cache-Control"] = "no-store"
         # Nothing the pages link to learns where the operator came from (the page, its filters).
         response.headers["Referrer-Policy"] = "no-referrer"
@@ -127,7 +127,7 @@ def signin():
 
 @bp.post("/signout")
 def signout():
-    response = redirect(url_for(SIGNIN), 303)
+    response = redirect(url_for(".signin"), 303)
     _clear_cookie(response)
     return response
 
@@ -135,8 +135,8 @@ def signout():
 def signin_form(target: str, error: str | None = None, status: int = 401) -> Response:
     """The sign-in page, posting to `/signin` and then going on to `target` (a local page path)."""
     html = render_template(
-        "signin.html",
-        action=url_for(SIGNIN),
+        "openai_proxy/signin.html",
+        action=url_for(".signin"),
         next=target,
         error=error,
         hours=SESSION_MAX_AGE // 3600,
@@ -180,22 +180,23 @@ def page_url(path: str, params: Iterable[tuple[str, str]]) -> str:
 
 
 def local_page(target: str | None) -> str:
-    """`target` when it is one of the HTML pages of this server (path and query), else `/log`.
+    """`target` when it is one of the HTML pages of this server (path and query), else the log page.
 
     Only a known path is ever redirected to, so no `next` can send a browser elsewhere (no open redirect).
+    Paths are whole (`url_for`): under a prefix or a mount point they include it.
     """
-    default = "/log"
+    default = url_for(".log")
     if not target or not target.startswith("/") or any(c in target for c in "\\\r\n\t"):
         return default
     parts = urlsplit(target)
-    if parts.scheme or parts.netloc or parts.path not in HTML_PAGES:
+    if parts.scheme or parts.netloc or parts.path not in {url_for(f".{name}") for name in HTML_PAGES}:
         return default
     return page_url(parts.path, parse_qsl(parts.query, keep_blank_values=True))
 
 
 @bp.get("/")
 def index():
-    return render_template("index.html", version=__version__)
+    return render_template("openai_proxy/index.html", version=__version__, log=url_for(".log"))
 
 
 @bp.route("/health", methods=METHODS)
@@ -252,14 +253,14 @@ def _log_page(level: str, title: str) -> Response:
 
     def here(page: int) -> str:
         params = {**filters, "page": page if page > 1 else None}
-        return page_url(request.path, [(k, str(v)) for k, v in params.items() if v])
+        return page_url(request.script_root + request.path, [(k, str(v)) for k, v in params.items() if v])
 
     spend, chart = _activity(st) if level == "info" and not error else (None, None)
     store = st.log_store.stats()
     # Fleet-wide: what every host saved in the database, plus what this worker could not save yet.
     dropped = sum(result.dropped.values()) + store["unsavedDropped"]
     html = render_template(
-        "log.html",
+        "openai_proxy/log.html",
         title=title,
         counters=[
             *counter_lines(result.counters, st.gate.in_use(), st.gate.peak),
@@ -272,9 +273,9 @@ def _log_page(level: str, title: str) -> Response:
         pages=pages,
         newer=here(page - 1) if page > 1 else None,
         older=here(page + 1) if page < pages else None,
-        tabs=[(name, url_for(ep), ep == request.endpoint) for name, ep in TABS],
-        clear=url_for(request.endpoint or "pages.log"),
-        signout=url_for(SIGNOUT),
+        tabs=[(name, url_for(f".{ep}"), ep == view()) for name, ep in TABS],
+        clear=url_for(f".{view()}"),
+        signout=url_for(".signout"),
         endpoints=result.endpoints,
         hosts=result.hosts,
         clients=result.clients,

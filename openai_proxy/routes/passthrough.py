@@ -125,6 +125,10 @@ def upstream_target() -> tuple[str, str]:
         query = "&".join(p for p in query.split("&") if unquote_plus(p.partition("=")[0]) != "security_key")
     if "://" in path:  # absolute-form request target
         path = "/" + path.split("://", 1)[1].partition("/")[2]
+    # Mounted in a host app (a url_prefix, or a WSGI mount point): the path below the mount.
+    mount = request.script_root + state().url_prefix
+    if mount and path.startswith(mount + "/"):
+        path = path[len(mount) :]
     path = path[len("/v1") :] if path.startswith("/v1/") else "/"
     if posixpath.normpath(path) != path.rstrip("/") and path != "/":
         raise BadRequest(f"Path {path!r} has empty or dot segments")
