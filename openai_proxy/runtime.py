@@ -1,13 +1,21 @@
 """The server's runtime directory, shared by its workers: gate slots, key state, Prometheus samples, the
-clients snapshot and the stop marker. gunicorn's master makes it before forking (`gunicorn.conf.py`) and
-exports it; a lone process (tests, `flask run`, a host's own server without the variable) gets a
-private one. Stdlib only: the gunicorn master imports this module."""
+clients snapshot and the stop marker. gunicorn's master makes it before forking (`ServerRuntime`, from
+`gunicorn.conf.py` or a host's own config through `openai_proxy.worker.gunicorn_hooks`) and exports it;
+a lone process (tests, `flask run`, a host's own server without the variable) gets a private one.
+Stdlib only: the gunicorn master imports this module."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import signal
 import tempfile
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from openai_proxy.config import Config
 
 STOPPING_MARKER = "stopping"
 
@@ -34,3 +42,189 @@ def clear_server_stopping(runtime_dir: str) -> None:
 def server_stopping(runtime_dir: str) -> bool:
     """Whether the server using `runtime_dir` was told to stop (SIGTERM); a stat, cheap enough per request."""
     return os.path.exists(os.path.join(runtime_dir, STOPPING_MARKER))
+
+
+# -- the gunicorn master's side (`openai_proxy.worker.gunicorn_hooks` hands these to gunicorn) ------
+
+# The master remembers in its environment which directory it made ("<pid>:<path>"): gunicorn runs its
+# config file again on every SIGHUP (a reload), so old and new workers share one directory and it is
+# still removed at exit, never one more per reload.
+_OWNED_VAR = "OPENAI_PROXY_OWNED_RUNTIME_DIR"
+_SNAPSHOT_VAR = "OPENAI_PROXY_CLIENTS_SNAPSHOT"
+_REPORTED_VAR = "OPENAI_PROXY_CONFIG_REPORTED"
+
+
+class ServerRuntime:
+    """What a gunicorn master keeps for its workers: one runtime directory (gate slots, Prometheus
+    samples, key state, the stop marker, the control socket), the last clients file that passed its
+    check, and the stop marker set the moment SIGTERM arrives. Made when the config file is read, at
+    start and on every reload; each gunicorn hook calls one method."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.runtime_dir, self.owns_runtime_dir = self._choose_runtime_dir()
+        os.makedirs(self.runtime_dir, exist_ok=True)
+        os.environ["OPENAI_PROXY_RUNTIME_DIR"] = self.runtime_dir
+        # Prometheus multiprocess mode: each worker writes its samples here and any worker serves the
+        # sum. prometheus_client reads the variable when a worker first imports it: set before the fork.
+        self.metrics_dir = os.path.join(self.runtime_dir, "metrics")
+        os.makedirs(self.metrics_dir, exist_ok=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
+        self.clients_problem = self._publish_clients()
+
+    def _choose_runtime_dir(self) -> tuple[str, bool]:
+        """(the directory, whether this server made it)."""
+        pid, _, made = os.environ.get(_OWNED_VAR, "").partition(":")
+        if pid == str(os.getpid()) and made == self.config.runtime_dir and os.path.isdir(made):
+            return made, True  # a reload of the master that made it
+        if self.config.runtime_dir:
+            return self.config.runtime_dir, False
+        made = tempfile.mkdtemp(prefix="openai-proxy-")
+        os.environ[_OWNED_VAR] = f"{os.getpid()}:{made}"
+        return made, True
+
+    def _publish_clients(self) -> str | None:
+        """Check the clients file and hand the workers a copy of it if it passes; the problem if not.
+
+        At start a bad file stops the server (SystemExit); on a reload the last good copy stays."""
+        from openai_proxy.clients import ClientsFileError, load_clients
+
+        config = self.config
+        if not config.clients_file:
+            os.environ.pop(_SNAPSHOT_VAR, None)
+            return None
+        snapshot = os.path.join(self.runtime_dir, "clients.toml")
+        reloading = bool(os.environ.get(_REPORTED_VAR))
+        try:
+            with open(config.clients_file, "rb") as f:
+                content: bytes | None = f.read()
+        except OSError as exc:
+            content = None
+            problem = f"{config.clients_file}: cannot read the clients file: {exc.strerror or exc}"
+        if content is not None:
+            # Judge exactly the bytes that will be published: the file may change while we look.
+            candidate = f"{snapshot}.{os.getpid()}.new"
+            fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(content)
+            try:
+                load_clients(candidate, config.security_key, config.upstream_keys, config.openai_api_key)
+                os.replace(candidate, snapshot)
+                os.environ[_SNAPSHOT_VAR] = snapshot
+                return None
+            except ClientsFileError as exc:
+                problem = str(exc).replace(candidate, config.clients_file)
+            os.unlink(candidate)
+        if not reloading:
+            raise SystemExit(f"openai-proxy cannot start: {problem}")
+        if not os.environ.get(_SNAPSHOT_VAR):
+            # The file is new since the last good load, when there were no named clients: keep it so.
+            with open(snapshot, "wb"):
+                pass
+            os.environ[_SNAPSHOT_VAR] = snapshot
+        return problem
+
+    # -- hooks ---------------------------------------------------------------------------------------
+    def on_starting(self, server: Any) -> None:
+        for message in self.config.warnings:
+            server.log.warning("CONFIG WARNING: %s", message)
+        os.environ[_REPORTED_VAR] = "1"
+        # Samples of an earlier server in the same runtime dir would be summed into this one's, and
+        # its stop marker would make this one look like it is stopping.
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        os.makedirs(self.metrics_dir, exist_ok=True)
+        clear_server_stopping(self.runtime_dir)
+
+    def when_ready(self, server: Any) -> None:
+        config = self.config
+        # The listeners exist now: log what is really bound (`-b` on the command line wins over `bind`).
+        server.log.info(
+            "openai-proxy listening on %s with %d gevent workers, max %d parallel upstream requests "
+            "%s (runtime dir %s)",
+            ", ".join(str(listener) for listener in server.LISTENERS),
+            server.cfg.workers,
+            config.max_parallel_requests,
+            # The password never reaches a log line.
+            f"fleet-wide (gate in {config.public_view()['gate_uri']})" if config.gate_uri else "server-wide",
+            self.runtime_dir,
+        )
+        # The arbiter's SIGTERM handler only queues the signal; the stop marker goes down first, in the
+        # handler itself, so `/ready` says 503 before any worker or listener is touched. Installed here
+        # because the arbiter sets its handlers after on_starting; a reload does not reinstall them.
+        queue_signal = signal.getsignal(signal.SIGTERM)
+        runtime_dir = self.runtime_dir
+
+        def on_sigterm(signum: int, frame: Any) -> None:
+            # No logging in a signal handler (gunicorn's rule too); the directory lives as long as the server.
+            with contextlib.suppress(OSError):
+                mark_server_stopping(runtime_dir)
+            if callable(queue_signal):
+                queue_signal(signum, frame)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+    def on_reload(self, server: Any) -> None:
+        from openai_proxy.keys.state import forget as forget_key_state
+
+        if self.clients_problem:
+            server.log.error(
+                "Clients file not reloaded, the previous clients stay in use: %s", self.clients_problem
+            )
+        elif self.config.clients_file:
+            server.log.info("Clients file reloaded: %s", self.config.clients_file)
+        # Upstream keys taken out (401, 403, insufficient_quota) come back on a reload: workers started
+        # from now on begin a fresh key state; the old ones finish their calls on the old one.
+        forget_key_state(self.runtime_dir)
+
+    def pre_exec(self, server: Any) -> None:
+        # SIGUSR2 starts a new master from the environment gunicorn saved; a directory this master made
+        # (and removes when it exits) must not be handed to it: the new master makes its own.
+        if self.owns_runtime_dir:
+            for name in (_OWNED_VAR, "OPENAI_PROXY_RUNTIME_DIR", "PROMETHEUS_MULTIPROC_DIR"):
+                server.cfg.env_orig.pop(name, None)
+
+    def on_exit(self, server: Any) -> None:
+        if self.owns_runtime_dir:
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        else:
+            clear_server_stopping(self.runtime_dir)
+
+    def worker_exit(self, server: Any, worker: Any) -> None:
+        # Records still queued in this worker reach the shared log store before the worker is gone.
+        state = getattr(worker.wsgi, "extensions", {}).get("openai_proxy")
+        if state is not None:
+            state.log_store.close()
+
+    def child_exit(self, server: Any, worker: Any) -> None:
+        # A dead worker's in-flight gauge must not be summed any more (its counters still count).
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid, self.metrics_dir)
+
+    def hooks(self) -> dict[str, Callable[..., None]]:
+        """The gunicorn server hooks, by their setting names."""
+        return {name: getattr(self, name) for name in HOOKS}
+
+
+HOOKS = ("on_starting", "when_ready", "on_reload", "pre_exec", "on_exit", "worker_exit", "child_exit")
+
+
+def server_runtime(config: Config | None = None) -> ServerRuntime:
+    """Read the settings (environment, dotenv files), check what must be right before any worker
+    starts (settings, the prices file, the clients file), and make the server's runtime directory.
+    A problem stops the server naming the setting, file and line."""
+    from openai_proxy.config import ConfigError, load_config
+    from openai_proxy.observe.prices import load_prices
+
+    try:
+        config = config or load_config(warn=False)
+        load_prices(config.prices_file)  # each worker then reads it once, when it builds the app
+    except ConfigError as exc:
+        raise SystemExit(f"openai-proxy cannot start: {exc}") from None
+    return ServerRuntime(config)
+
+
+def gunicorn_hooks(config: Config | None = None) -> dict[str, Callable[..., None]]:
+    """The proxy's gunicorn server hooks for a host's own `gunicorn.conf.py`:
+    `globals().update(gunicorn_hooks())` (docs/mounting.md says what each one gives)."""
+    return server_runtime(config).hooks()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -31,11 +32,13 @@ def host_app(tmp_path, fake, **config) -> Flask:
     """A host app with its own route, 404 handler and body limit, and the proxy under /ai."""
     app = Flask("host")
     app.config["MAX_CONTENT_LENGTH"] = 1000
+    app.config.update(base_env(fake))
     app.config.update(
-        {k: v for k, v in base_env(fake).items()},
-        OPENAI_PROXY_LOG_DB=str(tmp_path / "log.sqlite3"),
-        OPENAI_PROXY_RUNTIME_DIR=str(tmp_path / "run"),
-        **config,
+        {
+            "OPENAI_PROXY_LOG_DB": str(tmp_path / "log.sqlite3"),
+            "OPENAI_PROXY_RUNTIME_DIR": str(tmp_path / "run"),
+            **config,
+        }
     )
 
     @app.get("/")
@@ -318,3 +321,71 @@ def test_a_client_leaving_a_slow_call_cancels_it_upstream_in_the_hosts_server(ho
     # Its slot came back: the next call is served.
     again = requests.post(url + "/ai/openai", json={**CHAT, "security_key": SECURITY_KEY}, timeout=10)
     assert again.status_code == 200
+
+
+HOST_CONF = """
+from openai_proxy.runtime import gunicorn_hooks
+
+worker_class = "openai_proxy.worker.ProxyWorker"
+workers = 2
+graceful_timeout = 5
+globals().update(gunicorn_hooks())
+"""
+
+
+def test_the_proxys_hooks_in_a_hosts_own_gunicorn_config(host_gunicorn, fake_server):
+    """No OPENAI_PROXY_RUNTIME_DIR: the hooks give the workers one runtime dir (an exact gate), and
+    SIGTERM turns /ready to 503 while the drain delay runs."""
+    _, home = host_gunicorn
+    (home / "host.conf.py").write_text(HOST_CONF)
+    port = free_port()
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "SECURITY_KEY"))}
+    env = {
+        **inherited,
+        **base_env(fake_server, SECURITY_KEY=None),
+        "OPENAI_PROXY_LOG_DB": str(home / "log2.sqlite3"),
+        "OPENAI_PROXY_MAX_PARALLEL_REQUESTS": "2",
+        "OPENAI_PROXY_DRAIN_DELAY_S": "2",
+    }
+    log = open(home / "gunicorn2.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", "host.conf.py", "-b", f"127.0.0.1:{port}", "app:app"],
+        cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(url + "/ai/ready", timeout=1).status_code == 200:
+                    break
+            except requests.RequestException:
+                time.sleep(0.1)
+        fake_server.reset()
+        fake_server.push("POST", "/v1/chat/completions", fu.delay(2.0), times=None)
+
+        def call(_):
+            with requests.Session() as s:
+                return s.post(url + "/ai/openai", json={**CHAT, "security_key": SECURITY_KEY}, timeout=20)
+
+        with ThreadPoolExecutor(6) as pool:
+            statuses = sorted(a.status_code for a in pool.map(call, range(6)))
+        assert statuses == [200, 200, 503, 503, 503, 503]
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        ready = requests.get(url + "/ai/ready", timeout=5)
+        assert (ready.status_code, ready.json()) == (503, {"status": "draining"})
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def test_without_a_shared_runtime_dir_the_gate_says_it_holds_per_process(mounted):
+    assert mounted().extensions["openai_proxy"].gate.status()["scope"] == "host"
+    alone = mounted(OPENAI_PROXY_RUNTIME_DIR=None)
+    if os.environ.get("OPENAI_PROXY_RUNTIME_DIR"):
+        pytest.skip("the environment names a runtime dir")
+    assert alone.extensions["openai_proxy"].gate.status()["scope"] == "process"

@@ -56,7 +56,10 @@ def open_gate(config: Config, runtime_dir: str) -> SlotGate:
     """This server's gate file, or the fleet-wide gate in Redis (with that file as its fallback)."""
     from openai_proxy.gate.local import Gate
 
-    local = Gate(os.path.join(runtime_dir, "gate.slots"), config.max_parallel_requests)
+    # Without a configured runtime dir the directory is this process's own (see `runtime`): one
+    # code path, whose limit then holds per process, as a process-wide semaphore would.
+    scope = "host" if config.runtime_dir else "process"
+    local = Gate(os.path.join(runtime_dir, "gate.slots"), config.max_parallel_requests, scope)
     if not config.gate_uri:
         return local
     from openai_proxy.gate.shared import RedisGate  # redis-py is imported only by servers that use it

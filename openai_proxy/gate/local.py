@@ -26,9 +26,12 @@ PEAK_SCAN_INTERVAL_S = 0.5
 class Gate:
     """Server-wide, non-blocking slot allocator backed by byte-range locks on one file."""
 
-    def __init__(self, path: str, limit: int) -> None:
+    def __init__(self, path: str, limit: int, scope: str = "host") -> None:
         self.path = path
         self.limit = limit
+        # "host": every worker of the server shares the file; "process": a private runtime dir (a host's
+        # own gunicorn without OPENAI_PROXY_RUNTIME_DIR, `flask run`), so the limit holds per process.
+        self.scope = scope
         self._fd: int | None = None
         self._pid: int | None = None
         self._held: set[int] = set()
@@ -122,7 +125,7 @@ class Gate:
             return busy
 
     def status(self) -> dict[str, Any]:
-        return {"backend": "local", "scope": "host"}
+        return {"backend": "local", "scope": self.scope}
 
     def close(self) -> None:
         """Nothing runs in the background; the file stays open while the process lives (closing any
