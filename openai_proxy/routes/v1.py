@@ -38,12 +38,15 @@ SSE_EXTRA_HEADERS = [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
 
 
 def relay_v1(**_route_args: Any) -> Response:
-    req = passthrough.build_request()
+    req = passthrough.build_request()  # the whole body is in before the slot is taken
     record = web.record()
     record.model, record.timeout = req.model, req.timeout
     # A GET reads what an earlier request made and paid for (`note_answer` knows the exception).
     record.billable = req.method != "GET"
-    forwarded = pipeline.forward(req.call(record))
+    try:
+        forwarded = pipeline.forward(req.call(record))
+    finally:
+        req.close()  # the body is all upstream once its answer's headers are in
     try:
         return _answer(forwarded, req, record)
     except BaseException:
