@@ -244,6 +244,19 @@ class UpstreamResponse(HTTPSocketPoolResponse):
             parts.append(piece)
         return b"".join(parts)
 
+    def read_within(self, limit: int) -> bytes | None:
+        """The whole (decoded) body if it ends within `limit` bytes; else None, and what was read is
+        handed out again to whoever reads next, so the rest can be relayed as it comes."""
+        parts: list[bytes] = []
+        size = 0
+        for piece in self.iter_bytes():
+            parts.append(piece)
+            size += len(piece)
+            if size > limit:
+                self._replay = b"".join(parts)
+                return None
+        return b"".join(parts)
+
     def buffer_body(self, limit: int) -> bytes:
         """Read the whole body now (as `read_body`), and hand it out again to whoever reads it next."""
         body = self.read_body(limit)
