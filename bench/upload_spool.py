@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import json
 import os
 import signal
 import statistics
@@ -147,6 +148,13 @@ def main() -> int:
                 rss_growth.append((peak - baseline) / 1024)
                 disk.append(sampler.peak_disk / 2**20)
             left = os.listdir(spool_dir), spool_bytes(worker, spool_dir)
+            time.sleep(0.5)  # the completion records: time with the client, and with upstream
+            log.flush()
+            records = [
+                json.loads(line)
+                for line in Path(tmp, "gunicorn.log").read_text().splitlines()
+                if line.startswith('{"event":"completion"')
+            ][-args.runs :]
         finally:
             for proc in reversed(procs):
                 proc.send_signal(signal.SIGTERM)
@@ -162,6 +170,10 @@ def main() -> int:
     print(f"straight to the fake: {med(direct):.2f} s   {' '.join(f'{t:.2f}' for t in direct)}")
     print(f"through the proxy:    {med(proxied):.2f} s   {' '.join(f'{t:.2f}' for t in proxied)}")
     print(f"added by the proxy:   {med(proxied) - med(direct):.2f} s")
+    upstream_s = [r["upstreamMs"] / 1000 for r in records]
+    receiving_s = [r["durationMs"] / 1000 - u for r, u in zip(records, upstream_s, strict=True)]
+    print(f"  receiving the body (proxy's record): {med(receiving_s):.2f} s, then upstream "
+          f"(sending it, its answer): {med(upstream_s):.2f} s")  # fmt: skip
     print(f"peak spool on disk:   {med(disk):.1f} MiB   {' '.join(f'{d:.1f}' for d in disk)}")
     print(f"worker peak RSS growth: {med(rss_growth):.1f} MiB   {' '.join(f'{g:.1f}' for g in rss_growth)}")
     print(f"left in the temp dir afterwards: {len(left[0])} files, {left[1]} bytes held open")
