@@ -103,7 +103,7 @@ class NotFound(ProxyError):
 
 
 class RequestTimeout(ProxyError):
-    """The client stopped sending its body (a streamed upload holds a gate slot while it arrives)."""
+    """The client stopped sending its body for longer than OPENAI_PROXY_UPLOAD_IDLE_TIMEOUT_S."""
 
     status, type, code, result = 408, "request_timeout", "OPENAI_PROXY_REQUEST_TIMEOUT", "request_timeout"
     openai_type = "invalid_request_error"

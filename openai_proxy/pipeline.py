@@ -5,6 +5,7 @@
 result owns the upstream response and the slot until it is answered:
 - `fetch(call)` reads the answer whole (capped) and releases; an error status becomes the
   UpstreamAPIError of the contract. `relay_json` answers upstream's JSON bytes as they are.
+  `read_within` reads an answer whole only if it is small, and leaves a big one to be relayed.
 - `stream_events(call)` relays an event stream; the relay releases when the stream really ends.
 - `/v1` shapes the answer itself (`openai_proxy.routes.v1`), from the same `forward`.
 """
@@ -91,6 +92,19 @@ def read_whole(forwarded: Forwarded) -> bytes:
         return watched(lambda: _read_capped(forwarded.response))
     finally:
         forwarded.release()
+
+
+def read_within(forwarded: Forwarded, limit: int) -> bytes | None:
+    """The whole body if it ends within `limit` bytes (the response and the slot are then released),
+    else None: the response keeps what was read for whoever relays it. Released on failure."""
+    try:
+        body = watched(lambda: forwarded.response.read_within(limit))
+    except BaseException:
+        forwarded.release()
+        raise
+    if body is not None:
+        forwarded.release()
+    return body
 
 
 def _read_capped(response: UpstreamResponse) -> bytes:

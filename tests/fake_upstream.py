@@ -257,6 +257,19 @@ def truncated_json() -> Handler:
     return handler
 
 
+def chunked_json(obj: Any, piece: int = 64 * 1024) -> Handler:
+    """A JSON answer of unknown length (chunked, no Content-Length), in `piece`-byte chunks."""
+    body = json.dumps(obj).encode()
+
+    def handler(req: Received, conn: Conn) -> None:
+        conn.start_stream(content_type="application/json")
+        for start in range(0, len(body), piece):
+            conn.chunk(body[start : start + piece])
+        conn.end_stream()
+
+    return handler
+
+
 def sse(events: Iterable[Any], *, gap: float = 0.0, first_delay: float = 0.0,
         end: str = "done", event_names: bool = False) -> Handler:  # fmt: skip
     """Stream events; `end` is "done" (clean), "drop" (hang up mid-stream) or "invalid" (bad data)."""

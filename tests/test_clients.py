@@ -210,6 +210,19 @@ def test_a_client_may_only_use_its_models(clients_app, fake):
     assert r.status_code == 200
 
 
+def test_a_v1_upload_is_judged_by_the_model_in_its_form(clients_app, fake):
+    """The body is received before admission, so the allowlist sees the model of a `/v1` transcription."""
+    body = b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n--b\r\n' \
+           b'Content-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\nRIFF\r\n--b--\r\n'  # fmt: skip
+    r = clients_app.test_client().post(
+        "/v1/audio/transcriptions", data=body,
+        headers={"Authorization": f"Bearer {BETA_KEY}", "Content-Type": "multipart/form-data; boundary=b"},
+    )  # fmt: skip
+    assert r.status_code == 403 and r.get_json()["error"]["message"].startswith(
+        "Client 'beta.svc-2' may not use model 'whisper-1'")  # fmt: skip
+    assert fake.requests == []
+
+
 def test_records_name_the_client_never_its_key(clients_app, capsys):
     client = clients_app.test_client()
     post_json(client, "/openai", {**CHAT, "security_key": ALPHA_KEY})

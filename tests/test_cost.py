@@ -16,6 +16,7 @@ from tests.conftest import SECURITY_KEY, post_json
 from tests.fake_upstream import (
     chat_chunks,
     chat_completion,
+    chunked_json,
     response_events,
     response_object,
     sse,
@@ -344,6 +345,34 @@ def test_v1_json_answer_too_big_to_read_whole_is_priced_from_its_ends(app, fake)
     entry = entry_of(app)
     assert entry["upstreamModel"] == "o4-mini-2025-04-16" and entry["usage"] == RESPONSE_RECORDED
     assert entry["costUsd"] == RESPONSE_COST
+
+
+@pytest.mark.parametrize("image_mib", [0, 3])  # read whole; past the size read whole, relayed as it comes
+def test_v1_json_answer_of_unknown_length_is_priced(app, fake, image_mib):
+    answer = response_object("o4-mini-2025-04-16", usage=RESPONSE_USAGE)
+    answer["output"].append(
+        {"type": "image_generation_call", "id": "ig_1", "result": "A" * (image_mib << 20)}
+    )
+    answer["metadata"] = {"note": '"usage": {"input_tokens": 1}'}
+    fake.push("POST", "/v1/responses", chunked_json(answer))
+    r = post_json(app.test_client(), "/v1/responses", {"model": "o4-mini", "input": "x"}, headers=AUTH)
+    assert r.status_code == 200 and r.data == json.dumps(answer).encode()
+    entry = entry_of(app)
+    assert entry["upstreamModel"] == "o4-mini-2025-04-16" and entry["usage"] == RESPONSE_RECORDED
+    assert entry["costUsd"] == RESPONSE_COST
+
+
+def test_v1_big_json_answer_whose_tail_has_no_usage_has_unknown_usage(app, fake):
+    """Only the tail of a big answer is kept: usage written before 3 MiB of output is not guessed."""
+    rest = response_object("o4-mini")
+    answer = {"usage": rest.pop("usage"), **rest}
+    answer["output"].append({"type": "image_generation_call", "id": "ig_1", "result": "A" * (3 << 20)})
+    answer["metadata"] = {"note": '"usage": {"input_tokens": 1}'}
+    fake.push("POST", "/v1/responses", chunked_json(answer))
+    r = post_json(app.test_client(), "/v1/responses", {"model": "o4-mini", "input": "x"}, headers=AUTH)
+    assert r.status_code == 200 and r.data == json.dumps(answer).encode()
+    entry = entry_of(app)
+    assert (entry["usage"], entry["costUsd"]) == (None, None)
 
 
 def test_v1_answer_without_usage_has_no_cost(app, fake):

@@ -10,6 +10,7 @@ driven through the proxy's HTTP surface (the Flask test client, or a real gunico
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import socket
 from collections.abc import Iterator
@@ -558,12 +559,11 @@ class Flood:
 
 RETRIEVE = "/openai2/resp_1"
 RETRIEVE_STREAM = RETRIEVE + "?stream=true"
-STREAM_ROUTES = ("/openai2", "/v1/responses", RETRIEVE_STREAM)
+STREAM_ROUTES = ("/openai2", RETRIEVE_STREAM)
 UNENDING_EVENT = flood(STREAM_CHUNKED, b"data: " + A_BLOCK, A_BLOCK, FLOOD, chunked=True)
 FLOODS: dict[str, Flood] = {
     # One SSE event that never ends: `data: aaaa...` and never a blank line.
     "sse_event_legacy": Flood("/openai2", UNENDING_EVENT, CAP),
-    "sse_event_v1": Flood("/v1/responses", UNENDING_EVENT, CAP),
     "sse_event_retrieve": Flood(RETRIEVE_STREAM, UNENDING_EVENT, CAP, times=3),
     "json_answer_content_length": Flood(
         "/openai",
@@ -591,15 +591,31 @@ FLOODS: dict[str, Flood] = {
 }  # fmt: skip
 
 
-def call(server, route: str) -> requests.Response:
+# `/v1` relays what upstream sends as it comes, keeping only the ends it reads usage from: the same
+# floods pass through, byte for byte, whatever the caps, and the worker grows by less than this.
+V1_BOUND = 8 * MIB
+V1_JSON_FLOOD = flood(JSON_CHUNKED, b'{"pad":"', A_BLOCK, FLOOD, chunked=True)
+V1_FLOODS: dict[str, tuple[str, Answer, bytes]] = {
+    "sse_event": ("/v1/responses", UNENDING_EVENT, b"data: " + A_BLOCK),
+    "json_answer_chunked": ("/v1/chat/completions", V1_JSON_FLOOD, b'{"pad":"'),
+    "json_answer_retrieve": ("/v1/responses/resp_1", V1_JSON_FLOOD, b'{"pad":"'),
+}
+
+
+def call(server, route: str, **kwargs) -> requests.Response:
     """A normal call of `route` (the hostile server answers it correctly unless a test scripted otherwise)."""
+    url, kwargs = server.url + route, {"timeout": 120, **kwargs}
     if route.startswith(RETRIEVE):
-        return requests.get(server.url + route, headers={"X-Security-Key": SECURITY_KEY}, timeout=120)
+        return requests.get(url, headers={"X-Security-Key": SECURITY_KEY}, **kwargs)
     if route == "/openai2":
-        return requests.post(server.url + route, json=STREAM, timeout=120)
+        return requests.post(url, json=STREAM, **kwargs)
     if route == "/v1/responses":
-        return requests.post(server.url + route, json=V1_STREAM, headers=V1_AUTH, timeout=120)
-    return requests.post(server.url + route, json=CHAT, timeout=120)
+        return requests.post(url, json=V1_STREAM, headers=V1_AUTH, **kwargs)
+    if route == "/v1/chat/completions":
+        return requests.post(url, json=V1_CHAT, headers=V1_AUTH, **kwargs)
+    if route.startswith("/v1/"):
+        return requests.get(url, headers=V1_AUTH, **kwargs)
+    return requests.post(url, json=CHAT, **kwargs)
 
 
 @pytest.mark.gunicorn
@@ -645,6 +661,39 @@ def test_flood_is_capped(server, hostile, case):
     assert hostile.requests[-1].sent < FLOOD or case == "chunk_size_line", "the proxy read all of it"
     assert server_gate_in_use(server) == 0
     assert call(server, spec.route).status_code == 200
+    assert server.worker_pids() == [pid]
+    assert "Traceback" not in server.log_text()
+
+
+@pytest.mark.gunicorn
+@pytest.mark.parametrize("case", V1_FLOODS)
+def test_v1_relays_a_flood_as_it_comes_in_bounded_memory(server, hostile, case):
+    """CONTRACT §9: an endless event, or a JSON answer without a length, is relayed byte for byte as it
+    arrives (past the 1 MiB caps this server has); upstream then hangs up without ending its answer,
+    so the client's connection is cut, never ended cleanly."""
+    route, answer, first = V1_FLOODS[case]
+    (pid,) = server.worker_pids()
+    assert call(server, route).status_code == 200  # warm-up on the same route
+    hostile.push(answer)
+    expected = hashlib.sha256()
+    expected.update(first)
+    for _ in range((FLOOD - len(first)) // len(A_BLOCK)):
+        expected.update(A_BLOCK)
+    expected.update(A_BLOCK[: (FLOOD - len(first)) % len(A_BLOCK)])
+    received, size = hashlib.sha256(), 0
+    with PeakMemory(pid) as memory:
+        r = call(server, route, stream=True)
+        assert r.status_code == 200
+        with pytest.raises(requests.exceptions.ChunkedEncodingError):
+            for piece in r.iter_content(65536):
+                received.update(piece)
+                size += len(piece)
+        r.close()
+    print(f"v1 {case}: {size / MIB:.1f} MiB relayed, worker peak RSS grew by {memory.growth / MIB:.1f} MiB")
+    assert (size, received.hexdigest()) == (FLOOD, expected.hexdigest())
+    assert memory.growth < V1_BOUND, f"{case}: grew by {memory.growth / MIB:.1f} MiB"
+    assert server_gate_in_use(server) == 0
+    assert call(server, route).status_code == 200
     assert server.worker_pids() == [pid]
     assert "Traceback" not in server.log_text()
 

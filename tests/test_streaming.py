@@ -7,9 +7,10 @@ import time
 
 import pytest
 
+from openai_proxy.errors import UpstreamTransport
 from openai_proxy.stream.sse import SSEParser
 from tests.conftest import SECURITY_KEY, error_of, post_json
-from tests.fake_upstream import delay, error, raw, reset, response_events, sse
+from tests.fake_upstream import chat_chunks, delay, error, raw, reset, response_events, sse
 
 STREAM_BODY = {"security_key": SECURITY_KEY, "model": "gpt-4o", "input": "Write a poem.", "stream": True}
 
@@ -337,3 +338,80 @@ def test_a_multi_mib_final_event_is_relayed_whole_with_its_usage(client, fake, r
     assert records[-1]["usage"] == {"prompt_tokens": 36, "completion_tokens": 87, "cached_tokens": 4,
                                     "total_tokens": 123}  # fmt: skip
     assert records[-1]["result"] == "ok"
+
+
+# ---- /v1: events relayed as they arrive, big ones never held --------------------------------------------
+
+
+def passthrough_relay(**kwargs):
+    from openai_proxy.record import RequestRecord
+    from openai_proxy.stream.sse import PassthroughEventRelay
+
+    return PassthroughEventRelay(
+        None,
+        record=RequestRecord("/v1/chat/completions", "POST"),
+        slot=None,
+        environ={},
+        idle_s=None,
+        max_silence_s=1.0,
+        **kwargs,
+    )
+
+
+def chat_frames(events: list[dict]) -> list[bytes]:
+    return [b"data: " + json.dumps(e).encode() + b"\r\n\r\n" for e in events] + [b"data: [DONE]\r\n\r\n"]
+
+
+def relayed(relay, data: bytes, cuts) -> bytes:
+    """What the relay gives out when upstream's bytes arrive cut at `cuts`."""
+    out, start = [], 0
+    for cut in [*cuts, len(data)]:
+        out.append(relay.on_data(data[start:cut]) or b"")
+        start = cut
+    assert relay.on_end() is None
+    return b"".join(out)
+
+
+def big_chat_stream() -> tuple[bytes, bytes, int]:
+    """A streamed chat with a 300 kB delta (past what the relay holds) and the usage chunk the proxy
+    asked for: upstream's bytes, what the client gets, and where the big event ends."""
+    events = chat_chunks("gpt-4o-mini", include_usage=True)
+    events[1]["choices"][0]["delta"]["content"] = "x" * 300_000
+    frames = [b"data: " + json.dumps(e).encode() + b"\r\n\r\n" for e in events] + [b"data: [DONE]\r\n\r\n"]
+    data = b"".join(frames)
+    return data, b"".join(f for f in frames if b'"choices": []' not in f), len(b"".join(frames[:2]))
+
+
+@pytest.mark.parametrize("read", [5, 4096, 65536])
+def test_v1_relay_passes_a_big_event_through_as_it_comes(read):
+    from openai_proxy.stream.sse import HOLD_EVENT
+
+    data, expected, _ = big_chat_stream()
+    relay = passthrough_relay(strip_usage_chunk=True)
+    out, held_most = b"", 0
+    for start in range(0, len(data), read):
+        out += relay.on_data(data[start : start + read]) or b""
+        held_most = max(held_most, start + read - len(out))
+    assert relay.on_end() is None
+    assert out == expected
+    assert held_most <= HOLD_EVENT + read
+    assert relay._record.usage == {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}
+
+
+def test_v1_relay_finds_a_big_events_end_wherever_reads_split_it():
+    data, expected, end = big_chat_stream()
+    for cut in range(end - 6, end + 2):  # the big event is being passed on when its `\r\n\r\n` comes
+        relay = passthrough_relay(strip_usage_chunk=True)
+        assert relayed(relay, data, [280_000, cut]) == expected, cut
+        assert relay._record.usage is not None
+
+
+def test_v1_relay_cuts_the_connection_when_upstream_ends_inside_a_passed_on_event():
+    relay = passthrough_relay()
+    data = b"event: response.output_text.delta\ndata: " + b"a" * 300_000
+    assert relay.on_data(data) == data
+    with pytest.raises(Exception, match="closed the stream before it finished"):
+        relay.on_end()
+    aborted = []
+    relay.abort_client = lambda: aborted.append(True)
+    assert relay.on_failure(UpstreamTransport("cut")) is None and aborted == [True]

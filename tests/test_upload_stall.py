@@ -1,25 +1,29 @@
-"""A client that stalls while sending its body cannot hold the gate: streamed `/v1` uploads time out
-(408) and give their slot back; routes that read the body first never take a slot for it."""
+"""A client that stalls while sending its body cannot hold the gate (CONTRACT §17): every route reads
+or spools the whole body before it takes a slot; a `/v1` upload that stalls gets 408 and leaves no file."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import select
 import socket
 import struct
 import time
+from pathlib import Path
 
 import pytest
 import requests
 
 from tests.conftest import ACCESS_TOKEN, SECURITY_KEY
-from tests.fake_upstream import error
 from tests.logpage import CHAT, CLOSE
 
 pytestmark = pytest.mark.gunicorn
 
 PAGES = {"Authorization": f"Bearer {ACCESS_TOKEN}", **CLOSE}
-DECLARED = 100_000  # Content-Length the stalling clients announce
+DECLARED = 1_000_000  # Content-Length the stalling clients announce
 SAFETY_S = 15  # only a bound for a broken proxy; nothing here is timed
+IDLE_S = 3  # OPENAI_PROXY_UPLOAD_IDLE_TIMEOUT_S where a legacy call must be answered well before it
 
 
 def open_upload(server, path: str, trace_id: str, content_type: str, first_bytes: bytes,
@@ -98,15 +102,51 @@ def chat_ok(server) -> int:
     return requests.post(server.url + "/openai", json=CHAT, headers=CLOSE, timeout=SAFETY_S).status_code
 
 
+def spool_files(server, spool_dir: Path) -> list[str]:
+    """Temporary files the workers hold open in `spool_dir`: spooled bodies have no name (they are
+    unlinked at once), so only the workers' descriptors show them. gunicorn's heartbeat file is not one."""
+    found = []
+    for pid in server.worker_pids():
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith(str(spool_dir)) and "wgunicorn-" not in target:
+                    found.append(target)
+    return found
+
+
+def readable(sock: socket.socket) -> bool:
+    """Whether the proxy has answered (or closed) on `sock` yet."""
+    return bool(select.select([sock], [], [], 0)[0])
+
+
 @pytest.mark.parametrize("path", ["/v1/files", "/v1/audio/transcriptions"])
-def test_stalled_v1_uploads_get_408_and_give_their_slots_back(gunicorn_server, fake, path):
+def test_stalled_v1_uploads_hold_no_slot_and_get_408(gunicorn_server, fake, tmp_path, path):
+    """CONTRACT §17: limit 2, two uploads stall mid-body, and a legacy call still answers 200 at once."""
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
     server = gunicorn_server(
-        workers=1, OPENAI_PROXY_MAX_PARALLEL_REQUESTS="2", OPENAI_PROXY_UPLOAD_IDLE_TIMEOUT_S="1"
+        workers=1,
+        OPENAI_PROXY_MAX_PARALLEL_REQUESTS="2",
+        OPENAI_PROXY_UPLOAD_IDLE_TIMEOUT_S=str(IDLE_S),
+        OPENAI_PROXY_RUNTIME_DIR=str(tmp_path / "run"),
+        TMPDIR=str(spool_dir),
     )
-    # Upstream answers once it has the body (which never comes whole here).
-    fake.push("POST", path, error(400, "incomplete body"), times=2)
-    clients = [open_file_upload(server, f"stall-{i}", path) for i in range(2)]
+    # More than the proxy keeps in memory: these two bodies are being spooled to disk when they stall.
+    part = b'--x\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n' + b"a" * 400_000
+    clients = [
+        open_upload(server, path, f"stall-{i}", "multipart/form-data; boundary=x", part) for i in range(2)
+    ]
     try:
+        wait_until(lambda: in_flight(server) >= 2, "both uploads to be in flight")
+        started = time.monotonic()
+        assert chat_ok(server) == 200
+        answered_in = time.monotonic() - started
+        # Answered while both uploads were still stalled, and within the contract's "at once".
+        assert not any(readable(sock) for sock in clients)
+        assert answered_in < 1.0
+        assert gate_in_use(server) == 0
+        wait_until(lambda: len(spool_files(server, spool_dir)) == 2, "both bodies to be spooled")
         answers = [read_response(sock) for sock in clients]
     finally:
         for sock in clients:
@@ -117,33 +157,43 @@ def test_stalled_v1_uploads_get_408_and_give_their_slots_back(gunicorn_server, f
         assert headers["content-type"] == "application/json"
         err = json.loads(body)["error"]
         assert err["type"] == "invalid_request_error" and err["code"] == "OPENAI_PROXY_REQUEST_TIMEOUT"
-        assert err["message"].startswith("The request body stalled: nothing arrived for 1 s")
+        assert err["message"].startswith(f"The request body stalled: nothing arrived for {IDLE_S} s")
         assert err["param"] is None
-    assert chat_ok(server) == 200
-    assert gate_in_use(server) == 0
     for i in range(2):
         record = record_of(server, f"stall-{i}")
         assert (record["status"], record["result"]) == (408, "request_timeout")
-    # Upstream saw each upload begin and then its connection end, short of the announced length.
-    wait_until(lambda: fake.count(path) == 2, "both uploads to reach upstream")
-    assert all(len(req.body) < DECLARED for req in fake.matching(path))
+    # Nothing of them went upstream, and no spooled file is left, open or named.
+    assert fake.count(path) == 0
+    assert spool_files(server, spool_dir) == []
+    assert os.listdir(spool_dir) == []
+    assert chat_ok(server) == 200
 
 
 @pytest.mark.parametrize("how", ["close", "reset"])
-def test_v1_upload_whose_client_goes_away_is_cancelled_and_frees_its_slot(gunicorn_server, fake, how):
-    server = gunicorn_server(workers=1, OPENAI_PROXY_MAX_PARALLEL_REQUESTS="1")
-    fake.push("POST", "/v1/files", error(400, "incomplete body"))
+def test_v1_upload_whose_client_goes_away_is_cancelled_and_leaves_no_file(
+    gunicorn_server, fake, tmp_path, how
+):
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    server = gunicorn_server(
+        workers=1,
+        OPENAI_PROXY_MAX_PARALLEL_REQUESTS="1",
+        OPENAI_PROXY_RUNTIME_DIR=str(tmp_path / "run"),
+        TMPDIR=str(spool_dir),
+    )
     sock = open_file_upload(server, f"gone-{how}")
-    wait_until(lambda: gate_in_use(server) == 1, "the upload to take its slot")
-    # More body while the call is under way: the proxy is then reading the body when the client goes.
-    sock.sendall(b"x" * 1000)
-    time.sleep(0.2)
+    sock.sendall(b"x" * 400_000)  # past what stays in memory: on disk when the client goes
+    wait_until(lambda: in_flight(server) >= 1, "the upload to be in flight")
+    wait_until(lambda: len(spool_files(server, spool_dir)) == 1, "the body to be spooled")
+    assert gate_in_use(server) == 0
     if how == "reset":  # RST instead of FIN: the proxy's read of the body fails with ECONNRESET
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
 
     record = record_of(server, f"gone-{how}")
     assert (record["status"], record["result"], record["cancelled"]) == (499, "client_cancelled", True)
+    assert fake.count("/v1/files") == 0
+    assert spool_files(server, spool_dir) == [] and os.listdir(spool_dir) == []
     assert gate_in_use(server) == 0
     assert chat_ok(server) == 200
 

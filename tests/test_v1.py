@@ -229,25 +229,28 @@ def test_file_upload_and_download_through_the_generic_relay(sdk, fake, server):
     assert sdk.files.content(uploaded.id).content == data
 
 
-def test_uploads_stream_upstream_while_the_client_sends(server, fake):
-    """Upstream sees the request before the client has finished sending its body."""
-    sent_done = {}
+def test_uploads_are_received_whole_before_they_go_upstream(server, fake):
+    """CONTRACT §17: no slot waits for a body, so upstream sees the request only once it has all of it
+    (sent with its length, though the client sent it chunked)."""
+    sent = {}
 
     def body():
-        for _ in range(10):
+        for _ in range(9):
             yield b"x" * 1000
             time.sleep(0.1)
-        sent_done["at"] = time.monotonic()
+        sent["last_piece_at"] = time.monotonic()
+        yield b"x" * 1000
 
     r = httpx2.post(server.url + "/v1/uploads/up_1/parts", content=body(),
                     headers={"Authorization": f"Bearer {SECURITY_KEY}", "Content-Type": "application/octet-stream"})  # fmt: skip
-    assert r.status_code == 404  # the fake has no such endpoint; it answered after reading all of it
+    assert r.status_code == 404  # the fake has no such endpoint
     upstream = fake.last("/v1/uploads/up_1/parts")
     assert upstream.body == b"x" * 10_000
-    assert upstream.head_at < sent_done["at"] - 0.5
+    assert upstream.headers["content-length"] == "10000" and "transfer-encoding" not in upstream.headers
+    assert upstream.head_at > sent["last_piece_at"]
 
 
-def test_100_mib_upload_streams_through_without_growing_the_worker(server, fake):
+def test_100_mib_upload_goes_through_without_growing_the_worker(server, fake):
     import gevent
 
     pids = server.worker_pids()

@@ -3,35 +3,27 @@
 The client is an official SDK with `base_url=<proxy>/v1` and the proxy's `SECURITY_KEY` as its API
 key. The proxy swaps that key for the real one, forwards everything else that is end-to-end, and
 never re-encodes a body it does not have to: JSON is forwarded byte for byte (chat streams excepted,
-see `chat_body`), uploads and downloads stream through, and error answers keep their status and body.
+see `chat_body`), uploads are received whole before a gate slot is taken and then sent as they came,
+downloads stream through, and error answers keep their status and body.
 """
 
 from __future__ import annotations
 
 import posixpath
-import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote_plus
 
-import gevent
 from flask import g, request
-from werkzeug.exceptions import ClientDisconnected
 
 from openai_proxy import jsonio
-from openai_proxy.errors import (
-    BadRequest,
-    ClientCancelled,
-    Forbidden,
-    PayloadTooLarge,
-    RequestTimeout,
-    Unauthorized,
-)
+from openai_proxy.errors import BadRequest, Forbidden, Unauthorized
 from openai_proxy.inbound.auth import bearer_token
-from openai_proxy.inbound.multipart import watch_text_field
+from openai_proxy.inbound.multipart import FORM_OVERHEAD_BYTES, watch_text_field
+from openai_proxy.inbound.spool import SpooledBody, client_body, spool
 from openai_proxy.inbound.validation import header_value
-from openai_proxy.inbound.web import authenticate, decide_timeout, read_limited_body, record
+from openai_proxy.inbound.web import authenticate, decide_timeout, read_limited_body
 from openai_proxy.record import RequestRecord, TimeoutDecision
 from openai_proxy.redact import redact_text
 from openai_proxy.state import state
@@ -58,7 +50,9 @@ JSON_ENDPOINTS = frozenset(
     {"/chat/completions", "/responses", "/responses/compact", "/responses/input_tokens", "/embeddings"}
 )
 AUDIO_ENDPOINTS = frozenset({"/audio/transcriptions", "/audio/translations"})
-CHUNK = 64 * 1024
+# Other bodies are received (spooled) whole before they go upstream: up to OpenAI's own largest
+# upload (a 512 MB file) and its multipart framing, so a client cannot fill the disk with more.
+MAX_RELAYED_BODY = 512 * 1024 * 1024 + FORM_OVERHEAD_BYTES
 
 
 @dataclass
@@ -70,11 +64,16 @@ class PassthroughRequest:
     query: str
     headers: list[tuple[str, str]]
     credentials: Credentials
-    body: bytes | Iterator[bytes] | None
+    body: bytes | SpooledBody | None
     content_length: int | None
     timeout: TimeoutDecision
     model: str | None = None
     strip_usage_chunk: bool = False
+
+    def close(self) -> None:
+        """Free a spooled body (once the upstream call has been sent, or has failed)."""
+        if isinstance(self.body, SpooledBody):
+            self.body.close()
 
     def call(self, record: RequestRecord) -> UpstreamCall:
         return UpstreamCall(
@@ -160,7 +159,9 @@ def credentials() -> Credentials:
 
 
 def build_request() -> PassthroughRequest:
-    """Authenticate, then prepare the upstream request; JSON endpoints are read (size-limited)."""
+    """Authenticate, then prepare the upstream request with the client's whole body: JSON endpoints
+    read (size-limited), other bodies received into a spool (`openai_proxy.inbound.spool`). All of it
+    before a gate slot is taken; the caller closes the request once it has been sent."""
     authorize()
     path, query = upstream_target()
     method = request.method
@@ -171,10 +172,16 @@ def build_request() -> PassthroughRequest:
         req.content_length = len(req.body)
         _inspect_json(req)
     elif method in ("POST", "PUT", "PATCH"):
-        limit = state().config.max_audio_bytes if path in AUDIO_ENDPOINTS else None
-        req.body, req.content_length = streamed_body(limit)
-        if path in AUDIO_ENDPOINTS:  # the model, for the record and its price, read as the body passes
-            req.body = watch_text_field(req.body, request.content_type or "", "model", _set_model(record()))
+        audio = path in AUDIO_ENDPOINTS
+        pieces = client_body(state().config.max_audio_bytes if audio else MAX_RELAYED_BODY)
+        if audio:  # the model, for the record and its price, read as the body passes
+            pieces = watch_text_field(pieces, request.content_type or "", "model", _set_model(req))
+        body = spool(pieces)
+        small = body.small()
+        if small is not None:  # sent in one write with the head
+            body.close()
+        req.body = small if small is not None else body
+        req.content_length = len(body)
     return req
 
 
@@ -202,59 +209,11 @@ def chat_body(req: PassthroughRequest, body: dict[str, Any]) -> None:
     req.strip_usage_chunk = True
 
 
-def _set_model(rec: RequestRecord) -> Callable[[str], None]:
+def _set_model(req: PassthroughRequest) -> Callable[[str], None]:
     def found(model: str) -> None:
-        rec.model = rec.model or model
+        req.model = req.model or model
 
     return found
-
-
-def streamed_body(limit: int | None) -> tuple[Iterator[bytes], int | None]:
-    """The client's body as it arrives (never whole in memory); `limit` bytes at most, else 413.
-
-    It is read while a gate slot is held, so a client that stalls longer than the upload idle timeout
-    between two pieces gets 408 (the upstream call is dropped, the slot comes back). A client that
-    goes away mid-body is ClientCancelled, never mistaken for upstream failing to take the body.
-    """
-    length = request.content_length
-    if limit is not None and length is not None and length > limit:
-        raise PayloadTooLarge(f"Request body exceeds the {limit}-byte limit")
-    # The relay has no size limit of its own (None would mean "the app default" to Flask).
-    request.max_content_length = limit if limit is not None else sys.maxsize
-    stream = request.stream
-    idle_s = state().config.upload_idle_timeout_s
-
-    def read() -> bytes:
-        timer = gevent.Timeout.start_new(idle_s)
-        try:
-            return stream.read(CHUNK)
-        except gevent.Timeout as exc:
-            if exc is not timer:
-                raise
-            raise RequestTimeout(f"The request body stalled: nothing arrived for {idle_s} s") from None
-        except (OSError, ClientDisconnected):
-            # Raised as an OSError (a reset, gunicorn's NoMoreData), the client's failure would reach the
-            # upstream client's send, which takes a reset for upstream answering early and waits for it.
-            raise ClientCancelled("The client went away while sending the request body") from None
-        finally:
-            timer.close()
-
-    def chunks() -> Iterator[bytes]:
-        sent = 0
-        while True:
-            chunk = read()
-            if not chunk:
-                # gunicorn ends `wsgi.input` quietly when the client closes early: upstream would
-                # wait for the missing bytes, and the call for its response, while the slot is held.
-                if length is not None and sent < length:
-                    raise ClientCancelled("The client went away while sending the request body")
-                return
-            sent += len(chunk)
-            if limit is not None and sent > limit:
-                raise PayloadTooLarge(f"Request body exceeds the {limit}-byte limit")
-            yield chunk
-
-    return chunks(), length
 
 
 def response_headers(upstream: Any) -> list[tuple[str, str]]:

@@ -29,21 +29,24 @@ NAMED_ENDPOINTS = (
     "/responses/<response_id>", "/responses/<response_id>/input_items", "/responses/<response_id>/cancel",
     "/embeddings", "/audio/transcriptions", "/models", "/models/<model>",
 )  # fmt: skip
-# JSON answers of a known size up to this are read whole (usage for the record); bigger ones stream
-# through (usage then comes from their last TAIL_BYTES). One without a length is read whole up to
-# OPENAI_PROXY_MAX_RESPONSE_BYTES.
-READ_WHOLE_MAX = 8 * 1024 * 1024
+# JSON answers up to this are read whole (usage for the record); bigger ones, of a known size or
+# not, are relayed as they arrive (usage then comes from their last TAIL_BYTES), so memory per call
+# stays bounded whatever upstream sends.
+READ_WHOLE_MAX = 1024 * 1024
 TAIL_BYTES = 64 * 1024
 SSE_EXTRA_HEADERS = [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
 
 
 def relay_v1(**_route_args: Any) -> Response:
-    req = passthrough.build_request()
+    req = passthrough.build_request()  # the whole body is in before the slot is taken
     record = web.record()
     record.model, record.timeout = req.model, req.timeout
     # A GET reads what an earlier request made and paid for (`note_answer` knows the exception).
     record.billable = req.method != "GET"
-    forwarded = pipeline.forward(req.call(record))
+    try:
+        forwarded = pipeline.forward(req.call(record))
+    finally:
+        req.close()  # the body is all upstream once its answer's headers are in
     try:
         return _answer(forwarded, req, record)
     except BaseException:
@@ -63,10 +66,13 @@ def _answer(forwarded: Forwarded, req: PassthroughRequest, record: Any) -> Respo
     content_type = upstream.headers.get("content-type") or ""
     length = upstream.headers.get("content-length")
     size = int(length) if length is not None and length.isdigit() else None
-    if upstream.status_code >= 400 or (
-        content_type.startswith("application/json") and (size is None or size <= READ_WHOLE_MAX)
-    ):
-        return _read_whole(forwarded, record, headers)
+    if upstream.status_code >= 400:
+        return _whole_answer(pipeline.read_whole(forwarded), forwarded, record, headers)
+    if content_type.startswith("application/json") and (size is None or size <= READ_WHOLE_MAX):
+        # Without a length, only reading tells a small answer from a big one (which is then relayed).
+        body = pipeline.read_within(forwarded, READ_WHOLE_MAX)
+        if body is not None:
+            return _whole_answer(body, forwarded, record, headers)
     if content_type.startswith("text/event-stream"):
         record.stream = True
         relay: Relay = PassthroughEventRelay(
@@ -84,8 +90,9 @@ def _answer(forwarded: Forwarded, req: PassthroughRequest, record: Any) -> Respo
 
 
 class JsonTailRelay(Relay):
-    """A JSON answer too big to read whole, relayed as it arrives; its usage and model are read from
-    its first and last bytes (`openai_proxy.usage.summary_of_big`), so it is priced like any other answer."""
+    """A JSON answer too big to read whole, relayed as it arrives; only its first and last bytes are
+    kept, and its usage and model are read from them (`openai_proxy.usage.summary_of_big`), so it is
+    priced like any other answer, or has no usage if none is found there (never a wrong one)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -103,8 +110,7 @@ class JsonTailRelay(Relay):
         note_answer(self._record, summary_of_big(self._head, self._tail))
 
 
-def _read_whole(forwarded: Forwarded, record: Any, headers: list[tuple[str, str]]) -> Response:
-    body = pipeline.read_whole(forwarded)
+def _whole_answer(body: bytes, forwarded: Forwarded, record: Any, headers: list[tuple[str, str]]) -> Response:
     status = forwarded.response.status_code
     if status >= 400:
         body, summary = passthrough.redacted_error_body(body)

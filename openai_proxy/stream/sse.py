@@ -1,11 +1,13 @@
 """Server-sent events: parsing upstream streams, and the two ways we relay them.
 
 - `EventRelay` (legacy `/openai2`): each upstream event becomes `data: <compact JSON>`, then
-  `data: [DONE]`; a failure after our headers is an `event: error` with the legacy error JSON.
-- `PassthroughEventRelay` (`/v1`): upstream's own bytes, event by event (Responses keep their
+  `data: [DONE]`; a failure after our headers is an `event: error` with the legacy error JSON. It
+  must parse each event whole, so one is capped at OPENAI_PROXY_MAX_SSE_EVENT_BYTES.
+- `PassthroughEventRelay` (`/v1`): upstream's own bytes as they arrive (Responses keep their
   `event:` lines, chat keeps `data: [DONE]`); the only change is dropping the usage chunk the proxy
-  asked for on the client's behalf. A failure is an error event in OpenAI's shape, which the SDKs
-  raise as `APIError`.
+  asked for on the client's behalf. Only small events are held whole, so no event size needs a cap.
+  A failure is an error event in OpenAI's shape, which the SDKs raise as `APIError` (or a cut
+  connection, in the middle of an event already partly relayed).
 Both send `: keep-alive` comments during silences and record usage from the final event.
 """
 
@@ -26,8 +28,10 @@ DONE = b"data: [DONE]\n\n"
 TERMINAL_EVENTS = frozenset({"response.completed", "response.failed", "response.incomplete", "error"})
 FAILED_EVENTS = frozenset({"response.failed", "error"})
 _TERMINAL_HINT = re.compile(rb'"type":\s*"(response\.(?:completed|failed|incomplete)|error)"')
-# Final events larger than this have their usage read from the tail, not by parsing them whole.
-BIG_EVENT = 1024 * 1024
+_TRANSCRIPT_DONE = re.compile(rb'"type":\s*"transcript\.text\.done"')
+# `/v1` streams hold an event until its end up to this size; bigger ones are relayed as they arrive,
+# and their usage is read from their last TAIL_BYTES.
+HOLD_EVENT = 256 * 1024
 TAIL_BYTES = 64 * 1024
 
 
@@ -121,13 +125,6 @@ def _parsed(raw: bytes) -> Any:
         return None  # relayed as upstream sent it; the client's SDK judges it
 
 
-def final_summary(raw: bytes) -> dict[str, Any]:
-    """Usage, model and background flag of a huge final event, from its first and last bytes: a
-    `response.completed` carrying images is megabytes of base64, and parsing all of it would hold
-    the worker for tens of ms (`openai_proxy.usage.usage_in_tail` says why its tail is enough)."""
-    return summary_of_big(raw[:HEAD_BYTES], raw[-TAIL_BYTES:])
-
-
 def note_terminal(record: Any, kind: str, event: dict[str, Any]) -> None:
     """Usage and model from a final event (`response.completed`, `.incomplete` or `.failed`); a failed
     response is flagged in the record (the HTTP status stays 200)."""
@@ -184,22 +181,37 @@ class EventRelay(Relay):
 
 
 class PassthroughEventRelay(Relay):
-    """Upstream's bytes, event by event; inspects only what it must (final events, usage chunks)."""
+    """Upstream's bytes as they arrive; inspects only what it must (final events, usage chunks).
+
+    An event is held until its end only while it is small (HOLD_EVENT): the usage chunk the proxy asked
+    for must be dropped whole, and a small final event is parsed whole. A bigger one (base64 images,
+    or an event that never ends) is relayed as it arrives, keeping only its first and last bytes, where
+    OpenAI puts `type` and `usage`: memory per stream stays bounded whatever upstream sends.
+    """
 
     def __init__(
         self, *args: Any, strip_usage_chunk: bool = False, needs_end_marker: bool = True, **kwargs: Any
     ):
         super().__init__(*args, **kwargs)
-        self._buffer = bytearray()
+        self._buffer = bytearray()  # held events (complete ones, then the start of the next)
         self._scanned = 0  # the buffer before this offset holds no event end
+        self._passing: _PassingEvent | None = None  # a big event, part of it relayed already
         self._strip_usage_chunk = strip_usage_chunk
         self._needs_end_marker = needs_end_marker
         self._ended = False
 
     def on_data(self, chunk: bytes) -> bytes | None:
+        out: list[bytes] = []
+        if self._passing is not None:
+            end = self._passing.feed(chunk)
+            if end < 0:
+                return chunk
+            self._note_big(self._passing)
+            self._passing = None
+            out.append(chunk[:end])
+            chunk = chunk[end:]
         buffer = self._buffer
         buffer += chunk
-        out = []
         start = 0
         # An event end is at most 4 bytes (\r\n\r\n): only its tail can straddle the old and new data.
         pos = max(self._scanned - 3, 0)
@@ -211,31 +223,25 @@ class PassthroughEventRelay(Relay):
         if start:
             del buffer[:start]
         self._scanned = len(buffer)
-        check_event_size(len(buffer), self._max_event_bytes)
+        if len(buffer) > HOLD_EVENT:  # too big to hold: relay it as it comes
+            self._passing = _PassingEvent(buffer)
+            out.append(bytes(buffer))
+            buffer.clear()
+            self._scanned = 0
         return b"".join(out) if out else None
 
     def _keep(self, raw: bytes) -> bool:
-        """Whether to relay this raw event; notes usage and the end. Whole-event scans are kept to
-        events that can be small (`[DONE]`, chat's usage chunk): a large event is looked at only
-        where OpenAI puts `type` (first) and `usage` (last)."""
-        big = len(raw) > BIG_EVENT
+        """Whether to relay this (small) raw event; notes usage and the end."""
         if len(raw) < 64 and b"[DONE]" in raw and data_of(raw) == b"[DONE]":
             self._ended = True
             return True
-        terminal = _TERMINAL_HINT.search(raw, 0, 512) if big else _TERMINAL_HINT.search(raw)
-        if terminal is None and big and b'"type":' not in raw[:512]:
-            terminal = _TERMINAL_HINT.search(raw)  # not OpenAI's usual field order: look everywhere
-        if terminal:
-            kind = terminal.group(1).decode()
-            # A big failed event is parsed whole: its error message is wanted too, and it is rare.
-            tail_read = big and kind in ("response.completed", "response.incomplete")
-            summary = final_summary(raw) if tail_read else {}
-            event = {"type": kind, "response": summary} if "usage" in summary else _parsed(raw)
+        if _TERMINAL_HINT.search(raw):
+            event = _parsed(raw)
             if isinstance(event, dict) and event.get("type") in TERMINAL_EVENTS:
                 self._ended = True
                 note_terminal(self._record, event["type"], event)
             return True
-        if not big and b'"usage"' in raw:
+        if b'"usage"' in raw:
             compact = raw.replace(b" ", b"")
             if b'"choices":[]' in compact:  # chat's usage chunk, the last before `[DONE]`
                 event = _parsed(raw)
@@ -246,13 +252,52 @@ class PassthroughEventRelay(Relay):
                 note_answer(self._record, _parsed(raw))
         return True
 
+    def _note_big(self, event: _PassingEvent) -> None:
+        """Usage and the end from a big event's ends (`openai_proxy.usage.usage_in_tail` says why
+        its tail is enough): `type` is where OpenAI puts it, first, unless it is nowhere there."""
+        head, tail = event.head, event.tail
+        terminal = _TERMINAL_HINT.search(head, 0, 512)
+        if terminal is None and b'"type":' not in head[:512]:
+            terminal = _TERMINAL_HINT.search(head) or _TERMINAL_HINT.search(tail)
+        if terminal is not None:
+            kind = terminal.group(1).decode()
+            self._ended = True
+            note_terminal(self._record, kind, {"type": kind, "response": summary_of_big(head, tail)})
+        elif _TRANSCRIPT_DONE.search(head, 0, 512):
+            note_answer(self._record, summary_of_big(head, tail))
+
     def on_idle(self) -> bytes:
         return KEEPALIVE
 
     def on_end(self) -> bytes | None:
-        if self._buffer.strip() or (self._needs_end_marker and not self._ended):
+        if self._passing is not None or self._buffer.strip() or (self._needs_end_marker and not self._ended):
             raise UpstreamTransport("OpenAI closed the stream before it finished")
         return None
 
-    def on_failure(self, error: ProxyError) -> bytes:
+    def on_failure(self, error: ProxyError) -> bytes | None:
+        if self._passing is not None:
+            # Part of an event is out: an error event now would read as its continuation. Cut the
+            # connection instead, so the client sees an incomplete response, never a clean end.
+            self.abort_client()
+            return None
         return b"event: error\ndata: " + jsonio.dumps(error.openai_body(self._record.request_id)) + b"\n\n"
+
+
+class _PassingEvent:
+    """A big event relayed as it arrives: its first HEAD_BYTES and last TAIL_BYTES, and where it ends."""
+
+    __slots__ = ("head", "tail")
+
+    def __init__(self, start: bytes | bytearray) -> None:
+        self.head = bytes(start[:HEAD_BYTES])
+        self.tail = bytes(start[-TAIL_BYTES:])
+
+    def feed(self, chunk: bytes) -> int:
+        """Take the next bytes; the offset in `chunk` just past the event's end, or -1 if it goes on."""
+        carry = self.tail[-3:]  # an end that starts in what came before
+        end = event_end(carry + chunk[:3], 0)
+        end = end - len(carry) if end > 0 else event_end(chunk, 0)
+        piece = chunk if end < 0 else chunk[:end]
+        keep = TAIL_BYTES - len(piece)
+        self.tail = (self.tail[-keep:] + piece) if keep > 0 else piece[-TAIL_BYTES:]
+        return end

@@ -104,7 +104,9 @@ class Upstream:
             body = call.body
             response = self._pool_call(call).send(
                 lambda key: self._send_plain(call, target, [*headers, ("Authorization", f"Bearer {key}")]),
-                replayable=body is None or isinstance(body, bytes | bytearray),
+                replayable=body is None
+                or isinstance(body, bytes | bytearray)
+                or getattr(body, "replayable", False),
             )
         else:
             response = self._send_plain(call, target, headers)

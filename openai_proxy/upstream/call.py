@@ -44,8 +44,8 @@ class UpstreamCall:
     """What to send upstream, as whom, how long to wait for headers, and how often to try.
 
     `path` is below the base URL's path (`/chat/completions`); `query` is sent as given, `params` are
-    encoded the way the SDK encodes them. `body` is bytes or an iterable streamed at the client's
-    pace (with `content_length` when known); `form` and `files` make a multipart upload instead.
+    encoded the way the SDK encodes them. `body` is bytes or an iterable of bytes (with
+    `content_length` when known; one with `replayable = True` may be iterated again for a failover); `form` and `files` make a multipart upload instead.
     """
 
     method: str

@@ -4,7 +4,7 @@ error, for every call the proxy makes.
 
 What this module adds is only what a proxy needs on top: the wait for response *headers* bounded per
 call (a `gevent.Timeout`, started once a streamed request body is all sent), request bodies streamed
-at the client's pace with their `Content-Length` kept, response bodies handed on as soon as bytes
+as they are produced with their `Content-Length` kept, response bodies handed on as soon as bytes
 arrive (`next_chunk`), a cap on the response head, transparent decoding of a gzip/deflate body, and
 failures raised as httpx2's exception types, so the SDK's retry policy and our classification
 (`openai_proxy.upstream.classify`) treat them alike. No byte of HTTP framing is written or parsed here.
@@ -244,6 +244,19 @@ class UpstreamResponse(HTTPSocketPoolResponse):
             parts.append(piece)
         return b"".join(parts)
 
+    def read_within(self, limit: int) -> bytes | None:
+        """The whole (decoded) body if it ends within `limit` bytes; else None, and what was read is
+        handed out again to whoever reads next, so the rest can be relayed as it comes."""
+        parts: list[bytes] = []
+        size = 0
+        for piece in self.iter_bytes():
+            parts.append(piece)
+            size += len(piece)
+            if size > limit:
+                self._replay = b"".join(parts)
+                return None
+        return b"".join(parts)
+
     def buffer_body(self, limit: int) -> bytes:
         """Read the whole body now (as `read_body`), and hand it out again to whoever reads it next."""
         body = self.read_body(limit)
@@ -352,8 +365,8 @@ class UpstreamClient(HTTPClient):
         """Send a request; return once the response headers are in (any status).
 
         `header_timeout` bounds connecting, sending a bytes body and waiting for the response head.
-        A streamed body (an iterable, sent with `content_length` if known, else chunked) is sent at
-        the client's pace first; the timer starts once it is all upstream.
+        A streamed body (an iterable, sent with `content_length` if known, else chunked) is sent as
+        it is produced first; the timer starts once it is all upstream.
         """
         streamed = body is not None and not isinstance(body, bytes | bytearray)
         if streamed and content_length is not None:

@@ -9,9 +9,9 @@ create calls included (nothing was billed):
   case it is what the client gets after all.
 Never after any other status, after a timeout waiting for headers or a connection lost once the
 request was sent (upstream may have started the work), nor once a stream has begun; at most once per
-call, whichever path it takes. And only if the body can be sent again: bytes, or a multipart upload
-the SDK re-reads from its spooled file. A `/v1` upload streamed from the client is gone once sent,
-so its 429 goes to the client (a connect error still fails over: none of its body was read).
+call, whichever path it takes. And only if the body can be sent again: bytes, a `/v1` upload received
+whole into its spool (`openai_proxy.inbound.spool`), or a multipart upload the SDK re-reads from
+its spooled file.
 
 Each attempt is listed in the completion record (`attempts`: key name, outcome, status); a failover
 is logged like an SDK retry (a warning line, and a retry row on `/log_errors`) and counted as one.
