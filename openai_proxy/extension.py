@@ -24,6 +24,7 @@ from openai_proxy.keys.pool import KeyPool
 from openai_proxy.limits import open_limit_store
 from openai_proxy.log import url as logurl
 from openai_proxy.log.store import LogStore
+from openai_proxy.objects import open_object_book
 from openai_proxy.observe.completion import CompletionLog
 from openai_proxy.observe.metrics import KeyPoolCollector, Metrics
 from openai_proxy.observe.prices import load_prices
@@ -82,6 +83,9 @@ def build_app(config: Config | None = None) -> Flask:
 
     runtime_dir = _runtime_dir(config)
     gate = open_gate(config, runtime_dir)
+    log_store = LogStore(
+        config.log_db, config.log_retention, max_queue=config.log_max_queue, host=config.host_name
+    )
     st = app.extensions["openai_proxy"] = ProxyState(
         config=config,
         upstream=Upstream(
@@ -90,12 +94,11 @@ def build_app(config: Config | None = None) -> Flask:
         gate=gate,
         completion_log=CompletionLog(prices=prices, host=config.host_name),
         runtime_dir=runtime_dir,
-        log_store=LogStore(
-            config.log_db, config.log_retention, max_queue=config.log_max_queue, host=config.host_name
-        ),
+        log_store=log_store,
         metrics=Metrics(runtime_dir, gate, prices),
         clients=clients,
         limits=open_limit_store(config),
+        objects=open_object_book(log_store),
     )
     # Observability hangs off the existing hooks: finished requests, retries, new parallel peaks.
     st.completion_log.sinks += [st.log_store.append, st.metrics.observe, functools.partial(charge, st)]

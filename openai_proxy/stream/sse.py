@@ -173,6 +173,9 @@ class EventRelay(Relay):
             event = jsonio.loads(data)
         except jsonio.JSONDecodeError:
             raise UpstreamBadResponse("OpenAI sent stream data that is not JSON") from None
+        watch = self._record.object_watch
+        if watch is not None and watch.waiting:
+            watch(event)  # `response.created`: its id is recorded before the client sees it
         kind = event.get("type") if isinstance(event, dict) else None
         if kind in TERMINAL_EVENTS:
             self._terminal = True
@@ -222,6 +225,9 @@ class PassthroughEventRelay(Relay):
         if len(raw) < 64 and b"[DONE]" in raw and data_of(raw) == b"[DONE]":
             self._ended = True
             return True
+        watch = self._record.object_watch
+        if watch is not None and watch.waiting:
+            watch(_parsed(raw))  # the first event names the new object: recorded before the client sees it
         terminal = _TERMINAL_HINT.search(raw, 0, 512) if big else _TERMINAL_HINT.search(raw)
         if terminal is None and big and b'"type":' not in raw[:512]:
             terminal = _TERMINAL_HINT.search(raw)  # not OpenAI's usual field order: look everywhere
