@@ -175,6 +175,16 @@ def test_v1_previous_response_id_and_conversation_of_another_client_are_404(clie
     assert r.status_code == 200 and key_names(fake, "/v1/responses")[-1] == "beta"
 
 
+def test_a_create_answer_too_big_to_read_whole_is_recorded_from_its_first_bytes(client, fake):
+    big = response_object(MODEL, rid="resp_big", text="x" * (9 * 1024 * 1024))  # relayed as it arrives
+    fake.push("POST", "/v1/responses", lambda req, conn: conn.send_json(200, big))
+    r = post_json(client, "/v1/responses", CREATE, headers=A)
+    assert r.status_code == 200 and len(r.get_data()) > 9 * 1024 * 1024
+    openai_404(client.get("/v1/responses/resp_big", headers=B), "Response with id 'resp_big' not found.")
+    assert client.get("/v1/responses/resp_big", headers=A).status_code == 200
+    assert key_names(fake, "/v1/responses/resp_big") == ["alpha"]
+
+
 def test_a_second_or_escaped_previous_response_id_cannot_slip_past(client, fake):
     """Another JSON parser may read the first of two equal keys, or an escaped key: upstream gets
     exactly what was judged."""
