@@ -1,9 +1,10 @@
 """Errors: the ProxyError tree and the two JSON shapes.
 
     ProxyError (500 internal_error)
-    ├── BadRequest 400 · Unauthorized 401 · Forbidden 403 · NotFound 404 · RequestTimeout 408
+    ├── BadRequest 400 · Unauthorized 401 · Forbidden 403 · NotFound 404 (ObjectNotFound) · RequestTimeout 408
     ├── PayloadTooLarge 413 · RateLimited 429 · ClientLimited 429 · Overloaded 503 (+ Retry-After)
     ├── KeysResting 429 (+ Retry-After) · NoUpstreamKey 503: the key pool has no key for the call
+    ├── ObjectsUnavailable 503: who owns a stored object cannot be told now
     ├── ClientCancelled 499 (nothing is sent)
     ├── UpstreamAPIError (upstream's status) · UpstreamBadResponse 502 · UpstreamTransport 502
     ├── UpstreamTimeout 504
@@ -100,6 +101,26 @@ class Forbidden(ProxyError):
 
 class NotFound(ProxyError):
     status, type, code, result = 404, "not_found", "OPENAI_PROXY_NOT_FOUND", "not_found"
+
+
+class ObjectNotFound(NotFound):
+    """A stored object that is not the client's (`openai_proxy.objects`): upstream is not called."""
+
+    openai_type = "invalid_request_error"  # what OpenAI says for an id it does not know
+
+
+class ObjectsUnavailable(ProxyError):
+    """The proxy cannot tell who owns a stored object (its database does not answer): closed, 503."""
+
+    status, type, code, result = (
+        503,
+        "objects_unavailable",
+        "OPENAI_PROXY_OBJECTS_UNAVAILABLE",
+        "objects_unavailable",
+    )
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Retry-After": "1"})
 
 
 class RequestTimeout(ProxyError):

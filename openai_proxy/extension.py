@@ -31,6 +31,7 @@ from openai_proxy.keys.pool import KeyPool
 from openai_proxy.limits import open_limit_store
 from openai_proxy.log import url as logurl
 from openai_proxy.log.store import LogStore
+from openai_proxy.objects import open_object_book
 from openai_proxy.observe.completion import CompletionLog
 from openai_proxy.observe.metrics import KeyPoolCollector, Metrics
 from openai_proxy.observe.prices import load_prices
@@ -134,6 +135,9 @@ def _install(app: Flask, config: Config, prefix: str, *, whole_app: bool) -> Pro
 
     runtime_dir = open_runtime_dir(config.runtime_dir)
     gate = open_gate(config, runtime_dir)
+    log_store = LogStore(
+        config.log_db, config.log_retention, max_queue=config.log_max_queue, host=config.host_name
+    )
     st = app.extensions["openai_proxy"] = ProxyState(
         config=config,
         upstream=Upstream(
@@ -142,12 +146,11 @@ def _install(app: Flask, config: Config, prefix: str, *, whole_app: bool) -> Pro
         gate=gate,
         completion_log=CompletionLog(prices=prices, host=config.host_name),
         runtime_dir=runtime_dir,
-        log_store=LogStore(
-            config.log_db, config.log_retention, max_queue=config.log_max_queue, host=config.host_name
-        ),
+        log_store=log_store,
         metrics=Metrics(runtime_dir, gate, prices),
         clients=clients,
         limits=open_limit_store(config),
+        objects=open_object_book(log_store),
         url_prefix=prefix,
     )
     # Observability hangs off the existing hooks: finished requests, retries, new parallel peaks.

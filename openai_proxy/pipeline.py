@@ -24,6 +24,7 @@ from openai_proxy.clients.admission import admit
 from openai_proxy.errors import Overloaded, UpstreamBadResponse
 from openai_proxy.gate import SlotGuard
 from openai_proxy.inbound.disconnect import cancel_current_greenlet
+from openai_proxy.objects.guard import claim
 from openai_proxy.record import RequestRecord
 from openai_proxy.state import state
 from openai_proxy.stream.relay import Relay
@@ -76,7 +77,10 @@ class Forwarded:
 
 
 def forward(call: UpstreamCall) -> Forwarded:
-    """Take a slot and send the call (any status comes back); on failure the slot is given back."""
+    """Take a slot and send the call (any status comes back); on failure the slot is given back.
+
+    A call about a stored object of another client is refused first (`openai_proxy.objects.guard`)."""
+    claim(call)
     slot = take_slot(call.record)
     try:
         response = watched(lambda: state().upstream.send(call))
@@ -133,6 +137,7 @@ def fetch(call: UpstreamCall) -> Fetched:
     """Call upstream and read its answer whole; an error status raises UpstreamAPIError.
 
     Sending and reading are one watched piece of work (one client watch, not two)."""
+    claim(call)
     slot = take_slot(call.record)
     upstream = state().upstream
 
@@ -175,6 +180,8 @@ def relay_json(call: UpstreamCall, transform: Callable[[Any], Any] | None = None
     fetched = fetch(call)
     data = fetched.json()
     note_answer(call.record, data)
+    if call.record.object_watch is not None:
+        call.record.object_watch(data)  # a new object's owner is recorded before the client sees its id
     if transform is None:
         return json_response(fetched.body, fetched.status)
     return json_response(jsonio.dumps(transform(data)), fetched.status)

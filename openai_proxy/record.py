@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from openai_proxy.objects import AnswerWatch
 
 
 def new_request_id() -> str:
@@ -60,6 +63,9 @@ class RequestRecord:
     billable: bool = True
     # Each upstream attempt made through the key pool: {"key": <key name>, "outcome": ...}.
     attempts: list[dict[str, Any]] = field(default_factory=list)
+    # Set for a call whose answer names stored objects to record (a create call): the relays show it the
+    # answer, or stream events while it is waiting, before the client gets them (`openai_proxy.objects`).
+    object_watch: AnswerWatch | None = None
     status: int | None = None
     result: str | None = None
     error: dict[str, Any] | None = None

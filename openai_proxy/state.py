@@ -1,5 +1,5 @@
 """What one worker owns for the app's lifetime: config, upstream client, gate, completion log, log
-store, metrics and the pages' rate limiter."""
+store, metrics, the stored objects' owners and the pages' rate limiter."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from openai_proxy.config import Config
 from openai_proxy.gate import SlotGate
 from openai_proxy.limits import LimitStore
 from openai_proxy.log.store import LogStore
+from openai_proxy.objects import ObjectBook
 from openai_proxy.observe.completion import CompletionLog
 from openai_proxy.observe.metrics import Metrics
 from openai_proxy.runtime import server_stopping
@@ -36,6 +37,7 @@ class ProxyState:
     metrics: Metrics
     clients: ClientBook
     limits: LimitStore
+    objects: ObjectBook
     limiter: Limiter | None = None
     # Where the proxy is mounted in its app ("/ai"); "" when it is the whole app.
     url_prefix: str = ""

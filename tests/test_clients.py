@@ -162,7 +162,8 @@ def test_every_way_of_sending_the_key_works_for_client_keys(clients_app, fake):
         post_json(client, "/openai", CHAT, headers={"Authorization": f"Bearer {ALPHA_KEY}"}),
         post_json(client, "/openai", CHAT, headers={"X-Security-Key": ALPHA_KEY}),
         post_json(client, f"/openai?security_key={ALPHA_KEY}", CHAT),
-        client.get(f"/openai2/resp_1?security_key={ALPHA_KEY}"),
+        post_json(client, "/openai2", {"model": "gpt-4o-mini", "input": "hi"}, headers={"X-Security-Key": ALPHA_KEY}),
+        client.get(f"/openai2/resp_fake123?security_key={ALPHA_KEY}"),  # its own response (contract §14)
         client.post("/openai/audio/transcriptions", data={"security_key": ALPHA_KEY, "file": (__import__("io").BytesIO(b"RIFF0000WAVE"), "a.wav")}),
         post_json(client, "/v1/chat/completions", CHAT, headers={"Authorization": f"Bearer {ALPHA_KEY}"}),
     ]  # fmt: skip

@@ -47,7 +47,9 @@ def test_the_worker_class_module_loads_no_app_libraries(tmp_path):
     assert [name for name in HEAVY if name in loaded and name not in ("ssl", "_ssl")] == []
 
 
-@pytest.mark.parametrize("face", ["clients", "limits", "gate", "keys", "log", "observe", "pages", "stream"])
+@pytest.mark.parametrize(
+    "face", ["clients", "limits", "gate", "keys", "log", "objects", "observe", "pages", "stream"]
+)
 def test_a_package_face_imports_only_the_standard_library(face, tmp_path):
     loaded = _fresh(
         "import sys; before = set(sys.modules); import openai_proxy." + face + "; import json; "

@@ -11,6 +11,7 @@
     monthly_usd = 500.0                 # budget per UTC month
     models = ["gpt-4o-mini"]            # allowed models; others are refused with 403
     keys = ["team-a"]                   # upstream keys of the pool it may use (default: any)
+    unknown_objects = "allow"           # may use stored objects the proxy has no record of (default: "deny")
 
     [[upstream_key]]                    # more keys for the upstream key pool (`openai_proxy.keys.pool`)
     name = "team-a"
@@ -44,7 +45,10 @@ from openai_proxy.limits import Limits
 DEFAULT_CLIENT = "default"
 NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
-_FIELDS = ("name", "key", "key_sha256", "rpm", "tpm", "daily_usd", "monthly_usd", "models", "keys")
+_FIELDS = (
+    "name", "key", "key_sha256", "rpm", "tpm", "daily_usd", "monthly_usd", "models", "keys", "unknown_objects",
+)  # fmt: skip
+UNKNOWN_OBJECTS = {"allow": True, "deny": False}
 _KEY_FIELDS = ("name", "key", "weight", "models")
 _INTS = ("rpm", "tpm")
 _USD = ("daily_usd", "monthly_usd")
@@ -59,12 +63,18 @@ class ClientsFileError(ValueError):
 
 @dataclass(frozen=True)
 class Client:
-    """One client as the request path sees it: its name, limits and allowed models (None = any)."""
+    """One client as the request path sees it: its name, limits and allowed models (None = any).
+
+    `unknown_objects`: whether it may use stored objects (responses, files, ...) the proxy has no record
+    of, made outside the proxy or before it recorded owners (`openai_proxy.objects`). True for `default`
+    (SECURITY_KEY, the deployment's own key), False for named clients unless their table says "allow".
+    """
 
     name: str
     limits: Limits = field(default_factory=Limits)
     models: frozenset[str] | None = None
     keys: frozenset[str] | None = None  # names of the upstream keys it may use; None: any
+    unknown_objects: bool = False
 
     def allows_model(self, model: str | None) -> bool:
         """Whether the client may call `model`; a request that names no model is not refused here."""
@@ -135,7 +145,7 @@ def load_clients(
     plain_keys: list[str] = []
     pool = list(env_keys)
     if security_key:
-        entries.append((key_digest(security_key), Client(DEFAULT_CLIENT)))
+        entries.append((key_digest(security_key), Client(DEFAULT_CLIENT, unknown_objects=True)))
     if path:
         parsed, plain_keys, file_keys = _parse_file(path, dict(entries), pool, single_key)
         entries += parsed
@@ -314,4 +324,7 @@ def _client(table: Mapping[str, Any], where: _Where) -> tuple[bytes, Client, str
                 "keys", f"client {name!r}: `keys` must be a non-empty list of upstream key names"
             )
         keys = frozenset(keys)
-    return digest, Client(name, Limits(**values), models, keys), key
+    unknown = table.get("unknown_objects", "deny")
+    if not isinstance(unknown, str) or unknown not in UNKNOWN_OBJECTS:
+        raise where.error("unknown_objects", f'client {name!r}: `unknown_objects` must be "allow" or "deny"')
+    return digest, Client(name, Limits(**values), models, keys, UNKNOWN_OBJECTS[unknown]), key

@@ -152,6 +152,29 @@ class KeyPool:
             )
         raise KeysUnavailable(_no_key_message(model, allowed), None)
 
+    def choose_named(
+        self, name: str, model: str | None = None, allowed: Collection[str] | None = None
+    ) -> Lease:
+        """A lease on the key called `name` (it holds a stored object the call is about), or
+        KeysUnavailable saying why that key cannot take the call, as `choose` says it for the pool:
+        resting (with when it is back), revoked, no longer configured, or not for this call."""
+        holds = f"The upstream API key {name!r}, which holds this object,"
+        if name not in self.names:
+            raise KeysUnavailable(f"{holds} is no longer configured", None)
+        if allowed is not None and name not in allowed:
+            raise KeysUnavailable(f"{holds} is not allowed for this client", None)
+        try:
+            return self.choose(model, (name,))
+        except KeysUnavailable as exc:
+            if exc.retry_after is not None:
+                why = "is resting after a 429"
+            elif not self.specs[self.names.index(name)].serves(model):
+                why = f"does not serve model {model!r}"
+            else:
+                why = ("was refused by OpenAI (401, 403 or insufficient_quota) and is out of use until the"
+                       " proxy is restarted or reloaded")  # fmt: skip
+            raise KeysUnavailable(f"{holds} {why}", exc.retry_after) from None
+
     def _eligible(self, model: str | None, allowed: Collection[str] | None) -> tuple[bool, ...]:
         return tuple(s.serves(model) and (allowed is None or s.name in allowed) for s in self.specs)
 

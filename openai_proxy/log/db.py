@@ -116,11 +116,12 @@ class Batch:
     at: float = 0.0
 
 
-def create_schema(db: Database) -> None:
-    """Create what is missing, in one transaction (idempotent; safe when two hosts start at once)."""
+def create_schema(db: Database, extra: Iterable[str] = ()) -> None:
+    """Create what is missing, `extra` statements too, in one transaction (idempotent; safe when two
+    hosts start at once)."""
     db.begin_schema()
     try:
-        for statement in SCHEMA:
+        for statement in (*SCHEMA, *extra):
             db.execute(db.ddl(statement))
         for table, added in ADDED_COLUMNS.items():
             have = db.columns(table)

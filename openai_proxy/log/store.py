@@ -68,6 +68,9 @@ class LogStore:
         self.last_error: str | None = None
         self.last_write_at: float | None = None
         self.on_drop: Callable[[], None] | None = None  # metrics
+        # Tables of others that live in the log's database (`openai_proxy.objects`), made with its schema.
+        self.extra_schema: list[str] = []
+        self.before_close: list[Callable[[], None]] = []  # their last writes, while the connection lives
         self._queue: deque[Queued] = deque()
         self._unsure: Batch | None = None  # the batch being written, or waiting to be written again
         self._dropped_saved = 0
@@ -185,6 +188,8 @@ class LogStore:
 
     def close(self) -> None:
         """Flush what is queued, then release the connection and the thread (worker exit, tests)."""
+        for hook in self.before_close:
+            hook()
         self._stop.set()
         self._pending.set()
         if self._writer is not None:
@@ -239,6 +244,11 @@ class LogStore:
             "lastWriteAt": self.last_write_at,
         }
 
+    def run(self, fn: Callable[[Database], T]) -> T:
+        """`fn(db)` on this worker's connection, in the database thread (once more on a new connection
+        if the server went away since the last use). For others that keep a table in the log's database."""
+        return self._call(self._with_db, fn)
+
     # -- in the database thread ---------------------------------------------------------------------
     def _call(self, fn: Callable[..., T], *args: Any) -> T:
         if self._pool is None:
@@ -252,7 +262,7 @@ class LogStore:
         if self._db is None:
             db = open_database(self.target, self.busy_timeout_ms)
             try:
-                logdb.create_schema(db)
+                logdb.create_schema(db, self.extra_schema)
             except BaseException:
                 db.close()
                 raise

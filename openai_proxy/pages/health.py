@@ -61,8 +61,8 @@ def _uptime(st: ProxyState) -> dict[str, Any]:
 
 def liveness(st: ProxyState) -> dict[str, Any]:
     """Ready means API routes can serve (SECURITY_KEY or a named client is configured); a log store
-    problem, the fleet-wide gate's Redis not answering (the host's gate stands in) or every upstream
-    key revoked only degrades; a server told to stop is draining and not ready (in-flight work
+    problem (records, or owners of stored objects not yet written), the fleet-wide gate's Redis not
+    answering (the host's gate stands in) or every upstream key revoked only degrades; a server told to stop is draining and not ready (in-flight work
     finishes, `/ready` says 503)."""
     config = st.config
     store_error = st.log_store.check_writable()
@@ -72,7 +72,10 @@ def liveness(st: ProxyState) -> dict[str, Any]:
     gate = {"inUse": st.gate.in_use(), "limit": st.gate.limit, "heldByThisWorker": st.gate.held_here()}
     gate.update(st.gate.status())
     keys = upstream_keys(st)
-    healthy = store_error is None and not gate.get("fallback") and not keys["allRevoked"]
+    objects = st.objects.stats()
+    healthy = (
+        store_error is None and not gate.get("fallback") and not keys["allRevoked"] and not objects["failing"]
+    )
     return {
         "status": "draining" if draining else "ok" if ready and healthy else "degraded",
         "ready": ready,
@@ -89,6 +92,7 @@ def liveness(st: ProxyState) -> dict[str, Any]:
         "gate": gate,
         "logStore": {"writable": store_error is None, "error": store_error, **st.log_store.stats()},
         "upstreamKeys": keys,
+        "storedObjects": objects,
     }
 
 

@@ -7,6 +7,7 @@ endpoint instead of `/v1/<path>`. Errors here are in OpenAI's own shape.
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Any
 
 from flask import Blueprint, Response
@@ -35,6 +36,8 @@ NAMED_ENDPOINTS = (
 READ_WHOLE_MAX = 1024 * 1024
 TAIL_BYTES = 64 * 1024
 SSE_EXTRA_HEADERS = [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
+# The `id` OpenAI puts first in an object, read from a big answer's first bytes.
+LEADING_ID = re.compile(rb'\s*\{\s*"id"\s*:\s*"([^"\\]{1,256})"')
 
 
 def relay_v1(**_route_args: Any) -> Response:
@@ -102,6 +105,9 @@ class JsonTailRelay(Relay):
     def on_data(self, chunk: bytes) -> bytes:
         if len(self._head) < HEAD_BYTES:
             self._head += chunk[: HEAD_BYTES - len(self._head)]
+            watch = self._record.object_watch
+            if watch is not None and watch.waiting and (found := LEADING_ID.match(self._head)):
+                watch({"id": found.group(1).decode("utf-8", "replace")})
         keep = TAIL_BYTES - len(chunk)
         self._tail = (self._tail[-keep:] if keep > 0 else b"") + chunk[-TAIL_BYTES:]
         return chunk
@@ -118,5 +124,8 @@ def _whole_answer(body: bytes, forwarded: Forwarded, record: Any, headers: list[
         record.error = {**summary, "upstream": {"status": status, "requestId": record.upstream_request_id}}
     elif body[:1] == b"{":
         with contextlib.suppress(jsonio.JSONDecodeError):
-            note_answer(record, jsonio.loads(body))
+            data = jsonio.loads(body)
+            note_answer(record, data)
+            if record.object_watch is not None:
+                record.object_watch(data)  # a new object's owner, recorded before the client sees its id
     return Response(body, status=status, headers=headers)

@@ -170,6 +170,9 @@ class EventRelay(Relay):
             event = jsonio.loads(data)
         except jsonio.JSONDecodeError:
             raise UpstreamBadResponse("OpenAI sent stream data that is not JSON") from None
+        watch = self._record.object_watch
+        if watch is not None and watch.waiting:
+            watch(event)  # `response.created`: its id is recorded before the client sees it
         kind = event.get("type") if isinstance(event, dict) else None
         if kind in TERMINAL_EVENTS:
             self._terminal = True
@@ -235,6 +238,9 @@ class PassthroughEventRelay(Relay):
         if len(raw) < 64 and b"[DONE]" in raw and data_of(raw) == b"[DONE]":
             self._ended = True
             return True
+        watch = self._record.object_watch
+        if watch is not None and watch.waiting:
+            watch(_parsed(raw))  # the first event names the new object: recorded before the client sees it
         if _TERMINAL_HINT.search(raw):
             event = _parsed(raw)
             if isinstance(event, dict) and event.get("type") in TERMINAL_EVENTS:

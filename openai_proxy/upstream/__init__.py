@@ -129,7 +129,10 @@ class Upstream:
 
     def _pool_call(self, call: UpstreamCall) -> PoolCall:
         assert self.pool is not None
-        return PoolCall(self.pool, call.record, call.path, self.retry_sinks, call.credentials.key_names)
+        creds = call.credentials
+        return PoolCall(
+            self.pool, call.record, call.path, self.retry_sinks, creds.key_names, pinned=creds.object_key
+        )
 
     def _send_sdk(self, call: UpstreamCall) -> UpstreamResponse:
         verb = _SDK_METHODS.get(call.method.upper())

@@ -20,7 +20,8 @@ class Credentials:
 
     `pooled`: the request brought no key of its own and the proxy has a key pool, so `api_key` is None
     and each attempt takes a key from the pool (`openai_proxy.keys.pool`), among `key_names` if given
-    (a client restricted to named keys).
+    (a client restricted to named keys). `object_key`: the pool key that holds the stored object the
+    call is about (`openai_proxy.objects`); every attempt goes to that key, or to none.
     """
 
     api_key: str | None
@@ -28,6 +29,7 @@ class Credentials:
     organization: str | None
     pooled: bool = False
     key_names: frozenset[str] | None = None
+    object_key: str | None = None
 
     def header_list(self) -> list[tuple[str, str]]:
         """`Authorization`, `OpenAI-Project`, `OpenAI-Organization`: only those that are set."""

@@ -52,10 +52,14 @@ class PoolCall:
     sinks: list[RetrySink]
     allowed: frozenset[str] | None = None
     failovers: int = 1
+    # The key that holds the stored object the call is about: the only key it may go to, no failover.
+    pinned: str | None = None
     tried: set[int] = field(default_factory=set)
 
     def first(self) -> Lease:
         """A key for the first attempt; KeysUnavailable (nothing sent) when none may take the call."""
+        if self.pinned is not None:
+            return self.pool.choose_named(self.pinned, self.record.model, self.allowed)
         return self.pool.choose(self.record.model, self.allowed)
 
     def send(self, send_once: SendOnce, *, replayable: bool, lease: Lease | None = None) -> UpstreamResponse:
@@ -107,7 +111,7 @@ class PoolCall:
 
     def _failover(self, failed: Lease, outcome: str, detail: str) -> Lease | None:
         """Another usable key for one more attempt, or None (no failover left, or no key)."""
-        if self.failovers <= 0:
+        if self.failovers <= 0 or self.pinned is not None:
             return None
         try:
             following = self.pool.choose(self.record.model, self.allowed, exclude=self.tried)
