@@ -223,7 +223,8 @@ def _upstream_keys(
             raise where.error("models", "`models` must be a non-empty list of model names")
         try:
             spec = key_spec(key, table.get("name"), table.get("weight", 1),
-                            frozenset(models) if models is not None else None, where=f"{path}:{where.start + 1}")  # fmt: skip
+                            frozenset(models) if models is not None else None, where=f"{path}:{where.start + 1}",
+                            position=len(pool) + 1)  # fmt: skip
             add_key(pool, spec, f"{path}:{where.start + 1}")
         except KeySpecError as exc:
             raise ClientsFileError(str(exc)) from None
