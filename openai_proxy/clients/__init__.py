@@ -66,9 +66,10 @@ class Client:
     models: frozenset[str] | None = None
     keys: frozenset[str] | None = None  # names of the upstream keys it may use; None: any
 
-    def allows_model(self, model: str | None) -> bool:
-        """Whether the client may call `model`; a request that names no model is not refused here."""
-        return self.models is None or model is None or model in self.models
+    @property
+    def restricted(self) -> bool:
+        """Whether the client may only use some models (`openai_proxy.clients.admission` judges them)."""
+        return self.models is not None
 
 
 def key_digest(key: str) -> bytes:

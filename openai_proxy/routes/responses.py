@@ -45,6 +45,7 @@ def compact_response():
 @bp.post("/openai2/input_tokens")
 def count_input_tokens():
     req = web.json_request(allow_empty=True)
+    req.record.runs_model = False  # counts tokens: a restricted client may leave the model to upstream
     call = json_call("POST", "/responses/input_tokens", req, json=req.body, retries=RETRIES_IDEMPOTENT)
     return pipeline.relay_json(call)
 
@@ -74,6 +75,7 @@ def list_input_items(response_id: str):
 @bp.post("/openai2/<rid:response_id>/cancel")
 def cancel_response(response_id: str):
     req = web.json_request(allow_empty=True)
+    req.record.runs_model = False
     path = response_path(response_id) + "/cancel"
     return pipeline.relay_json(json_call("POST", path, req))
 
