@@ -1,6 +1,6 @@
 """The client boundary under real gunicorn (2 workers), probed as a hostile client would: a client
 allowed only some models cannot run another one on any route, in any spelling of the path or the
-body."""
+body; every chat and Responses create call carries the client's own `safety_identifier`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import uuid
 import pytest
 
 from openai_proxy.gate.local import Gate
+from tests.conftest import SECURITY_KEY, safety_id
+from tests.fake_upstream import chat_completion
 from tests.test_v1 import record_of, wav_bytes
 
 pytestmark = pytest.mark.gunicorn
@@ -338,3 +340,55 @@ def test_legacy_routes_refuse_what_names_no_model_or_another_one(server, fake):
     assert send(server, "POST", "/openai2/resp_1/cancel", b"{}").status == 200
     assert post(server, "/openai2/input_tokens", {"input": "count me"}).status == 200
     assert post(server, "/openai", {"model": "gpt-4o-mini", "messages": MESSAGES}).status == 200
+
+
+# ---- safety_identifier ---------------------------------------------------------------------------
+
+
+def test_create_calls_carry_the_clients_safety_identifier(server, fake):
+    mini, other = safety_id("mini", MINI_KEY), safety_id("open", OPEN_KEY)
+    assert len(mini) == 64 and mini != other and mini != safety_id()
+    calls = [
+        ("/openai", {"model": "gpt-4o-mini", "messages": MESSAGES}, "/v1/chat/completions"),
+        ("/chatgpt", {"prompt": "hi"}, "/v1/chat/completions"),
+        ("/openai2", {"model": "gpt-4o-mini", "input": "hi"}, "/v1/responses"),
+        ("/openai2", {"model": "gpt-4o-mini", "input": "hi", "stream": True}, "/v1/responses"),
+        ("/v1/chat/completions", {"model": "gpt-4o-mini", "messages": MESSAGES}, "/v1/chat/completions"),
+        ("/v1/chat/completions", {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True},
+         "/v1/chat/completions"),
+        ("/v1/%72esponses", {"model": "gpt-4o-mini", "input": "hi"}, "/v1/responses"),
+    ]  # fmt: skip
+    for key, value in ((MINI_KEY, mini), (OPEN_KEY, other)):
+        for _ in range(2):  # either worker: the same value
+            for target, body, path in calls:
+                fake.reset()
+                assert post(server, target, body, key=key).status == 200, target
+                sent = fake.last(path)
+                assert sent.json["safety_identifier"] == value, target
+    assert MINI_KEY not in json.dumps([r.json for r in fake.requests])
+
+
+def test_the_callers_own_identifier_is_kept_and_other_calls_get_none(server, fake):
+    for field in ("safety_identifier", "user"):
+        assert (
+            post(server, "/v1/responses", {"model": "gpt-4o-mini", "input": "hi", field: "end-user-7"}).status
+            == 200
+        )
+        sent = fake.last("/v1/responses").json
+        assert sent[field] == "end-user-7" and (
+            "safety_identifier" not in sent or field == "safety_identifier"
+        )
+        assert (
+            post(server, "/openai", {"model": "gpt-4o-mini", "messages": MESSAGES, field: "u-8"}).status
+            == 200
+        )
+        assert fake.last("/v1/chat/completions").json[field] == "u-8"
+    assert post(server, "/v1/embeddings", {"model": "text-embedding-3-small", "input": "hi"}).status == 200
+    assert post(server, "/openai2/input_tokens", {"input": "hi"}).status == 200
+    assert all("safety_identifier" not in r.json for r in fake.requests[-2:])
+
+
+def test_the_default_client_gets_one_too(server, fake):
+    answer = post(server, "/v1/chat/completions", {"model": "gpt-4o", "messages": MESSAGES}, key=SECURITY_KEY)
+    assert answer.status == 200 and answer.json() == chat_completion("gpt-4o")
+    assert fake.last("/v1/chat/completions").json["safety_identifier"] == safety_id()

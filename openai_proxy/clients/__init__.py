@@ -65,6 +65,8 @@ class Client:
     limits: Limits = field(default_factory=Limits)
     models: frozenset[str] | None = None
     keys: frozenset[str] | None = None  # names of the upstream keys it may use; None: any
+    # The SHA-256 of its key: what its `safety_identifier` is made from when no secret is configured.
+    digest: bytes = field(default=b"", repr=False, compare=False)
 
     @property
     def restricted(self) -> bool:
@@ -136,7 +138,8 @@ def load_clients(
     plain_keys: list[str] = []
     pool = list(env_keys)
     if security_key:
-        entries.append((key_digest(security_key), Client(DEFAULT_CLIENT)))
+        digest = key_digest(security_key)
+        entries.append((digest, Client(DEFAULT_CLIENT, digest=digest)))
     if path:
         parsed, plain_keys, file_keys = _parse_file(path, dict(entries), pool, single_key)
         entries += parsed
@@ -316,4 +319,4 @@ def _client(table: Mapping[str, Any], where: _Where) -> tuple[bytes, Client, str
                 "keys", f"client {name!r}: `keys` must be a non-empty list of upstream key names"
             )
         keys = frozenset(keys)
-    return digest, Client(name, Limits(**values), models, keys), key
+    return digest, Client(name, Limits(**values), models, keys, digest), key

@@ -23,6 +23,7 @@ from werkzeug.exceptions import ClientDisconnected
 
 from openai_proxy import jsonio
 from openai_proxy.clients.admission import BODY_METHODS, note_models
+from openai_proxy.clients.safety import add_safety_identifier
 from openai_proxy.errors import (
     BadRequest,
     ClientCancelled,
@@ -62,6 +63,8 @@ JSON_ENDPOINTS = frozenset(
     {"/chat/completions", "/responses", "/responses/compact", "/responses/input_tokens", "/embeddings"}
 )
 AUDIO_ENDPOINTS = frozenset({"/audio/transcriptions", "/audio/translations"})
+# Create calls that get the client's `safety_identifier` (`openai_proxy.clients.safety`).
+SAFETY_ENDPOINTS = frozenset({"/chat/completions", "/responses"})
 # Calls with a body that run no model: a client restricted to some models may make them naming none.
 # Every other call with a body counts as running one (a new endpoint too: fail closed), so such a
 # client's body is read before the slot and must name an allowed model. A batch runs the models its
@@ -231,6 +234,8 @@ def _inspect_json(req: PassthroughRequest, rec: RequestRecord, judged: bool) -> 
     note_models(rec, body)
     req.model = rec.model
     changed = judged
+    if req.method == "POST" and req.path in SAFETY_ENDPOINTS:
+        changed = add_safety_identifier(body) or changed
     if req.method == "POST" and req.path == "/chat/completions" and body.get("stream") is True:
         changed = ask_for_usage(req, body) or changed
     if changed:

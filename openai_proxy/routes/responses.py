@@ -8,6 +8,7 @@ from urllib.parse import quote
 from flask import Blueprint, request
 
 from openai_proxy import pipeline
+from openai_proxy.clients.safety import add_safety_identifier
 from openai_proxy.errors import BadRequest
 from openai_proxy.inbound import web
 from openai_proxy.inbound.validation import is_truthy, optional_choice, query_int
@@ -31,6 +32,7 @@ INCLUDABLE = (
 @bp.post("/openai2")
 def create_response():
     req = web.json_request()
+    add_safety_identifier(req.body)
     if is_truthy(req.body.pop("stream", None)):
         return pipeline.stream_events(json_call("POST", "/responses", req, json={**req.body, "stream": True}))
     return pipeline.relay_json(json_call("POST", "/responses", req, json=req.body), with_output_text)
