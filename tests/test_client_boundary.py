@@ -197,6 +197,19 @@ def test_a_call_that_names_no_model_is_refused(server, fake, path, body):
     assert fake.requests == []
 
 
+def test_a_model_in_the_query_is_judged_too(server, fake):
+    """The query goes upstream as sent; an endpoint may read its model there (Realtime's WebRTC calls)."""
+    answer = post(
+        server, "/v1/chat/completions?mo%64el=gpt-4o", {"model": "gpt-4o-mini", "messages": MESSAGES}
+    )
+    assert_refused(answer, 403, f"{NOT_ALLOWED} 'gpt-4o'")
+    offer = send(
+        server, "POST", "/v1/realtime/calls?model=gpt-realtime", b"v=0\r\n", content_type="application/sdp"
+    )
+    assert_refused(offer, 400, "Invalid JSON body")  # a body it cannot judge, on a call that runs a model
+    assert fake.requests == []
+
+
 def test_an_empty_body_names_no_model(server, fake):
     assert_refused(send(server, "POST", "/v1/chat/completions", b""), 403, NAMES_NONE)
     assert fake.requests == []

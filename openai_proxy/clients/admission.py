@@ -100,6 +100,13 @@ def note_models(record: RequestRecord, body: Mapping[str, Any]) -> None:
     record.other_models = tuple(m for m in named if m != record.model)
 
 
+def note_query_models(record: RequestRecord, args: MultiDict[str, str]) -> None:
+    """A `model` in the query string of a call that runs one is judged too: the query goes upstream
+    as sent, and an endpoint may read it there (the Realtime API's WebRTC calls do)."""
+    named = [v for k in args for v in args.getlist(k) if _is_model_field(k)]
+    record.other_models += tuple(m for m in named if m != record.model)
+
+
 def _is_model_field(name: str) -> bool:
     return name == "model" or name.startswith("model[")
 

@@ -22,7 +22,7 @@ from flask import g, request
 from werkzeug.exceptions import ClientDisconnected
 
 from openai_proxy import jsonio
-from openai_proxy.clients.admission import BODY_METHODS, note_models
+from openai_proxy.clients.admission import BODY_METHODS, note_models, note_query_models
 from openai_proxy.clients.safety import add_safety_identifier
 from openai_proxy.errors import (
     BadRequest,
@@ -211,6 +211,8 @@ def build_request() -> PassthroughRequest:
         req.body, req.content_length = streamed_body(limit)
         if path in AUDIO_ENDPOINTS:  # the model, for the record and its price, read as the body passes
             req.body = watch_text_field(req.body, request.content_type or "", "model", _set_model(rec))
+    if judged and rec.runs_model:
+        note_query_models(rec, request.args)
     return req
 
 
