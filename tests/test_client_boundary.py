@@ -347,6 +347,11 @@ def test_legacy_routes_refuse_what_names_no_model_or_another_one(server, fake):
     assert_refused_legacy(answer, 403, f"{NOT_ALLOWED} 'gpt-image-1'")
     answer = post(server, "/openai", {"model": ["gpt-4o-mini", "gpt-4o"], "messages": MESSAGES})
     assert_refused_legacy(answer, 400, "model must be a string")
+    answer = post(server, "/open%61i2", {"model": "gpt-4o", "input": "hi"})
+    assert_refused_legacy(answer, 403, f"{NOT_ALLOWED} 'gpt-4o'")
+    body, content_type = form(("model", "gpt-4o-transcribe"), audio=wav_bytes(0.05), file_first=True)
+    answer = send(server, "POST", "/openai/audio/transcriptions", body, content_type=content_type)
+    assert_refused_legacy(answer, 403, f"{NOT_ALLOWED} 'gpt-4o-transcribe'")
     assert fake.requests == []
     # Reads and cancels run no model; counting tokens may leave the model to upstream.
     assert send(server, "GET", "/openai2/resp_1", content_type=None).status == 200
