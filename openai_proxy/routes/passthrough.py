@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 from urllib.parse import quote, unquote_plus
@@ -89,7 +89,7 @@ class PassthroughRequest:
     query: str
     headers: list[tuple[str, str]]
     credentials: Credentials
-    body: bytes | Iterator[bytes] | None
+    body: bytes | Iterable[bytes] | None
     content_length: int | None
     timeout: TimeoutDecision
     model: str | None = None
@@ -208,9 +208,10 @@ def build_request() -> PassthroughRequest:
         _inspect_json(req, rec, judged)
     else:
         limit = state().config.max_audio_bytes if path in AUDIO_ENDPOINTS else None
-        req.body, req.content_length = streamed_body(limit)
+        chunks, req.content_length = streamed_body(limit)
         if path in AUDIO_ENDPOINTS:  # the model, for the record and its price, read as the body passes
-            req.body = watch_text_field(req.body, request.content_type or "", "model", _set_model(rec))
+            chunks = watch_text_field(chunks, request.content_type or "", "model", _set_model(rec))
+        req.body = chunks
     if judged and rec.runs_model:
         note_query_models(rec, request.args)
     return req
@@ -266,7 +267,7 @@ def _read_form(req: PassthroughRequest, rec: RequestRecord) -> None:
     judged; the bytes read (kept in an unlinked temp file) are then sent on unchanged."""
     config = state().config
     limit = config.max_audio_bytes if req.path in AUDIO_ENDPOINTS else config.max_body_bytes
-    copy = tempfile.TemporaryFile("w+b")  # noqa: SIM115 (closed by _replay)
+    copy = tempfile.TemporaryFile("w+b")  # noqa: SIM115 (closed by SpooledBody)
     try:
         fields, _files, spool = read_limited_form(limit, copy)
         spool.close()  # the parsed files are not needed: the copy is what goes upstream
@@ -276,16 +277,26 @@ def _read_form(req: PassthroughRequest, rec: RequestRecord) -> None:
         raise
     req.model = rec.model
     req.content_length = copy.tell()
-    req.body = _replay(copy)
+    req.body = SpooledBody(copy)
 
 
-def _replay(file: IO[bytes]) -> Iterator[bytes]:
-    try:
-        file.seek(0)
-        while chunk := file.read(CHUNK):
-            yield chunk
-    finally:
-        file.close()
+class SpooledBody:
+    """A request body read ahead into a temp file, sent from it; the file is closed once sent, or
+    when the body is dropped unsent (the call was refused after all)."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self._file = file
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            self._file.seek(0)
+            while chunk := self._file.read(CHUNK):
+                yield chunk
+        finally:
+            self._file.close()
+
+    def __del__(self) -> None:
+        self._file.close()
 
 
 def _set_model(rec: RequestRecord) -> Callable[[str], None]:
