@@ -75,6 +75,10 @@ class Config:
     clients_snapshot: str | None = None
     gate_uri: str | None = None
     gate_lease_s: int = 10
+    # `safety_identifier` on chat and Responses create calls (`openai_proxy.clients.safety`):
+    # OPENAI_PROXY_SAFETY_IDENTIFIER=off turns it off; OPENAI_PROXY_SAFETY_SECRET keys its HMAC.
+    safety_identifier: bool = True
+    safety_secret: str | None = None
     # The upstream key pool (OPENAI_API_KEYS, with OPENAI_API_KEY): empty means no pool.
     upstream_keys: tuple[KeySpec, ...] = ()
     warnings: tuple[str, ...] = field(default=(), compare=False)
@@ -86,7 +90,7 @@ class Config:
 
     def public_view(self) -> dict[str, object]:
         """Settings safe to show on a page: secrets only say whether they are set."""
-        secret = {"openai_api_key", "security_key", "access_token"}
+        secret = {"openai_api_key", "security_key", "access_token", "safety_secret"}
         out: dict[str, object] = {}
         for f in dataclasses.fields(self):
             if f.name == "warnings":
@@ -179,6 +183,7 @@ _STR_VARS = {
     "clients_file": ("OPENAI_PROXY_CLIENTS_FILE",),
     "clients_snapshot": ("OPENAI_PROXY_CLIENTS_SNAPSHOT",),
     "gate_uri": ("OPENAI_PROXY_GATE_URI",),
+    "safety_secret": ("OPENAI_PROXY_SAFETY_SECRET",),
 }
 _RATE_LIMIT_VARS = {
     "pages_rate_limit": "OPENAI_PROXY_PAGES_RATE_LIMIT",
@@ -187,6 +192,7 @@ _RATE_LIMIT_VARS = {
 # Read elsewhere in this module, or set by the proxy itself for its workers.
 _OTHER_VARS = (
     "OPENAI_API_KEYS",
+    "OPENAI_PROXY_SAFETY_IDENTIFIER",
     "OPENAI_PROXY_DRAIN_DELAY_S",
     "OPENAI_PROXY_OUTBOUND_PROXY",
     "HTTPS_PROXY",
@@ -370,6 +376,31 @@ def _drain_delay(values: Mapping[str, str], graceful_timeout_s: int, warnings: l
     return 0.0
 
 
+_SWITCH = {
+    "on": True,
+    "true": True,
+    "1": True,
+    "yes": True,
+    "off": False,
+    "false": False,
+    "0": False,
+    "no": False,
+}
+
+
+def _switch(values: Mapping[str, str], var: str, default: bool, warnings: list[str]) -> bool:
+    """An on/off variable (`on`/`off`, `true`/`false`, `1`/`0`, `yes`/`no`); anything else is the
+    default, with a warning."""
+    raw = (values.get(var) or "").strip()
+    if not raw:
+        return default
+    value = _SWITCH.get(raw.lower())
+    if value is None:
+        warnings.append(f"{var}={raw!r} is not on or off; using {'on' if default else 'off'}")
+        return default
+    return value
+
+
 def read_environment(
     environ: Mapping[str, str] | None = None, directory: str | os.PathLike[str] | None = None
 ) -> dict[str, str]:
@@ -466,6 +497,9 @@ def build_config(values: Mapping[str, str]) -> Config:
             )
             del kwargs[attr]
 
+    kwargs["safety_identifier"] = _switch(
+        values, "OPENAI_PROXY_SAFETY_IDENTIFIER", defaults.safety_identifier, warnings
+    )
     config = Config(**kwargs)  # type: ignore[arg-type]
     drain_delay_s = _drain_delay(values, config.graceful_timeout_s, warnings)
     config = dataclasses.replace(config, drain_delay_s=drain_delay_s)

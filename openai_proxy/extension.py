@@ -194,6 +194,7 @@ def configured_secrets(config: Config) -> dict[str, str]:
         "OPENAI_API_KEY": config.openai_api_key,
         "SECURITY_KEY": config.security_key,
         "ACCESS_TOKEN": config.access_token,
+        "OPENAI_PROXY_SAFETY_SECRET": config.safety_secret,
     }
     for name, url in (
         ("the outbound proxy URL", config.outbound_proxy),

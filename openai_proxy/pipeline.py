@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from flask import Response, request
 
 from openai_proxy import jsonio
-from openai_proxy.clients.admission import admit
+from openai_proxy.clients.admission import admit, note_models
 from openai_proxy.errors import Overloaded, UpstreamBadResponse
 from openai_proxy.gate import SlotGuard
 from openai_proxy.inbound.disconnect import cancel_current_greenlet
@@ -161,9 +161,8 @@ def fetch(call: UpstreamCall) -> Fetched:
 def json_call(method: str, path: str, req: Any, *, json: dict[str, Any] | None = None, **fields: Any):
     """An UpstreamCall for a parsed API request (`openai_proxy.inbound.web.ApiRequest`), with an optional JSON body."""
     forwarded_fields = json if json is not None else fields.get("form")
-    model = forwarded_fields.get("model") if isinstance(forwarded_fields, Mapping) else None
-    if isinstance(model, str):
-        req.record.model = model
+    if isinstance(forwarded_fields, Mapping):
+        note_models(req.record, forwarded_fields)  # what goes upstream is what the allowlist judges
     if json is not None:
         fields.update(body=jsonio.dumps(json), headers=[*JSON_HEADERS, *fields.get("headers", ())])
     return UpstreamCall(

@@ -61,6 +61,11 @@ class RequestRecord:
     # False for a request that only re-reads a stored response: its cost was recorded by the request
     # that made it (`openai_proxy.usage.note_answer` sets it back for a response that ran in the background).
     billable: bool = True
+    # For a client's model allowlist (`openai_proxy.clients.admission`): every other model the body
+    # names (a tool's, a grader's), and whether the call runs a model at all (False for reads,
+    # deletes, cancels and uploads, which a client restricted to some models may make naming none).
+    other_models: tuple[str, ...] = ()
+    runs_model: bool = True
     # Each upstream attempt made through the key pool: {"key": <key name>, "outcome": ...}.
     attempts: list[dict[str, Any]] = field(default_factory=list)
     # Set for a call whose answer names stored objects to record (a create call): the relays show it the

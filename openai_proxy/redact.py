@@ -40,8 +40,9 @@ _WORD = r"A-Za-z0-9_\-"
 
 
 def mask(secret: str) -> str:
-    """`***` plus the last four characters, so an operator can tell keys apart without seeing them."""
-    return "***" + secret[-4:] if len(secret) > 8 else "***"
+    """`***` plus the last four characters, so an operator can tell keys apart without seeing them
+    (only `***` for a secret shorter than SHOW_TAIL_FROM)."""
+    return "***" + secret[-4:] if len(secret) >= SHOW_TAIL_FROM else "***"
 
 
 @dataclass(frozen=True, slots=True)

@@ -218,6 +218,15 @@ def module_gunicorn(fake_server, tmp_path_factory):
         server.stop()
 
 
+def safety_id(name: str = "default", key: str = SECURITY_KEY) -> str:
+    """The `safety_identifier` a client gets without OPENAI_PROXY_SAFETY_SECRET: HMAC-SHA256 of its
+    name keyed with the SHA-256 of its key."""
+    import hashlib
+    import hmac
+
+    return hmac.new(hashlib.sha256(key.encode()).digest(), name.encode(), hashlib.sha256).hexdigest()
+
+
 def body_bytes(obj) -> bytes:
     """JSON exactly in the given key order (Flask's test `json=` sorts keys)."""
     import json

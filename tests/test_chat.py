@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.conftest import SECURITY_KEY, UPSTREAM_KEY, error_of, post_json
+from tests.conftest import SECURITY_KEY, UPSTREAM_KEY, error_of, post_json, safety_id
 from tests.fake_upstream import chat_completion
 
 CHAT = "/v1/chat/completions"
@@ -26,7 +26,14 @@ def test_chat_forwards_body_in_client_order_and_answers_upstream_bytes(client, f
     assert r.headers["Content-Type"] == "application/json"
     assert r.get_json() == chat_completion("gpt-4o-mini")
     sent = fake.last(CHAT, "POST")
-    assert list(sent.json) == ["temperature", "model", "messages", "max_tokens", "x_custom"]
+    assert list(sent.json) == [
+        "temperature",
+        "model",
+        "messages",
+        "max_tokens",
+        "x_custom",
+        "safety_identifier",
+    ]
     assert sent.json["x_custom"] == {"b": 1, "a": [1.5, 2]}
     assert sent.headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
     assert "openai-project" not in sent.headers and "openai-organization" not in sent.headers
@@ -174,6 +181,7 @@ def test_chatgpt_sends_system_and_prompt_with_default_model(client, fake):
         "model": "gpt-4o-mini",
         "messages": [{"role": "system", "content": "You are an AI assistant."},
                      {"role": "user", "content": "Explain quantum computing"}],
+        "safety_identifier": safety_id(),
     }  # fmt: skip
     answer = r.get_json()
     assert list(answer) == ["role", "id", "parentMessageId", "text", "detail"]

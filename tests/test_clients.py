@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import textwrap
 
 import pytest
 
 from openai_proxy.clients import DEFAULT_CLIENT, ClientsFileError, load_clients
-from openai_proxy.config import ConfigError
-from tests.conftest import SECURITY_KEY, error_of, post_json
+from openai_proxy.config import ConfigError, build_config
+from tests.conftest import ACCESS_TOKEN, SECURITY_KEY, error_of, post_json
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 ALPHA_KEY = "alpha-client-key-0123456789"
@@ -231,3 +232,46 @@ def test_records_name_the_client_never_its_key(clients_app, capsys):
     out = capsys.readouterr().out
     assert '"client":"alpha"' in out.replace(" ", "")
     assert ALPHA_KEY not in out
+
+
+# ---- safety_identifier (the HMAC itself, per client and route: test_client_boundary.py) -------------
+
+
+def test_safety_identifier_is_keyed_by_the_configured_secret_or_turned_off(make_app, fake):
+    import hmac
+
+    secret = "a-long-random-safety-secret"
+    app = make_app(OPENAI_PROXY_SAFETY_SECRET=secret)
+    client = app.test_client()
+    auth = {"X-Security-Key": SECURITY_KEY}
+    assert post_json(client, "/openai", CHAT, headers=auth).status_code == 200
+    expected = hmac.new(secret.encode(), b"default", hashlib.sha256).hexdigest()
+    assert fake.last("/v1/chat/completions").json["safety_identifier"] == expected
+    runtime = client.get("/debug/runtime", headers={"Authorization": f"Bearer {ACCESS_TOKEN}"}).get_json()
+    assert runtime["config"]["safety_secret"] == "set" and secret not in json.dumps(runtime)
+
+    off = make_app(OPENAI_PROXY_SAFETY_IDENTIFIER="off").test_client()
+    assert post_json(off, "/openai", CHAT, headers=auth).status_code == 200
+    assert (
+        post_json(
+            off,
+            "/v1/responses",
+            {"model": "m", "input": "x"},
+            headers={"Authorization": f"Bearer {SECURITY_KEY}"},
+        ).status_code
+        == 200
+    )
+    assert "safety_identifier" not in fake.last("/v1/chat/completions").json
+    assert fake.last("/v1/responses").body == b'{"model": "m", "input": "x"}'  # byte for byte again
+
+
+@pytest.mark.parametrize(
+    ("raw", "on"), [("off", False), ("OFF", False), ("0", False), ("on", True), ("yes", True)]
+)
+def test_safety_identifier_switch(raw, on):
+    config = build_config({"OPENAI_PROXY_SAFETY_IDENTIFIER": raw})
+    assert config.safety_identifier is on
+    assert not any("SAFETY" in w for w in config.warnings)
+    bad = build_config({"OPENAI_PROXY_SAFETY_IDENTIFIER": "maybe"})
+    assert bad.safety_identifier is True
+    assert "OPENAI_PROXY_SAFETY_IDENTIFIER='maybe' is not on or off; using on" in bad.warnings

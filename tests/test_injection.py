@@ -331,8 +331,10 @@ def test_security_key_in_a_v1_query_is_not_forwarded(server, fake, query, forwar
         ("/v1/models#frag", "/v1/models"),
         ("/v1/models?limit=2#frag", "/v1/models?limit=2"),
         ("/v1/models?limit=2#frag?security_key=x", "/v1/models?limit=2"),
-        # Percent-encoded CR LF stays encoded: it can never become a header line upstream.
-        ("/v1/models/a%0D%0AX-Evil:%201", "/v1/models/a%0D%0AX-Evil:%201"),
+        # The path goes as routing decoded it, re-encoded one way; the query as it came.
+        ("/v1/models/ft%3Agpt-4o%2dmini%3a%7E1", "/v1/models/ft:gpt-4o-mini:~1"),
+        ("/v1/models/a%3Fb%23c%20d%25e%C3%A9", "/v1/models/a%3Fb%23c%20d%25e%C3%A9"),
+        # Percent-encoded CR LF in the query stays encoded: it can never become a header line upstream.
         ("/v1/models?x=%0D%0AX-Evil:%201", "/v1/models?x=%0D%0AX-Evil:%201"),
     ],
 )
@@ -348,3 +350,21 @@ def test_raw_request_target_reaches_upstream_without_fragment(
     (sent,) = recorder.requests
     assert sent.target == upstream_target
     assert sent.header("x-evil") is None
+
+
+@pytest.mark.gunicorn
+@pytest.mark.parametrize(
+    "target",
+    ["/v1/models/a%0D%0AX-Evil:%201", "/v1/models/a%00b", "/v1/models/%FF", "/v1/files/%2e%2e/x",
+     "/v1/files/a%2F%2Fb", "/v1/chat/completions/"],
+)  # fmt: skip
+def test_a_v1_path_that_decodes_to_control_bytes_or_dot_segments_is_refused(
+    recorded_server, recorder, target
+):
+    request = (
+        f"GET {target} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {SECURITY_KEY}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    answer = raw_exchange(recorded_server.port, request)
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:300]
+    assert recorder.requests == []

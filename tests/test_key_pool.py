@@ -242,12 +242,12 @@ def test_every_key_resting_answers_429_with_the_shortest_retry_after_without_cal
         fake.push(
             "POST", CHAT_PATH, error(429, "Rate limit reached", headers={"Retry-After": seconds}), key=key
         )
-    r1 = post_json(pool_client, "/openai", CHAT)  # alpha, then beta: both 429, the client gets beta's
-    assert r1.status_code == 429 and r1.headers["Retry-After"] == "20"
+    # alpha, beta, then gamma: every key refused, so the client gets the last refusal
+    r1 = post_json(pool_client, "/openai", CHAT)
+    assert r1.status_code == 429 and r1.headers["Retry-After"] == "40"
     assert error_of(r1)["code"] == "OPENAI_PROXY_UPSTREAM_API_ERROR"
-    r2 = post_json(pool_client, "/openai", CHAT)  # gamma 429, no key left to fail over to
-    assert r2.status_code == 429 and r2.headers["Retry-After"] == "40"
     assert used(fake) == ["alpha", "beta", "gamma"]
+    assert [a["outcome"] for a in pool_app.records[-1]["attempts"]] == ["rate_limited"] * 3
 
     r = post_json(pool_client, "/openai", CHAT)
     assert r.status_code == 429
@@ -295,9 +295,8 @@ def test_a_refused_key_is_taken_out_and_stays_out(pool_app, pool_client, fake, h
 
 def test_every_key_revoked_answers_503_without_calling_upstream(pool_app, pool_client, fake):
     fake.push("POST", CHAT_PATH, error(401, "Incorrect API key provided"), times=3)
-    r = post_json(pool_client, "/openai", CHAT)  # alpha, then beta
+    r = post_json(pool_client, "/openai", CHAT)  # alpha, beta, then gamma: the last refusal is the answer
     assert r.status_code == 401
-    assert post_json(pool_client, "/openai", CHAT).status_code == 401  # gamma
     assert used(fake) == ["alpha", "beta", "gamma"]
     r = post_json(pool_client, "/openai", CHAT)
     assert r.status_code == 503 and "Retry-After" not in r.headers
@@ -338,7 +337,66 @@ def test_503_fails_over_and_leaves_the_key_usable(pool_app, pool_client, fake):
     assert health_keys(pool_client)["alpha"]["state"] == "active"
 
 
+REFUSING = {"OPENAI_API_KEYS": f"rl={KEY_A},rev={KEY_B},good={KEY_C}", "OPENAI_API_KEY": None, **PAGES}
+
+
+def refusing_keys(fake) -> None:
+    """`rl` answers 429, `rev` 401 (revoked), `good` serves, on every route."""
+    for path in (CHAT_PATH, "/v1/responses", "/v1/responses/resp_1"):
+        method = "GET" if path.endswith("resp_1") else "POST"
+        fake.push(method, path, error(429, "Rate limit reached", headers={"Retry-After": "30"}), key=KEY_A)
+        fake.push(method, path, error(401, "Incorrect API key provided"), key=KEY_B)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "upstream"),
+    [
+        ("POST", "/openai", CHAT, CHAT_PATH),
+        ("POST", "/openai2", {"model": "gpt-4o-mini", "input": "hi"}, "/v1/responses"),
+        ("POST", "/v1/chat/completions", CHAT, CHAT_PATH),
+        ("GET", "/openai2/resp_1", None, "/v1/responses/resp_1"),  # the SDK's road (retried reads)
+    ],
+)
+def test_a_refusal_is_never_the_answer_while_another_key_is_left(
+    make_app, fake, method, path, body, upstream
+):
+    """rl (429), rev (401) and good: the call goes on to good, each key once, and the client gets 200."""
+    app = make_app(**REFUSING)
+    refusing_keys(fake)
+    client = app.test_client()
+    r = client.open(path, method=method, data=None if body is None else json.dumps(body),
+                    headers={**V1, "Content-Type": "application/json"})  # fmt: skip
+    assert r.status_code == 200, r.get_data()[:300]
+    assert [NAMES.get(k or "") for k in fake.keys(upstream)] == ["alpha", "beta", "gamma"]
+    record = app.records[-1]
+    assert record["attempts"] == [{"key": "rl", "outcome": "rate_limited", "status": 429},
+                                  {"key": "rev", "outcome": "unauthorized", "status": 401},
+                                  {"key": "good", "outcome": "ok", "status": 200}]  # fmt: skip
+    assert record["retries"] == 2 and record["status"] == 200
+    states = {k["name"]: k["state"] for k in health_keys(client).values()}
+    assert states == {"rl": "resting", "rev": "revoked", "good": "active"}
+
+
+def test_each_key_is_tried_once_and_the_last_refusal_is_the_answer(make_app, fake):
+    app = make_app(**REFUSING)
+    refusing_keys(fake)
+    fake.push("POST", CHAT_PATH, error(403, "Your key lacks access"), key=KEY_C)
+    r = post_json(app.test_client(), "/openai", CHAT)
+    assert r.status_code == 403 and error_of(r)["message"] == "403 Your key lacks access"
+    assert [a["key"] for a in app.records[-1]["attempts"]] == ["rl", "rev", "good"]
+    assert len(fake.requests) == 3
+
+
+def test_a_503_is_sent_again_once_and_a_refusal_after_it_still_fails_over(pool_app, pool_client, fake):
+    fake.push("POST", CHAT_PATH, error(503, "Overloaded", type="server_error"), key=KEY_A)
+    fake.push("POST", CHAT_PATH, error(429, "Slow down", headers={"Retry-After": "5"}), key=KEY_B)
+    assert post_json(pool_client, "/openai", CHAT).status_code == 200
+    assert [(a["key"], a["outcome"]) for a in pool_app.records[-1]["attempts"]] == [
+        ("alpha", "unavailable"), ("beta", "rate_limited"), ("gamma", "ok")]  # fmt: skip
+
+
 def test_a_create_call_is_failed_over_at_most_once(pool_app, pool_client, fake):
+    """A 503 says nothing against its key: sent again once, not once per key."""
     fake.push("POST", CHAT_PATH, error(503, "Overloaded", type="server_error"), times=None)
     r = post_json(pool_client, "/openai", CHAT)
     assert r.status_code == 503 and error_of(r)["code"] == "OPENAI_PROXY_UPSTREAM_API_ERROR"
@@ -588,6 +646,30 @@ def test_bad_key_lists_stop_the_server_naming_the_variable(listed, message):
         build_config({"OPENAI_API_KEYS": listed})
     assert "OPENAI_API_KEYS entry" in str(caught.value) and message in str(caught.value)
     assert KEY_A not in str(caught.value) and KEY_B not in str(caught.value)
+
+
+def test_keys_shorter_than_12_characters_show_no_tail_anywhere(make_app, fake):
+    """A tail of 4 is most of a short key: not on /health, in default names or metric labels."""
+    short, eleven, long = "sk-short10", "sk-eleven11", "sk-twelve-12"
+    config = build_config({"OPENAI_API_KEYS": f"{short},named={eleven},{long}"})
+    assert [(k.name, k.last4) for k in config.upstream_keys] == [
+        ("key-1", None), ("named", None), ("key-e-12", "e-12")]  # fmt: skip
+    app = make_app(OPENAI_API_KEYS=f"{short},named={eleven},{long}", OPENAI_API_KEY=None, **PAGES)
+    client = app.test_client()
+    fake.push("POST", CHAT_PATH, error(401, f"Incorrect API key provided: {short}"), key=short)
+    assert post_json(client, "/openai", CHAT).status_code == 200
+    keys = health_keys(client)
+    assert [(k["name"], k["last4"]) for k in keys.values()] == [
+        ("key-1", None), ("named", None), ("key-e-12", "e-12")]  # fmt: skip
+    metrics = client.get("/metrics", headers=AUTH).get_data(as_text=True)
+    assert 'key="key-1"' in metrics
+    page = client.get("/log_errors", headers=AUTH).get_data(as_text=True)
+    everything = "\n".join([metrics, page, json.dumps(keys), json.dumps(app.records)])
+    for key in (short, eleven):
+        assert key[-4:] not in everything
+    # Listed again without a name, a short key is still one key.
+    config = build_config({"OPENAI_API_KEY": short, "OPENAI_API_KEYS": f"{long},{short}"})
+    assert [k.name for k in config.upstream_keys] == ["key-1", "key-e-12"]
 
 
 def test_a_bad_single_key_with_a_list_is_named(fake):

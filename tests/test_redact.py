@@ -15,7 +15,8 @@ from openai_proxy.redact import REDACTED, redact, redact_text
         ("Authorization: Bearer abc.def.ghi-jkl9876", "Authorization: Bearer ***9876"),
         ("bearer sk-abcdefghijkl4321", "bearer ***4321"),
         ("GET /x?security_key=hunter2hunter2&limit=5", "GET /x?security_key=***ter2&limit=5"),
-        ("https://h/p?api_key=abcdefghijk&access_token=zzzzzzzzzzzz1111", "https://h/p?api_key=***hijk&access_token=***1111"),
+        # Under 12 characters a secret shows no tail (11 here), from 12 on its last four.
+        ("https://h/p?api_key=abcdefghijk&access_token=zzzzzzzzzzzz1111", "https://h/p?api_key=***&access_token=***1111"),
         ("?key=short", "?key=***"),
         ("nothing secret here: tokens=5 max_tokens=10", "nothing secret here: tokens=5 max_tokens=10"),
         ("", ""),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import SECURITY_KEY, error_of, post_json
+from tests.conftest import SECURITY_KEY, error_of, post_json, safety_id
 from tests.fake_upstream import response_object
 
 KEY = f"security_key={SECURITY_KEY}"
@@ -21,7 +21,7 @@ def test_create_adds_output_text_and_keeps_upstream_fields(client, fake, records
     assert r.data.startswith(b'{"id":"resp_fake123","object":"response"')
     sent = fake.last("/v1/responses", "POST").json
     assert sent == {"model": "gpt-4o", "input": "Tell me a story.", "tools": [{"type": "web_search_preview"}],
-                    "unknown_field": [1, 2]}  # fmt: skip
+                    "unknown_field": [1, 2], "safety_identifier": safety_id()}  # fmt: skip
     assert records[-1]["usage"] == {"prompt_tokens": 36, "completion_tokens": 87, "cached_tokens": 4,
                                     "total_tokens": 123}  # fmt: skip
     assert records[-1]["endpoint"] == "/openai2" and records[-1]["model"] == "gpt-4o"

@@ -9,7 +9,7 @@ import pytest
 
 from openai_proxy.errors import UpstreamTransport
 from openai_proxy.stream.sse import SSEParser
-from tests.conftest import SECURITY_KEY, error_of, post_json
+from tests.conftest import SECURITY_KEY, error_of, post_json, safety_id
 from tests.fake_upstream import chat_chunks, delay, error, raw, reset, response_events, sse
 
 STREAM_BODY = {"security_key": SECURITY_KEY, "model": "gpt-4o", "input": "Write a poem.", "stream": True}
@@ -47,7 +47,12 @@ def test_stream_framing_and_headers(client, fake, records):
     r.close()
     assert body == frames_of(response_events("gpt-4o")) + b"data: [DONE]\n\n"
     sent = fake.last("/v1/responses").json
-    assert sent == {"model": "gpt-4o", "input": "Write a poem.", "stream": True}
+    assert sent == {
+        "model": "gpt-4o",
+        "input": "Write a poem.",
+        "safety_identifier": safety_id(),
+        "stream": True,
+    }
     entry = records[-1]
     assert entry["stream"] is True and entry["status"] == 200 and entry["result"] == "ok"
     assert entry["usage"] == {

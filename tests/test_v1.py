@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from openai_proxy.gate.local import Gate
-from tests.conftest import SECURITY_KEY, UPSTREAM_KEY
+from tests.conftest import SECURITY_KEY, UPSTREAM_KEY, safety_id
 from tests.fake_upstream import (
     EMBEDDING,
     INPUT_ITEMS,
@@ -76,7 +76,7 @@ def test_chat_completion(sdk, fake, server):
     assert completion.usage.prompt_tokens == 25
     sent = fake.last("/v1/chat/completions")
     assert sent.headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
-    assert sent.json == {"messages": MESSAGES, "model": "gpt-4o-mini"}
+    assert sent.json == {"messages": MESSAGES, "model": "gpt-4o-mini", "safety_identifier": safety_id()}
     entry = record_of(server, trace)
     assert entry["endpoint"] == "/v1/chat/completions" and entry["model"] == "gpt-4o-mini"
     assert entry["status"] == 200 and entry["result"] == "ok" and entry["retries"] == 0
@@ -132,7 +132,8 @@ def test_chat_stream_bytes_are_upstream_framing(server, fake):
 def test_responses_create_and_output_text(sdk, fake):
     response = sdk.responses.create(model="gpt-4o", input="Tell me a story")
     assert response.output_text == "In a peaceful grove. The end."
-    assert fake.last("/v1/responses").json == {"input": "Tell me a story", "model": "gpt-4o"}
+    assert fake.last("/v1/responses").json == {"input": "Tell me a story", "model": "gpt-4o",
+                                                "safety_identifier": safety_id()}  # fmt: skip
 
 
 def test_responses_stream_typed_events(sdk, fake, server):

@@ -75,10 +75,13 @@ class Client:
     models: frozenset[str] | None = None
     keys: frozenset[str] | None = None  # names of the upstream keys it may use; None: any
     unknown_objects: bool = False
+    # The SHA-256 of its key: what its `safety_identifier` is made from when no secret is configured.
+    digest: bytes = field(default=b"", repr=False, compare=False)
 
-    def allows_model(self, model: str | None) -> bool:
-        """Whether the client may call `model`; a request that names no model is not refused here."""
-        return self.models is None or model is None or model in self.models
+    @property
+    def restricted(self) -> bool:
+        """Whether the client may only use some models (`openai_proxy.clients.admission` judges them)."""
+        return self.models is not None
 
 
 def key_digest(key: str) -> bytes:
@@ -145,7 +148,8 @@ def load_clients(
     plain_keys: list[str] = []
     pool = list(env_keys)
     if security_key:
-        entries.append((key_digest(security_key), Client(DEFAULT_CLIENT, unknown_objects=True)))
+        digest = key_digest(security_key)
+        entries.append((digest, Client(DEFAULT_CLIENT, unknown_objects=True, digest=digest)))
     if path:
         parsed, plain_keys, file_keys = _parse_file(path, dict(entries), pool, single_key)
         entries += parsed
@@ -233,7 +237,8 @@ def _upstream_keys(
             raise where.error("models", "`models` must be a non-empty list of model names")
         try:
             spec = key_spec(key, table.get("name"), table.get("weight", 1),
-                            frozenset(models) if models is not None else None, where=f"{path}:{where.start + 1}")  # fmt: skip
+                            frozenset(models) if models is not None else None, where=f"{path}:{where.start + 1}",
+                            position=len(pool) + 1)  # fmt: skip
             add_key(pool, spec, f"{path}:{where.start + 1}")
         except KeySpecError as exc:
             raise ClientsFileError(str(exc)) from None
@@ -327,4 +332,4 @@ def _client(table: Mapping[str, Any], where: _Where) -> tuple[bytes, Client, str
     unknown = table.get("unknown_objects", "deny")
     if not isinstance(unknown, str) or unknown not in UNKNOWN_OBJECTS:
         raise where.error("unknown_objects", f'client {name!r}: `unknown_objects` must be "allow" or "deny"')
-    return digest, Client(name, Limits(**values), models, keys, UNKNOWN_OBJECTS[unknown]), key
+    return digest, Client(name, Limits(**values), models, keys, UNKNOWN_OBJECTS[unknown], digest), key

@@ -49,10 +49,12 @@ class Spool:
 
 
 class _ClientBody:
-    """The request body as the form parser reads it: counted, and read failures become 400s."""
+    """The request body as the form parser reads it: counted, copied to `copy` if given, and read
+    failures become 400s."""
 
-    def __init__(self, stream: IO[bytes]) -> None:
+    def __init__(self, stream: IO[bytes], copy: IO[bytes] | None = None) -> None:
         self._stream = stream
+        self._copy = copy
         self.received = 0
 
     def read(self, size: int = -1) -> bytes:
@@ -66,6 +68,8 @@ class _ClientBody:
             # The server's own reader refusing the framing (a bad chunk, say) is the client's fault.
             raise BadRequest(f"The request body could not be read ({type(exc).__name__})") from None
         self.received += len(data)
+        if self._copy is not None:
+            self._copy.write(data)
         return data
 
 
@@ -92,11 +96,14 @@ def _parse_error(exc: ValueError, body: _ClientBody) -> BadRequest:
     return BadRequest(f"Malformed multipart body: {_UNFINISHED_FORM.get(state, str(exc))}")
 
 
-def read_limited_form(limit: int) -> tuple[MultiDict[str, str], MultiDict[str, FileStorage], Spool]:
+def read_limited_form(
+    limit: int, copy: IO[bytes] | None = None
+) -> tuple[MultiDict[str, str], MultiDict[str, FileStorage], Spool]:
     """A multipart body as text fields and files spooled to disk; 413 if a file or the body is too big.
 
     The body is refused before reading when Content-Length says it is too big, and reading stops
-    at the limit otherwise; malformed or truncated bodies are 400s.
+    at the limit otherwise; malformed or truncated bodies are 400s. `copy` gets the body's bytes as
+    they were read (to send them on unchanged).
     """
     if request.mimetype != "multipart/form-data":
         raise BadRequest("Content-Type must be multipart/form-data")
@@ -105,7 +112,7 @@ def read_limited_form(limit: int) -> tuple[MultiDict[str, str], MultiDict[str, F
         raise BadRequest("Content-Type multipart/form-data needs a boundary parameter")
     g.body_limit = limit
     request.max_content_length = limit + FORM_OVERHEAD_BYTES
-    body = _ClientBody(request.stream)  # raises the 413 here when Content-Length is over
+    body = _ClientBody(request.stream, copy)  # raises the 413 here when Content-Length is over
     spool = Spool()
     parser = FormDataParser(
         stream_factory=spool.open,

@@ -5,13 +5,20 @@ in metrics and in completion records, never the key), the key, a weight and an o
 allowlist. The environment gives names only (`[name=]key`); a clients file may add keys with
 weights and models by building more specs with `key_spec(...)` and passing them to the pool.
 
-This module imports nothing but the standard library: the gunicorn master reads the configuration.
+A key shows its last four characters (on `/health`, in a default name, hence in metric labels) only
+when it is at least `SHOW_TAIL_FROM` characters long, as everywhere secrets are masked: of a short
+key they would be most of it.
+
+This module imports nothing but the standard library and `openai_proxy.redact` (which imports only
+the standard library): the gunicorn master reads the configuration.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from openai_proxy.redact import SHOW_TAIL_FROM
 
 NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_WEIGHT = 100
@@ -31,10 +38,14 @@ class KeySpec:
     key: str
     weight: int = 1
     models: frozenset[str] | None = None
+    # Whether the name is the default one (no name was given): the same key listed again with a name
+    # takes that name.
+    default_named: bool = field(default=False, compare=False)
 
     @property
-    def last4(self) -> str:
-        return self.key[-4:]
+    def last4(self) -> str | None:
+        """The key's last four characters, or None for a key too short to show any of it."""
+        return tail(self.key)
 
     def serves(self, model: str | None) -> bool:
         """Whether a call for `model` may use this key (a call that names no model may use any)."""
@@ -46,26 +57,39 @@ class KeySpec:
         )
 
 
-def default_name(key: str) -> str:
-    return f"key-{key[-4:]}"
+def tail(key: str) -> str | None:
+    return key[-4:] if len(key) >= SHOW_TAIL_FROM else None
+
+
+def default_name(key: str, position: int) -> str:
+    """`key-<last 4>`, or `key-<position in the pool>` for a key too short to show its tail."""
+    return f"key-{tail(key) or position}"
 
 
 def key_spec(
-    key: str, name: str | None = None, weight: int = 1, models: frozenset[str] | None = None, *, where: str
+    key: str,
+    name: str | None = None,
+    weight: int = 1,
+    models: frozenset[str] | None = None,
+    *,
+    where: str,
+    position: int = 1,
 ) -> KeySpec:
-    """A validated KeySpec; `where` names the entry in errors (a variable and position, a file line)."""
+    """A validated KeySpec; `where` names the entry in errors (a variable and position, a file line),
+    `position` is where it joins the pool (1 first), for the default name of a short key."""
     if len(key) < 4:
         raise KeySpecError(f"{where}: a key is at least 4 characters long")
     if not _KEY.fullmatch(key):
         raise KeySpecError(f"{where}: a key must be one token of printable characters, without spaces")
-    name = default_name(key) if name is None else name
+    default_named = name is None
+    name = default_name(key, position) if name is None else name
     if not NAME.fullmatch(name):
         raise KeySpecError(f"{where}: the name {name!r} is not 1 to 64 of A-Z a-z 0-9 _ . -")
     if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= MAX_WEIGHT:
         raise KeySpecError(f"{where}: the weight of {name!r} must be an integer from 1 to {MAX_WEIGHT}")
     if models is not None and (not models or not all(isinstance(m, str) and m for m in models)):
         raise KeySpecError(f"{where}: the models of {name!r} must be a non-empty list of model names")
-    return KeySpec(name, key, weight, models)
+    return KeySpec(name, key, weight, models, default_named)
 
 
 def parse_api_keys(single: str | None, listed: str | None) -> tuple[KeySpec, ...]:
@@ -86,7 +110,9 @@ def parse_api_keys(single: str | None, listed: str | None) -> tuple[KeySpec, ...
     for position, item in items:
         where = f"OPENAI_API_KEYS entry {position}"
         name, sep, key = item.partition("=")
-        spec = key_spec(key.strip(), name.strip(), where=where) if sep else key_spec(item, where=where)
+        joins = len(specs) + 1
+        spec = (key_spec(key.strip(), name.strip(), where=where, position=joins) if sep
+                else key_spec(item, where=where, position=joins))  # fmt: skip
         add(specs, spec, where)
     return tuple(specs)
 
@@ -100,9 +126,9 @@ def add(specs: list[KeySpec], spec: KeySpec, where: str) -> None:
     for i, other in enumerate(specs):
         if other.key != spec.key:
             continue
-        if spec.name == default_name(spec.key) or other.name == spec.name:
+        if spec.default_named or other.name == spec.name:
             return  # the same key again (e.g. OPENAI_API_KEY listed too): one key
-        if other.name == default_name(other.key):
+        if other.default_named:
             specs[i] = spec  # listed again with a name: the name is what the operator chose
             return
         raise KeySpecError(f"{where}: the key named {spec.name!r} is already listed as {other.name!r}")

@@ -8,6 +8,7 @@ from typing import Any
 from flask import Blueprint
 
 from openai_proxy import jsonio, pipeline
+from openai_proxy.clients.safety import add_safety_identifier
 from openai_proxy.errors import BadRequest
 from openai_proxy.inbound import web
 from openai_proxy.inbound.validation import is_truthy, optional_number, optional_positive_int
@@ -23,6 +24,7 @@ SYSTEM_PROMPT = "You are an AI assistant."
 def chat_completions():
     req = web.json_request()
     body = build_chat_body(req.body)
+    add_safety_identifier(body)
     return pipeline.relay_json(pipeline.json_call("POST", "/chat/completions", req, json=body))
 
 
@@ -30,6 +32,7 @@ def chat_completions():
 def simple_chat():
     req = web.json_request()
     body = build_simple_chat_body(req.body, state().config.default_model)
+    add_safety_identifier(body)
     completion = pipeline.fetch(pipeline.json_call("POST", "/chat/completions", req, json=body)).json()
     note_answer(req.record, completion)
     return pipeline.json_response(jsonio.dumps(simple_chat_answer(completion)))

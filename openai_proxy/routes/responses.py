@@ -8,6 +8,7 @@ from urllib.parse import quote
 from flask import Blueprint, request
 
 from openai_proxy import pipeline
+from openai_proxy.clients.safety import add_safety_identifier
 from openai_proxy.errors import BadRequest
 from openai_proxy.inbound import web
 from openai_proxy.inbound.validation import is_truthy, optional_choice, query_int
@@ -31,6 +32,7 @@ INCLUDABLE = (
 @bp.post("/openai2")
 def create_response():
     req = web.json_request()
+    add_safety_identifier(req.body)
     if is_truthy(req.body.pop("stream", None)):
         return pipeline.stream_events(json_call("POST", "/responses", req, json={**req.body, "stream": True}))
     return pipeline.relay_json(json_call("POST", "/responses", req, json=req.body), with_output_text)
@@ -45,6 +47,7 @@ def compact_response():
 @bp.post("/openai2/input_tokens")
 def count_input_tokens():
     req = web.json_request(allow_empty=True)
+    req.record.runs_model = False  # counts tokens: a restricted client may leave the model to upstream
     call = json_call("POST", "/responses/input_tokens", req, json=req.body, retries=RETRIES_IDEMPOTENT)
     return pipeline.relay_json(call)
 
@@ -74,6 +77,7 @@ def list_input_items(response_id: str):
 @bp.post("/openai2/<rid:response_id>/cancel")
 def cancel_response(response_id: str):
     req = web.json_request(allow_empty=True)
+    req.record.runs_model = False
     path = response_path(response_id) + "/cancel"
     return pipeline.relay_json(json_call("POST", path, req))
 

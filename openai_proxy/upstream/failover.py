@@ -1,17 +1,20 @@
-"""One call through the key pool: a key per attempt, what each answer says about its key, and the one
-failover the contract allows.
+"""One call through the key pool: a key per attempt, what each answer says about its key, and the
+failovers the contract allows.
 
-An attempt that failed before upstream accepted any work is sent once more, on another usable key,
+An attempt that failed before upstream accepted any work is sent again, on another usable key,
 create calls included (nothing was billed):
-- it could not connect (connect error, TLS failure, connect timeout): the request never left;
-- upstream answered 429, 401, 403 or 503: it refused the work. The (small, capped) body of such an
-  answer is read at once, so the connection can be reused, and kept for whoever reads it next, in
-  case it is what the client gets after all.
+- a key's refusal (429, 401, 403, `insufficient_quota`) is never the client's answer while another
+  usable key is left: the call moves on to the next one, each key at most once per call, so it makes
+  at most as many attempts as the pool has keys;
+- a connect failure (connect error, TLS failure, connect timeout: the request never left) or a 503
+  (upstream busy, not the key's fault) is sent again once per call, on another key.
+The (small, capped) body of a refusal is read at once, so the connection can be reused, and kept for
+whoever reads it next, in case it is what the client gets after all.
 Never after any other status, after a timeout waiting for headers or a connection lost once the
-request was sent (upstream may have started the work), nor once a stream has begun; at most once per
-call, whichever path it takes. And only if the body can be sent again: bytes, a `/v1` upload received
-whole into its spool (`openai_proxy.inbound.spool`), or a multipart upload the SDK re-reads from
-its spooled file.
+request was sent (upstream may have started the work), nor once a stream has begun. And only if the
+body can be sent again: bytes, a `/v1` upload received whole into its spool
+(`openai_proxy.inbound.spool`), or a multipart upload the SDK re-reads from its spooled file. A call
+about a stored object is pinned to the key that created it (`pinned`) and never fails over.
 
 Each attempt is listed in the completion record (`attempts`: key name, outcome, status); a failover
 is logged like an SDK retry (a warning line, and a retry row on `/log_errors`) and counted as one.
@@ -39,6 +42,8 @@ log = logging.getLogger("openai_proxy.upstream")
 SendOnce = Callable[[str], UpstreamResponse]
 # Answers that refuse the work before doing any: another key may take it.
 REFUSED = frozenset({kp.RATE_LIMITED, kp.INSUFFICIENT_QUOTA, kp.UNAUTHORIZED, kp.FORBIDDEN, kp.UNAVAILABLE})
+# Failures that say nothing against the key: sent again once per call, not once per key.
+REPEATED_ONCE = frozenset({kp.CONNECT_ERROR, kp.UNAVAILABLE})
 _BY_STATUS = {401: kp.UNAUTHORIZED, 403: kp.FORBIDDEN, 429: kp.RATE_LIMITED, 503: kp.UNAVAILABLE}
 
 
@@ -51,9 +56,9 @@ class PoolCall:
     path: str
     sinks: list[RetrySink]
     allowed: frozenset[str] | None = None
-    failovers: int = 1
     # The key that holds the stored object the call is about: the only key it may go to, no failover.
     pinned: str | None = None
+    repeats: int = 1  # what is left of the one repeat of a connect failure or a 503
     tried: set[int] = field(default_factory=set)
 
     def first(self) -> Lease:
@@ -63,7 +68,7 @@ class PoolCall:
         return self.pool.choose(self.record.model, self.allowed)
 
     def send(self, send_once: SendOnce, *, replayable: bool, lease: Lease | None = None) -> UpstreamResponse:
-        """Send with a pool key (`lease`, else one chosen now), failing over once where that is safe.
+        """Send with a pool key (`lease`, else one chosen now), failing over where that is safe.
 
         The returned response holds its key's lease until it is closed.
         """
@@ -110,14 +115,17 @@ class PoolCall:
         self.record.attempts.append(attempt)
 
     def _failover(self, failed: Lease, outcome: str, detail: str) -> Lease | None:
-        """Another usable key for one more attempt, or None (no failover left, or no key)."""
-        if self.failovers <= 0 or self.pinned is not None:
+        """A usable key not yet tried by this call for one more attempt, or None (no key left, the
+        call is pinned to one key, or the one repeat of a connect failure or 503 is spent)."""
+        repeat = outcome in REPEATED_ONCE
+        if self.pinned is not None or (repeat and self.repeats <= 0):
             return None
         try:
             following = self.pool.choose(self.record.model, self.allowed, exclude=self.tried)
         except KeysUnavailable:
             return None
-        self.failovers -= 1
+        if repeat:
+            self.repeats -= 1
         report_retry(self.record, self.sinks, "upstream_failover", len(self.record.attempts) + 1, self.path,
                      f"key {failed.name}: {outcome} ({detail}); sent again with key {following.name}",
                      key=failed.name, nextKey=following.name)  # fmt: skip
