@@ -96,6 +96,7 @@ def build_app(config: Config | None = None) -> Flask:
         metrics=Metrics(runtime_dir, gate, prices),
         clients=clients,
         limits=open_limit_store(config),
+        prices=prices,
     )
     # Observability hangs off the existing hooks: finished requests, retries, new parallel peaks.
     st.completion_log.sinks += [st.log_store.append, st.metrics.observe, functools.partial(charge, st)]

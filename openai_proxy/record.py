@@ -60,6 +60,17 @@ class RequestRecord:
     billable: bool = True
     # Each upstream attempt made through the key pool: {"key": <key name>, "outcome": ...}.
     attempts: list[dict[str, Any]] = field(default_factory=list)
+    # What the call may use, judged from its request (`openai_proxy.usage.Estimate`): the budget
+    # reservation, and the charge of a call whose usage never arrived.
+    estimate: Any = None
+    # Upstream sent usage, but not usable numbers (`openai_proxy.usage.read_usage`).
+    usage_invalid: bool = False
+    # A background Response's create call: its usage shows (and is priced) where it is read later.
+    usage_deferred: bool = False
+    # The service tier upstream says it ran the call on (`flex`, `priority`, `default`, ...).
+    service_tier: str | None = None
+    # A relay started passing upstream's 2xx answer to the client: the call ran, whatever comes next.
+    relayed: bool = False
     status: int | None = None
     result: str | None = None
     error: dict[str, Any] | None = None

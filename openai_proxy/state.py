@@ -16,6 +16,7 @@ from openai_proxy.limits import LimitStore
 from openai_proxy.log.store import LogStore
 from openai_proxy.observe.completion import CompletionLog
 from openai_proxy.observe.metrics import Metrics
+from openai_proxy.observe.prices import PriceTable
 from openai_proxy.upstream import Upstream
 from openai_proxy.worker import server_stopping
 
@@ -32,6 +33,7 @@ class ProxyState:
     clients: ClientBook
     limits: LimitStore
     limiter: Limiter | None = None
+    prices: PriceTable | None = None
     started_at: float = field(default_factory=time.time)
 
     def draining(self) -> bool:

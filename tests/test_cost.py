@@ -102,15 +102,25 @@ def test_responses_stream_priced_from_any_final_event(app, fake, path, final):
     assert entry["costUsd"] == RESPONSE_COST
 
 
-@pytest.mark.parametrize("path", ["/openai2", "/v1/responses"])
-def test_responses_stream_cut_before_its_final_event_has_no_usage_and_no_cost(app, fake, path):
+@pytest.mark.parametrize(
+    ("path", "body_tokens"),
+    # The body's bytes / 4, rounded up: the legacy route forwards compact JSON (46 bytes), /v1 the
+    # client's own bytes (50).
+    [("/openai2", 12), ("/v1/responses", 13)],
+)
+def test_responses_stream_cut_before_its_final_event_is_charged_its_estimate(app, fake, path, body_tokens):
     events = response_events("o4-mini", usage=RESPONSE_USAGE)
     fake.push("POST", "/v1/responses", sse(events[:-1], event_names=True, end="drop"))
     r = post_json(app.test_client(), path, {"model": "o4-mini", "input": "x", "stream": True}, headers=AUTH)
     assert r.status_code == 200 and b"event: error" in r.data
     entry = entry_of(app)
-    assert entry["result"] == "upstream_transport"
-    assert (entry["usage"], entry["costUsd"], entry["upstreamModel"]) == (None, None, None)
+    assert entry["result"] == "upstream_transport" and entry["upstreamModel"] is None
+    # No usage arrived: the estimate stands in, never 0. o4-mini ($1.10 in, $4.40 out), no maximum
+    # asked, so the default of 4096 output tokens.
+    assert entry["usageSource"] == "estimated"
+    assert entry["usage"] == {"prompt_tokens": body_tokens, "completion_tokens": 4096,
+                              "total_tokens": body_tokens + 4096}  # fmt: skip
+    assert entry["costUsd"] == pytest.approx((body_tokens * 1.10 + 4096 * 4.40) / 1e6, abs=1e-12)
 
 
 @pytest.mark.parametrize("path", ["/openai2", "/v1/responses"])
@@ -235,20 +245,27 @@ def test_v1_chat_stream_priced_from_its_usage_chunk(app, fake, asked):
 
 
 @pytest.mark.parametrize(
-    ("sent", "usage", "cost"),
-    [(3, None, None), (6, {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}, 3.6e-06)],
+    ("sent", "source", "usage", "cost"),
+    [
+        # Before the usage chunk: the estimate. The client's body is 108 bytes = 27 tokens; max_tokens
+        # = 100 asked: 27 x 0.15 + 100 x 0.60 = 64.05 / 1e6.
+        (3, "estimated", {"prompt_tokens": 27, "completion_tokens": 100, "total_tokens": 127}, 6.405e-05),
+        # After it: what upstream reported. gpt-4o-mini: 12 x 0.15 + 3 x 0.60 = 3.6 / 1e6
+        (6, "upstream", {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}, 3.6e-06),
+    ],
     ids=["before-usage", "after-usage"],
 )
-def test_v1_chat_stream_cut_keeps_only_the_usage_sent_before(app, fake, sent, usage, cost):
+def test_v1_chat_stream_cut_keeps_the_usage_sent_before_else_its_estimate(
+    app, fake, sent, source, usage, cost
+):
     chunks = chat_chunks("gpt-4o-mini", True)  # 5 chunks, then the usage chunk
     fake.push("POST", "/v1/chat/completions", sse(chunks[:sent], end="drop"))
-    body = {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True}
+    body = {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True, "max_tokens": 100}
     r = post_json(app.test_client(), "/v1/chat/completions", body, headers=AUTH)
     assert r.status_code == 200 and b"event: error" in r.data and b"[DONE]" not in r.data
     entry = entry_of(app)
     assert entry["result"] == "upstream_transport"
-    # gpt-4o-mini: 12 x 0.15 + 3 x 0.60 = 3.6 / 1e6
-    assert (entry["usage"], entry["costUsd"]) == (usage, cost)
+    assert (entry["usageSource"], entry["usage"], entry["costUsd"]) == (source, usage, cost)
 
 
 def test_v1_chat_stream_the_client_left_keeps_the_usage_it_had(app, fake):

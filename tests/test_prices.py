@@ -198,12 +198,13 @@ BAD_FILES = [
     ('[models."  "]\ninput = 1\noutput = 2\n', 'line 1: [models."  "] has an empty model name'),
     ('[models." gpt-4o"]\ninput = 1\noutput = 2\n', 'line 1: [models." gpt-4o"] has spaces around the model name'),
     ('[models.gpt-4.1]\ninput = 1\noutput = 2\n',
-     "line 1: [models.\"gpt-4\"] has a table '1' inside: quote names with dots, like [models.\"gpt-4.1\"]"),
+     "line 1: [models.\"gpt-4\"] has a table '1' inside: quote names with dots, like [models.\"gpt-4.1\"]; "
+     "the tiers priced apart are flex, priority"),
     ('[models]\n"gpt-4o" = 5\n', 'line 2: [models."gpt-4o"] must be a table of prices (input, cached_input, output, ...)'),
     ('currency = "USD"\n[models."gpt-4o"]\ninput = 1\noutput = 2\n',
-     "line 1: unknown field 'currency': a price file holds [models.\"<model>\"] tables"),
+     "line 1: unknown field 'currency': a price file holds [models.\"<model>\"] tables and [default]"),
     ('[models."gpt-4o"]\ninput = 1\noutput = 2\n\n[model."gpt-4o-mini"]\ninput = 1\n',
-     "line 5: unknown field 'model': a price file holds [models.\"<model>\"] tables"),
+     "line 5: unknown field 'model': a price file holds [models.\"<model>\"] tables and [default]"),
     ("models = 3\n", 'line 1: models must be tables like [models."gpt-4o"]'),
 ]  # fmt: skip
 

@@ -36,6 +36,7 @@ from openai_proxy.record import RequestRecord, TimeoutDecision
 from openai_proxy.redact import redact_text
 from openai_proxy.state import state
 from openai_proxy.upstream import Credentials, UpstreamCall
+from openai_proxy.usage import estimate_json, estimate_upload
 
 HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
@@ -171,6 +172,7 @@ def build_request() -> PassthroughRequest:
         req.body, req.content_length = streamed_body(limit)
         if path in AUDIO_ENDPOINTS:  # the model, for the record and its price, read as the body passes
             req.body = watch_text_field(req.body, request.content_type or "", "model", _set_model(record()))
+            record().estimate = estimate_upload(req.content_length)
     return req
 
 
@@ -183,6 +185,7 @@ def _inspect_json(req: PassthroughRequest) -> None:
         return
     model = body.get("model")
     req.model = model if isinstance(model, str) else None
+    record().estimate = estimate_json(len(req.body), body)  # type: ignore[arg-type]
     if req.path == "/chat/completions" and body.get("stream") is True:
         chat_body(req, body)
 

@@ -45,6 +45,7 @@ def compact_response():
 @bp.post("/openai2/input_tokens")
 def count_input_tokens():
     req = web.json_request(allow_empty=True)
+    req.record.billable = False  # counting tokens runs no model and costs nothing
     call = json_call("POST", "/responses/input_tokens", req, json=req.body, retries=RETRIES_IDEMPOTENT)
     return pipeline.relay_json(call)
 

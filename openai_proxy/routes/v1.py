@@ -29,6 +29,7 @@ NAMED_ENDPOINTS = (
     "/responses/<response_id>", "/responses/<response_id>/input_items", "/responses/<response_id>/cancel",
     "/embeddings", "/audio/transcriptions", "/models", "/models/<model>",
 )  # fmt: skip
+FREE_ENDPOINTS = frozenset({"/responses/input_tokens"})
 # JSON answers of a known size up to this are read whole (usage for the record); bigger ones stream
 # through (usage then comes from their last TAIL_BYTES). One without a length is read whole up to
 # OPENAI_PROXY_MAX_RESPONSE_BYTES.
@@ -41,8 +42,9 @@ def relay_v1(**_route_args: Any) -> Response:
     req = passthrough.build_request()
     record = web.record()
     record.model, record.timeout = req.model, req.timeout
-    # A GET reads what an earlier request made and paid for (`note_answer` knows the exception).
-    record.billable = req.method != "GET"
+    # A GET reads what an earlier request made and paid for (`note_answer` knows the exception);
+    # counting input tokens runs no model.
+    record.billable = req.method != "GET" and req.path not in FREE_ENDPOINTS
     forwarded = pipeline.forward(req.call(record))
     try:
         return _answer(forwarded, req, record)
