@@ -140,6 +140,79 @@ def test_big_final_event_priced_from_its_ends(app, fake, path):
     assert entry["costUsd"] == 0.0235
 
 
+# ---- service tiers ---------------------------------------------------------------------------------
+
+# gpt-5 ($1.25 in, $0.125 cached, $10 out; flex $0.625 / $0.0625 / $5; priority $2.50 / $0.25 / $20):
+# 1000 prompt tokens (200 cached) and 500 completion tokens.
+TIER_USAGE = {"prompt_tokens": 1000, "completion_tokens": 500, "total_tokens": 1500,
+              "prompt_tokens_details": {"cached_tokens": 200}}  # fmt: skip
+TIER_COST = {"flex": 0.0030125, "priority": 0.01205, "default": 0.006025, None: 0.006025, "scale": 0.006025}
+
+
+@pytest.mark.parametrize("tier", ["flex", "priority", "default", "scale", None])
+@pytest.mark.parametrize("path", ["/openai", "/v1/chat/completions"])
+def test_chat_priced_by_the_tier_upstream_says_it_ran_on(app, fake, path, tier):
+    answer = chat_completion("gpt-5-2025-08-07", usage=TIER_USAGE)
+    if tier is not None:
+        answer["service_tier"] = tier
+    fake.push("POST", "/v1/chat/completions", send(answer))
+    # What the call asked for does not matter: upstream may run it on another tier (auto, project default).
+    body = {"model": "gpt-5", "messages": MESSAGES, "service_tier": "auto"}
+    assert post_json(app.test_client(), path, body, headers=AUTH).status_code == 200
+    entry = entry_of(app)
+    assert (entry["serviceTier"], entry["costUsd"]) == (tier, TIER_COST[tier])
+
+
+def test_chat_stream_priced_by_the_tier_of_its_usage_chunk(app, fake):
+    chunks = chat_chunks("gpt-4o-mini", True, usage={"prompt_tokens": 1000, "completion_tokens": 1000,
+                                                     "total_tokens": 2000})  # fmt: skip
+    for chunk in chunks:
+        chunk["service_tier"] = "priority"
+    fake.push("POST", "/v1/chat/completions", sse(chunks))
+    body = {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True, "service_tier": "priority"}
+    r = post_json(app.test_client(), "/v1/chat/completions", body, headers=AUTH)
+    assert r.status_code == 200
+    entry = entry_of(app)
+    # gpt-4o-mini on priority ($0.25 in, $1 out): 1000 x 0.25 + 1000 x 1 = 1250 / 1e6
+    assert (entry["serviceTier"], entry["costUsd"]) == ("priority", 0.00125)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("path", ["/openai2", "/v1/responses"])
+def test_responses_priced_by_the_tier_upstream_says_it_ran_on(app, fake, path, stream):
+    usage = {"input_tokens": 2000, "input_tokens_details": {"cached_tokens": 1000}, "output_tokens": 1000,
+             "total_tokens": 3000}  # fmt: skip
+    if stream:
+        handler = sse(response_events("o3-2025-04-16", usage=usage, service_tier="flex"), event_names=True)
+    else:
+        handler = send(response_object("o3-2025-04-16", usage=usage, service_tier="flex"))
+    fake.push("POST", "/v1/responses", handler)
+    body = {"model": "o3", "input": "x", "service_tier": "flex", "stream": stream}
+    assert post_json(app.test_client(), path, body, headers=AUTH).status_code == 200
+    entry = entry_of(app)
+    # o3 on flex ($1 in, $0.25 cached, $4 out): 1000 x 1 + 1000 x 0.25 + 1000 x 4 = 5250 / 1e6
+    assert (entry["upstreamModel"], entry["serviceTier"], entry["costUsd"]) == (
+        "o3-2025-04-16",
+        "flex",
+        0.00525,
+    )
+
+
+@pytest.mark.parametrize("path", ["/openai2", "/v1/responses"])
+def test_a_big_final_event_says_its_tier_in_its_tail(app, fake, path):
+    events = response_events("gpt-5-2025-08-07", usage={"input_tokens": 1000, "output_tokens": 500,
+                                                        "input_tokens_details": {"cached_tokens": 200},
+                                                        "total_tokens": 1500})  # fmt: skip
+    final = events[-1]["response"]
+    final["output"].append({"type": "image_generation_call", "id": "ig_1", "result": "A" * (3 * 1024 * 1024)})
+    usage = final.pop("usage")
+    final.update(service_tier="priority", usage=usage)  # OpenAI's order: the tier after the output
+    fake.push("POST", "/v1/responses", sse(events, event_names=True))
+    r = post_json(app.test_client(), path, {"model": "gpt-5", "input": "x", "stream": True}, headers=AUTH)
+    assert r.status_code == 200
+    assert (entry_of(app)["serviceTier"], entry_of(app)["costUsd"]) == ("priority", TIER_COST["priority"])
+
+
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("path", ["/openai2/resp_1", "/v1/responses/resp_1"])
 def test_a_retrieve_costs_nothing_unless_the_response_ran_in_the_background(app, fake, path, stream):

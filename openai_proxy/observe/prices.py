@@ -248,8 +248,10 @@ def _row(
     where: int | None = None,
     tiers: bool = True,
     table: str | None = None,
+    inside: tuple[str, ...] = (),
 ) -> tuple[ModelPrice, dict[str, ModelPrice]]:
-    """One row (a model's, `[default]` when `name` is None, or a tier's), checked; and its tiers."""
+    """One row (a model's, `[default]` when `name` is None, or the tier `inside` names), checked; and
+    its tiers."""
     if table is None:
         table = f"[models.{json.dumps(name)}]" if name is not None else f"[{DEFAULT_TABLE}]"
     if where is None and name is not None:
@@ -258,6 +260,11 @@ def _row(
     def fail(reason: str, field: str | None = None) -> ConfigError:
         line = _field_line(lines, where, field) if field else where
         return ConfigError(_at(source, line, f"{table} {reason}"))
+
+    def sub_line(field: str) -> int | None:
+        """Where the table `field` inside this row starts: its own header, else its key."""
+        header = _header_line(lines, name, (*inside, field)) if name is not None else None
+        return header or _field_line(lines, where, field)
 
     if name is not None and not name.strip():
         raise fail("has an empty model name")
@@ -270,14 +277,23 @@ def _row(
     for field, value in row.items():
         if tiers and field in TIERS and isinstance(value, dict):
             tier_table = f"{table[:-1]}.{field}]"
-            tier_line = _field_line(lines, where, field) if where else None
-            found[field], _ = _row(name, value, lines, source, where=tier_line, tiers=False, table=tier_table)
+            found[field], _ = _row(
+                name,
+                value,
+                lines,
+                source,
+                where=sub_line(field),
+                tiers=False,
+                table=tier_table,
+                inside=(field,),
+            )
             continue
         if isinstance(value, dict):  # `[models.gpt-4.1]` is the table "1" inside the model "gpt-4"
             hint = 'quote names with dots, like [models."gpt-4.1"]'
             if tiers:
                 hint += f"; the tiers priced apart are {', '.join(TIERS)}"
-            raise fail(f"has a table {field!r} inside: {hint}", field)
+            line = sub_line(field)
+            raise ConfigError(_at(source, line, f"{table} has a table {field!r} inside: {hint}"))
         prices[field] = value
         if field not in FIELDS:
             raise fail(f"has an unknown field {field!r} (known: {', '.join(FIELDS)})", field)
@@ -332,6 +348,12 @@ def _table_line(lines: list[str], name: str) -> int | None:
     return _line_of(lines, rf"^\s*\[\s*models\s*\.\s*{key}\s*\]") or _line_of(
         lines, rf"(?:^|[\s.{{,\[]){key}\s*[\].=]"
     )
+
+
+def _header_line(lines: list[str], name: str, inside: tuple[str, ...]) -> int | None:
+    """The line of the header `[models."<name>".<inside...>]`, if the file has one."""
+    path = "".join(rf"\s*\.\s*{_key(part)}" for part in inside)
+    return _line_of(lines, rf"^\s*\[\s*models\s*\.\s*{_key(name)}{path}\s*\]")
 
 
 def _field_line(lines: list[str], table: int | None, field: str) -> int | None:
