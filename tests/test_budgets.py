@@ -247,6 +247,21 @@ def test_a_stream_the_client_cut_before_usage_is_charged_its_estimate(make_app, 
     assert r.status_code == 429 and error_of(r)["code"] == "OPENAI_PROXY_CLIENT_LIMIT"
 
 
+def test_an_estimate_does_not_raise_the_logs_token_maxima(app, fake):
+    from tests.fake_upstream import chat_chunks
+    from tests.logpage import AUTH as PAGE_AUTH
+    from tests.logpage import counters
+
+    fake.push("POST", "/v1/chat/completions", sse(chat_chunks("gpt-4o-mini", True)[:3], end="drop"))
+    body = {**CHAT, "stream": True, "max_tokens": 900}
+    assert post_json(app.test_client(), "/v1/chat/completions", body, headers=AUTH).status_code == 200
+    record = app.records[-1]
+    assert record["usageSource"] == "estimated" and record["usage"]["completion_tokens"] == 900
+    html = app.test_client().get("/log", headers=PAGE_AUTH).get_data(as_text=True)
+    # "Max completion tokens" is what upstream reported; an estimate is not a count.
+    assert counters(html)["Max completion tokens"] == "0" and counters(html)["Request count"] == "1"
+
+
 BAD_USAGE = [
     {"prompt_tokens": -1000000, "completion_tokens": 10, "total_tokens": -999990},
     {"prompt_tokens": 2**53, "completion_tokens": 10, "total_tokens": 2**53 + 10},
