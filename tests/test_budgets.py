@@ -12,6 +12,8 @@ import gevent.event
 import pytest
 import requests
 
+from openai_proxy.limits import LocalLimitStore
+from openai_proxy.limits.shared import RedisLimitStore
 from tests.conftest import SECURITY_KEY, error_of, post_json
 from tests.fake_upstream import chat_completion, default_handler, delay, error, response_events, sse
 from tests.test_client_limits import FREE_KEY, LIMITED_KEY, as_client, clients_file
@@ -378,6 +380,10 @@ def test_twenty_simultaneous_calls_spend_at_most_the_budget_and_one_call(gunicor
     assert BUDGET < spent <= BUDGET + BIG_CALL_COST, (served, spent)
     print(f"\n20 calls, budget ${BUDGET}: {served} served, ${spent:.7f} spent "
           f"(overshoot ${spent - BUDGET:.7f}, {(spent - BUDGET) / BIG_CALL_COST:.2f} call)")  # fmt: skip
+    # Every settled call gave its reservation back, in whichever worker it ran.
+    store = LocalLimitStore(str(tmp_path / "openai-proxy.sqlite3-limits"))
+    assert store.reserved("limited") == 0.0
+    store.close()
     # The day is spent: the next call is refused until tomorrow.
     r = requests.post(server.url + "/openai", json=CHAT, headers=as_client(LIMITED_KEY), timeout=30)
     assert r.status_code == 429 and int(r.headers["Retry-After"]) > 1
@@ -398,3 +404,6 @@ def test_twenty_simultaneous_calls_on_two_hosts_sharing_redis(gunicorn_server, f
     assert charged == served
     assert BUDGET < spent <= BUDGET + BIG_CALL_COST, (served, spent)
     print(f"\n20 calls on 2 hosts, budget ${BUDGET}: {served} served, ${spent:.7f} spent")
+    store = RedisLimitStore(redis_server.url, redis_server.url, LocalLimitStore(str(tmp_path / "fallback")))
+    assert store.reserved("limited") == 0.0
+    store.close()
