@@ -175,6 +175,21 @@ def test_a_killed_workers_reservation_lapses_with_its_lease(tmp_path):
     store.close()
 
 
+def test_more_workers_reserving_for_one_client_than_entries_are_refused_not_unmetered(tmp_path):
+    path = str(tmp_path / "limits")
+    workers = [LocalLimitStore(path) for _ in range(local_module.RES_ENTRIES + 1)]
+    lim = Limits(rpm=1000, daily_usd=100.0)
+    got = [w.admit("c", lim, NOW, reserve=Reservation(f"r{i}", 0.5)) for i, w in enumerate(workers)]
+    assert [a.allowed for a in got] == [True] * local_module.RES_ENTRIES + [False]
+    # Refused as a held budget (retry soon), and not counted as a request.
+    assert (got[-1].limit, got[-1].retry_after_s) == ("daily_usd", 1)
+    assert got[-1].headers == trio("requests", 1000, 1000 - local_module.RES_ENTRIES, "1.92s")
+    workers[0].release("r0", NOW)  # one worker's entry is free again: the last one fits
+    assert workers[-1].admit("c", lim, NOW, reserve=Reservation("r-last", 0.5)).allowed
+    for w in workers:
+        w.close()
+
+
 def test_a_file_from_before_reservations_gets_them_and_keeps_its_spend(tmp_path):
     path = tmp_path / "limits"
     s = LocalLimitStore(str(path), capacity=8)

@@ -289,9 +289,9 @@ class LocalLimitStore:
                     offset, me, after, seq, when + lease_s, when, lease_s
                 )
             ):
-                # Every entry is held by another live worker: refused, never unmetered.
-                refused = [name for name in ("daily_usd", "monthly_usd") if getattr(limits, name) is not None]
-                return state, (refused, state)
+                # Every entry is held by another live worker: refused as if the budget were held,
+                # never unmetered (and this request not counted).
+                refused, stored = rules.admit(limits, state, when, math.inf)
             return stored, (refused, stored)
 
         decided = self._update(client, now, change)
@@ -356,10 +356,12 @@ class LocalLimitStore:
 
     def reserved(self, client: str, now: float | None = None) -> float:
         """USD the calls in flight of `client` hold, every worker's (for tests and pages)."""
-        return self._update(
-            client, now,
-            lambda state, when, offset: (state, self._table.reserved(offset, when, self.ledger.lease_s, b"")),  # type: ignore[union-attr]
-        ) or 0.0  # fmt: skip
+        table, lease_s = self._table, self.ledger.lease_s
+
+        def read(state: State, when: float, offset: int) -> tuple[State, float]:
+            return state, table.reserved(offset, when, lease_s, b"")  # type: ignore[union-attr]
+
+        return self._update(client, now, read) or 0.0
 
     def _give_back(self, request_id: str, now: float | None) -> None:
         held = self.ledger.remove(request_id)
