@@ -304,6 +304,12 @@ class StoreContract:
         # Nothing was spent against a budget it no longer has.
         assert store.admit("r", Limits(daily_usd=0.2), NOW).allowed
 
+    def test_a_bare_release_touches_no_other_client(self, store):
+        assert store.admit("x", Limits(daily_usd=1.0), NOW, reserve=Reservation("a", 0.5)).allowed
+        store.release("a", NOW)
+        store.release("never-held", NOW)
+        assert store.reserved("x", NOW) == 0.0 and not store.holds("a")
+
     def test_clients_without_a_budget_reserve_nothing(self, store):
         assert store.admit("n", Limits(rpm=5), NOW, reserve=Reservation("a", 5.0)).allowed
         assert not store.holds("a")

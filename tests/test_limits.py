@@ -175,6 +175,13 @@ def test_a_killed_workers_reservation_lapses_with_its_lease(tmp_path):
     store.close()
 
 
+def test_a_bare_release_takes_no_slot(store):
+    assert store.admit("x", Limits(daily_usd=1.0), NOW, reserve=Reservation("a", 0.5)).allowed
+    store.charge("", Limits(), 0, None, NOW, release="a")  # what a release is, said another way
+    assert list(store._table.slots) == ["x"]
+    assert store.reserved("x", NOW) == 0.0
+
+
 def test_more_workers_reserving_for_one_client_than_entries_are_refused_not_unmetered(tmp_path):
     path = str(tmp_path / "limits")
     workers = [LocalLimitStore(path) for _ in range(local_module.RES_ENTRIES + 1)]

@@ -112,6 +112,13 @@ def test_a_reservation_made_while_redis_was_out_is_given_back_on_the_host(store,
     assert store.reserved("o", NOW) == 0.0
 
 
+def test_a_bare_release_makes_no_key(store, redis_server):
+    assert store.admit("x", Limits(daily_usd=1.0), NOW, reserve=Reservation("a", 0.5)).allowed
+    store.release("a", NOW)
+    keys = sorted(k for k in redis_server.command("KEYS", "*").decode().split("\r\n")[2::2] if k)
+    assert keys == [f"{KEY_PREFIX}x"]
+
+
 def test_keys_live_under_the_prefix_and_expire(store, redis_server):
     assert store.admit("alice", Limits(rpm=10), NOW).allowed
     store.charge("bob", Limits(tpm=1), 10**7, 0.5, NOW)  # a token debt of 10 million minutes

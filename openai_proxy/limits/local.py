@@ -328,9 +328,11 @@ class LocalLimitStore:
             return (rules.charge(limits, state, when, tokens, cost_usd) if counts else state), True
 
         try:
+            if held is not None and held[0] != client:  # a bare release: settle it on its own
+                self._write_total(*held, now)
+                if not counts:
+                    return
             done = self._update(client, now, change)
-            if held is not None and held[0] != client:
-                self._write_total(held[0], held[1], held[2], now)
         except Exception as exc:
             self.last_error = f"charge failed: {exc}"
             log.exception("client limits: could not charge client %r", client)

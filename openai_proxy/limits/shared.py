@@ -300,9 +300,11 @@ class RedisLimitStore:
         counts = limits.any() and ((limits.tpm is not None and tokens) or cost)
         if not counts and held is None:
             return
-        if held is not None and held[0] != client:  # never in practice: settle it on its own
+        if held is not None and held[0] != client:  # a bare release: settle it on its own
             self._write_total(*held, now)
             held = None
+            if not counts:
+                return
         if self._try_redis():
             mine = [self._field, repr(held[1]), held[2]] if held else ["", 0, 0]
             args = [_arg(now), limits.tpm or 0, tokens if counts else 0, cost if counts else 0.0]
