@@ -249,6 +249,38 @@ def test_a_stream_the_client_cut_before_usage_is_charged_its_estimate(make_app, 
     assert r.status_code == 429 and error_of(r)["code"] == "OPENAI_PROXY_CLIENT_LIMIT"
 
 
+@pytest.mark.parametrize("path", ["/openai2", "/v1/responses"])
+def test_a_response_that_failed_without_usage_is_not_charged(app, fake, path):
+    events = response_events("o4-mini", final="response.failed")
+    events[-1]["response"].update(usage=None, error={"code": "server_error", "message": "It broke."})
+    fake.push("POST", "/v1/responses", sse(events, event_names=True))
+    r = post_json(app.test_client(), path, {"model": "o4-mini", "input": "x", "stream": True}, headers=AUTH)
+    assert r.status_code == 200 and b"response.failed" in r.data
+    record = app.records[-1]
+    assert record["result"] == "upstream_api_error"
+    assert (record["usage"], record["usageSource"], record["costUsd"]) == (None, "unknown", None)
+
+
+def test_an_answer_that_reports_no_usage_is_charged_its_estimate(make_app, fake, tmp_path):
+    # A transcript in a text format says nothing of its duration: a budgeted client would transcribe
+    # for ever. whisper-1 ($0.006 a minute): 960 000 bytes at 16 kB a second = 60 s = $0.006.
+    app = make_app(OPENAI_PROXY_CLIENTS_FILE=clients_file(tmp_path, daily_usd=0.01))
+    client = app.test_client()
+    for status in (200, 200, 429):
+        fake.push(
+            "POST", "/v1/audio/transcriptions", lambda req, conn: conn.send(200, b"hello", "text/plain")
+        )
+        r = client.post(
+            "/openai/audio/transcriptions",
+            data={"file": (io.BytesIO(b"\0" * 960_000), "a.wav"), "response_format": "text"},
+            headers=as_client(LIMITED_KEY),
+            content_type="multipart/form-data",
+        )
+        assert r.status_code == status
+    record = app.records[-2]
+    assert (record["usageSource"], record["costUsd"]) == ("estimated", 0.006)
+
+
 def test_an_estimate_does_not_raise_the_logs_token_maxima(app, fake):
     from tests.fake_upstream import chat_chunks
     from tests.logpage import AUTH as PAGE_AUTH

@@ -84,17 +84,20 @@ def settled_usage(
 
     - `upstream`: upstream reported usable usage; priced as `cost_usd` says.
     - `estimated`: the call ran (upstream answered 2xx, or a relay of its answer started) but its usage
-      never arrived (a stream the client or upstream cut short, an answer without usage): the
-      request's estimate (`openai_proxy.usage.Estimate`) stands in for it, never 0.
-    - `unknown`: anything else: upstream's usage was not usable numbers, the call failed before
-      upstream worked, or nothing could be estimated (no model, no price, a re-read).
+      never arrived (a stream the client or upstream cut short, an answer that reports none, such as a
+      transcript in a text format): the request's estimate (`openai_proxy.usage.Estimate`) stands in
+      for it, never 0.
+    - `unknown`: anything else: upstream's usage was not usable numbers, the call failed (before
+      upstream worked, or upstream said so: `response.failed`), or nothing could be estimated (no
+      model, no price, a re-read).
     """
     if record.usage:
         return record.usage, "upstream", cost_usd(record, prices)
     estimate = record.estimate
     ran = record.relayed or (record.status is not None and 200 <= record.status < 300)
     if (
-        record.usage_invalid
+        record.result == "upstream_api_error"
+        or record.usage_invalid
         or record.usage_deferred
         or estimate is None
         or prices is None
