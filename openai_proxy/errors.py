@@ -99,6 +99,14 @@ class Forbidden(ProxyError):
     status, type, code, result = 403, "forbidden", "OPENAI_PROXY_FORBIDDEN", "forbidden"
 
 
+class UnpricedModel(Forbidden):
+    """A client with a budget asked for a model the price table cannot price: its cost could not be
+    counted, so the budget could not hold (contract §14)."""
+
+    code = "OPENAI_PROXY_UNPRICED_MODEL"
+    openai_type, openai_code = "invalid_request_error", "model_not_priced"
+
+
 class NotFound(ProxyError):
     status, type, code, result = 404, "not_found", "OPENAI_PROXY_NOT_FOUND", "not_found"
 

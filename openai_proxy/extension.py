@@ -152,6 +152,7 @@ def _install(app: Flask, config: Config, prefix: str, *, whole_app: bool) -> Pro
         limits=open_limit_store(config),
         objects=open_object_book(log_store),
         url_prefix=prefix,
+        prices=prices,
     )
     # Observability hangs off the existing hooks: finished requests, retries, new parallel peaks.
     st.completion_log.sinks += [st.log_store.append, st.metrics.observe, functools.partial(charge, st)]

@@ -32,7 +32,7 @@ from openai_proxy.stream.sse import EventRelay
 from openai_proxy.upstream import JSON_HEADERS, READ_MARGIN_S, UpstreamCall, UpstreamResponse
 from openai_proxy.upstream.classify import classify, upstream_api_error
 from openai_proxy.upstream.client import MAX_ERROR_BODY, Headers
-from openai_proxy.usage import note_answer
+from openai_proxy.usage import estimate_json, note_answer
 
 T = TypeVar("T")
 
@@ -164,7 +164,9 @@ def json_call(method: str, path: str, req: Any, *, json: dict[str, Any] | None =
     if isinstance(forwarded_fields, Mapping):
         note_models(req.record, forwarded_fields)  # what goes upstream is what the allowlist judges
     if json is not None:
-        fields.update(body=jsonio.dumps(json), headers=[*JSON_HEADERS, *fields.get("headers", ())])
+        body = jsonio.dumps(json)
+        req.record.estimate = estimate_json(len(body), json)
+        fields.update(body=body, headers=[*JSON_HEADERS, *fields.get("headers", ())])
     return UpstreamCall(
         method, path, record=req.record, timeout=req.timeout, credentials=req.credentials, **fields
     )

@@ -71,6 +71,17 @@ class RequestRecord:
     # Set for a call whose answer names stored objects to record (a create call): the relays show it the
     # answer, or stream events while it is waiting, before the client gets them (`openai_proxy.objects`).
     object_watch: AnswerWatch | None = None
+    # What the call may use, judged from its request (`openai_proxy.usage.Estimate`): the budget
+    # reservation, and the charge of a call whose usage never arrived.
+    estimate: Any = None
+    # Upstream sent usage, but not usable numbers (`openai_proxy.usage.read_usage`).
+    usage_invalid: bool = False
+    # A background Response's create call: its usage shows (and is priced) where it is read later.
+    usage_deferred: bool = False
+    # The service tier upstream says it ran the call on (`flex`, `priority`, `default`, ...).
+    service_tier: str | None = None
+    # A relay started passing upstream's 2xx answer to the client: the call ran, whatever comes next.
+    relayed: bool = False
     status: int | None = None
     result: str | None = None
     error: dict[str, Any] | None = None

@@ -17,6 +17,7 @@ from openai_proxy.log.store import LogStore
 from openai_proxy.objects import ObjectBook
 from openai_proxy.observe.completion import CompletionLog
 from openai_proxy.observe.metrics import Metrics
+from openai_proxy.observe.prices import PriceTable
 from openai_proxy.runtime import server_stopping
 from openai_proxy.upstream import Upstream
 
@@ -41,6 +42,7 @@ class ProxyState:
     limiter: Limiter | None = None
     # Where the proxy is mounted in its app ("/ai"); "" when it is the whole app.
     url_prefix: str = ""
+    prices: PriceTable | None = None
     started_at: float = field(default_factory=time.time)
 
     def draining(self) -> bool:

@@ -11,7 +11,8 @@ import math
 
 import pytest
 
-from openai_proxy.limits import Admission, Limits
+from openai_proxy.limits import Admission, Limits, Reservation
+from openai_proxy.limits.reservations import LEASE_S
 
 NOW = float(calendar.timegm((2025, 1, 15, 12, 0, 0)))  # a Wednesday noon, UTC
 
@@ -224,3 +225,92 @@ class StoreContract:
     def test_status_says_it_is_reachable(self, store):
         status = store.status()
         assert status["reachable"] is True and status["lastError"] is None
+
+    # -- budget reservations (openai_proxy/limits/reservations.py) -----------------------------------
+    def test_calls_in_flight_hold_the_budget_until_they_settle(self, store):
+        lim = Limits(daily_usd=1.0)
+        got = [store.admit("b", lim, NOW, reserve=Reservation(f"r{i}", 0.25)).allowed for i in range(5)]
+        # Admitted while spent + reserved < budget: 0, 0.25, 0.5 and 0.75 are; 1.0 is not.
+        assert got == [True, True, True, True, False]
+        assert store.reserved("b", NOW) == 1.0
+        # A budget only calls in flight hold frees up as they settle: retry soon, not tomorrow.
+        assert store.admit("b", lim, NOW, reserve=Reservation("r9", 0.25)) == refused("daily_usd", 1, [])
+        # r0 settles for less than it reserved: 0.1 spent + 0.75 reserved < 1.0.
+        store.charge("b", lim, 10, 0.1, NOW, release="r0")
+        assert store.reserved("b", NOW) == 0.75
+        assert store.admit("b", lim, NOW, reserve=Reservation("r10", 0.25)).allowed
+        assert not store.admit("b", lim, NOW, reserve=Reservation("r11", 0.25)).allowed
+        for rid in ("r1", "r2", "r3", "r10"):
+            store.charge("b", lim, 10, 0.2, NOW, release=rid)
+        # Nothing held any more, 0.9 spent: one more call, then the day is spent.
+        assert store.reserved("b", NOW) == 0.0
+        assert not store.holds("r1")
+        assert store.admit("b", lim, NOW, reserve=Reservation("r12", 0.25)).allowed
+        store.charge("b", lim, 10, 0.2, NOW, release="r12")
+        assert store.admit("b", lim, NOW, reserve=Reservation("r13", 0.25)) == refused(
+            "daily_usd", 12 * 3600, []
+        )
+        assert store.reserved("b", NOW) == 0.0  # a refused call holds nothing
+
+    def test_a_call_without_a_reservation_still_sees_the_others(self, store):
+        lim = Limits(monthly_usd=1.0)
+        assert store.admit("m", lim, NOW, reserve=Reservation("big", 1.5)).allowed  # its own size: no matter
+        assert store.admit("m", lim, NOW) == refused("monthly_usd", 1, [])  # names no model, reserves 0
+        store.release("big", NOW)
+        assert store.admit("m", lim, NOW).allowed
+        assert store.reserved("m", NOW) == 0.0
+
+    def test_every_worker_sees_every_workers_reservations(self, open_store):
+        one, two = open_store(), open_store()
+        lim = Limits(daily_usd=1.0)
+        assert one.admit("w", lim, NOW, reserve=Reservation("a", 0.625)).allowed
+        assert two.admit("w", lim, NOW, reserve=Reservation("b", 0.375)).allowed
+        assert one.reserved("w", NOW) == two.reserved("w", NOW) == 1.0
+        assert not two.admit("w", lim, NOW, reserve=Reservation("c", 0.25)).allowed
+        assert not one.admit("w", lim, NOW, reserve=Reservation("c", 0.25)).allowed
+        # Only the worker that holds a reservation gives it back; the other's release is a no-op.
+        two.release("a", NOW)
+        assert two.reserved("w", NOW) == 1.0
+        one.charge("w", lim, 0, 0.125, NOW, release="a")
+        assert two.reserved("w", NOW) == 0.375
+        assert two.admit("w", lim, NOW, reserve=Reservation("c", 0.25)).allowed
+
+    def test_a_dead_workers_reservations_lapse_with_their_lease(self, open_store):
+        dead, alive = open_store(), open_store()
+        lim = Limits(daily_usd=1.0)
+        assert dead.admit("d", lim, NOW, reserve=Reservation("a", 0.9)).allowed
+        assert alive.admit("d", lim, NOW, reserve=Reservation("b", 0.2)).allowed
+        # `dead` never renews nor settles (its process is gone): its entry counts for one lease.
+        assert alive.reserved("d", NOW + LEASE_S - 1) == pytest.approx(1.1)
+        assert not alive.admit("d", lim, NOW + LEASE_S - 1, reserve=Reservation("c", 0.1)).allowed
+        # Past the lease only the live worker's own reservation is left (it wrote its entry again
+        # when its refused call gave its reservation back).
+        assert alive.reserved("d", NOW + LEASE_S + 1) == pytest.approx(0.2)
+        assert alive.admit("d", lim, NOW + LEASE_S + 1, reserve=Reservation("c", 0.1)).allowed
+        assert alive.reserved("d", NOW + LEASE_S + 1) == pytest.approx(0.3)
+
+    def test_a_closed_store_gives_its_reservations_back(self, open_store):
+        one, two = open_store(), open_store()
+        lim = Limits(daily_usd=1.0)
+        assert one.admit("c", lim, reserve=Reservation("a", 0.7)).allowed
+        assert two.reserved("c") == 0.7
+        one.close()
+        assert two.reserved("c") == 0.0
+
+    def test_a_reservation_is_given_back_whatever_the_clients_limits_are_now(self, store):
+        assert store.admit("r", Limits(daily_usd=1.0), NOW, reserve=Reservation("a", 0.5)).allowed
+        store.charge("r", Limits(), 10, 0.3, NOW, release="a")  # the client lost its budget in a reload
+        assert store.reserved("r", NOW) == 0.0 and not store.holds("a")
+        # Nothing was spent against a budget it no longer has.
+        assert store.admit("r", Limits(daily_usd=0.2), NOW).allowed
+
+    def test_a_bare_release_touches_no_other_client(self, store):
+        assert store.admit("x", Limits(daily_usd=1.0), NOW, reserve=Reservation("a", 0.5)).allowed
+        store.release("a", NOW)
+        store.release("never-held", NOW)
+        assert store.reserved("x", NOW) == 0.0 and not store.holds("a")
+
+    def test_clients_without_a_budget_reserve_nothing(self, store):
+        assert store.admit("n", Limits(rpm=5), NOW, reserve=Reservation("a", 5.0)).allowed
+        assert not store.holds("a")
+        assert store.reserved("n", NOW) == 0.0

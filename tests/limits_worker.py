@@ -8,7 +8,7 @@ import os
 import time
 from typing import Any
 
-from openai_proxy.limits import LocalLimitStore
+from openai_proxy.limits import LocalLimitStore, Reservation
 from openai_proxy.limits.rules import Limits
 
 
@@ -33,6 +33,35 @@ def hammer(
         return admitted
     finally:
         store.close()
+
+
+def reserve(
+    backend: dict[str, Any], barrier: Any, client: str, limits: dict, attempts: int, now: float, usd: float
+) -> int:
+    """Try `attempts` admissions at once with the other processes, each reserving `usd` and holding
+    it until every process has tried; how many were admitted."""
+    store = _open(backend)
+    try:
+        barrier.wait(30)
+        admitted = sum(
+            store.admit(client, Limits(**limits), now, reserve=Reservation(f"{os.getpid()}-{i}", usd)).allowed
+            for i in range(attempts)
+        )
+        if "uri" in backend and not store.status()["reachable"]:
+            return -1  # counted on the fallback: the test would prove nothing
+        barrier.wait(30)
+        return admitted
+    finally:
+        store.close()
+
+
+def reserve_and_hang(backend: dict[str, Any], client: str, usd: float, now: float, ready: str) -> None:
+    """Reserve `usd` for `client`, as a worker does for a call in flight, say so, and never settle."""
+    store = _open(backend)
+    assert store.admit(client, Limits(daily_usd=1.0), now, reserve=Reservation("hung", usd)).allowed
+    with open(ready, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(3600)
 
 
 def spend(backend: dict[str, Any], barrier: Any, client: str, limits: dict, times: int, now: float) -> int:

@@ -104,14 +104,21 @@ def test_responses_stream_priced_from_any_final_event(app, fake, path, final):
 
 
 @pytest.mark.parametrize("path", ["/openai2", "/v1/responses"])
-def test_responses_stream_cut_before_its_final_event_has_no_usage_and_no_cost(app, fake, path):
+def test_responses_stream_cut_before_its_final_event_is_charged_its_estimate(app, fake, path):
     events = response_events("o4-mini", usage=RESPONSE_USAGE)
     fake.push("POST", "/v1/responses", sse(events[:-1], event_names=True, end="drop"))
     r = post_json(app.test_client(), path, {"model": "o4-mini", "input": "x", "stream": True}, headers=AUTH)
     assert r.status_code == 200 and b"event: error" in r.data
+    # The bytes that went upstream / 4, rounded up (with the client's `safety_identifier` added).
+    body_tokens = -(-len(fake.last("/v1/responses").body) // 4)
     entry = entry_of(app)
-    assert entry["result"] == "upstream_transport"
-    assert (entry["usage"], entry["costUsd"], entry["upstreamModel"]) == (None, None, None)
+    assert entry["result"] == "upstream_transport" and entry["upstreamModel"] is None
+    # No usage arrived: the estimate stands in, never 0. o4-mini ($1.10 in, $4.40 out), no maximum
+    # asked, so the default of 4096 output tokens.
+    assert entry["usageSource"] == "estimated"
+    assert entry["usage"] == {"prompt_tokens": body_tokens, "completion_tokens": 4096,
+                              "total_tokens": body_tokens + 4096}  # fmt: skip
+    assert entry["costUsd"] == pytest.approx((body_tokens * 1.10 + 4096 * 4.40) / 1e6, abs=1e-12)
 
 
 @pytest.mark.parametrize("path", ["/openai2", "/v1/responses"])
@@ -129,6 +136,79 @@ def test_big_final_event_priced_from_its_ends(app, fake, path):
     assert entry["upstreamModel"] == "gpt-5-2025-08-07"
     # gpt-5 ($1.25 in, $0.125 cached, $10 out): 2000 x 1.25 + 8000 x 0.125 + 2000 x 10 = 23500 / 1e6
     assert entry["costUsd"] == 0.0235
+
+
+# ---- service tiers ---------------------------------------------------------------------------------
+
+# gpt-5 ($1.25 in, $0.125 cached, $10 out; flex $0.625 / $0.0625 / $5; priority $2.50 / $0.25 / $20):
+# 1000 prompt tokens (200 cached) and 500 completion tokens.
+TIER_USAGE = {"prompt_tokens": 1000, "completion_tokens": 500, "total_tokens": 1500,
+              "prompt_tokens_details": {"cached_tokens": 200}}  # fmt: skip
+TIER_COST = {"flex": 0.0030125, "priority": 0.01205, "default": 0.006025, None: 0.006025, "scale": 0.006025}
+
+
+@pytest.mark.parametrize("tier", ["flex", "priority", "default", "scale", None])
+@pytest.mark.parametrize("path", ["/openai", "/v1/chat/completions"])
+def test_chat_priced_by_the_tier_upstream_says_it_ran_on(app, fake, path, tier):
+    answer = chat_completion("gpt-5-2025-08-07", usage=TIER_USAGE)
+    if tier is not None:
+        answer["service_tier"] = tier
+    fake.push("POST", "/v1/chat/completions", send(answer))
+    # What the call asked for does not matter: upstream may run it on another tier (auto, project default).
+    body = {"model": "gpt-5", "messages": MESSAGES, "service_tier": "auto"}
+    assert post_json(app.test_client(), path, body, headers=AUTH).status_code == 200
+    entry = entry_of(app)
+    assert (entry["serviceTier"], entry["costUsd"]) == (tier, TIER_COST[tier])
+
+
+def test_chat_stream_priced_by_the_tier_of_its_usage_chunk(app, fake):
+    chunks = chat_chunks("gpt-4o-mini", True, usage={"prompt_tokens": 1000, "completion_tokens": 1000,
+                                                     "total_tokens": 2000})  # fmt: skip
+    for chunk in chunks:
+        chunk["service_tier"] = "priority"
+    fake.push("POST", "/v1/chat/completions", sse(chunks))
+    body = {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True, "service_tier": "priority"}
+    r = post_json(app.test_client(), "/v1/chat/completions", body, headers=AUTH)
+    assert r.status_code == 200
+    entry = entry_of(app)
+    # gpt-4o-mini on priority ($0.25 in, $1 out): 1000 x 0.25 + 1000 x 1 = 1250 / 1e6
+    assert (entry["serviceTier"], entry["costUsd"]) == ("priority", 0.00125)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("path", ["/openai2", "/v1/responses"])
+def test_responses_priced_by_the_tier_upstream_says_it_ran_on(app, fake, path, stream):
+    usage = {"input_tokens": 2000, "input_tokens_details": {"cached_tokens": 1000}, "output_tokens": 1000,
+             "total_tokens": 3000}  # fmt: skip
+    if stream:
+        handler = sse(response_events("o3-2025-04-16", usage=usage, service_tier="flex"), event_names=True)
+    else:
+        handler = send(response_object("o3-2025-04-16", usage=usage, service_tier="flex"))
+    fake.push("POST", "/v1/responses", handler)
+    body = {"model": "o3", "input": "x", "service_tier": "flex", "stream": stream}
+    assert post_json(app.test_client(), path, body, headers=AUTH).status_code == 200
+    entry = entry_of(app)
+    # o3 on flex ($1 in, $0.25 cached, $4 out): 1000 x 1 + 1000 x 0.25 + 1000 x 4 = 5250 / 1e6
+    assert (entry["upstreamModel"], entry["serviceTier"], entry["costUsd"]) == (
+        "o3-2025-04-16",
+        "flex",
+        0.00525,
+    )
+
+
+@pytest.mark.parametrize("path", ["/openai2", "/v1/responses"])
+def test_a_big_final_event_says_its_tier_in_its_tail(app, fake, path):
+    events = response_events("gpt-5-2025-08-07", usage={"input_tokens": 1000, "output_tokens": 500,
+                                                        "input_tokens_details": {"cached_tokens": 200},
+                                                        "total_tokens": 1500})  # fmt: skip
+    final = events[-1]["response"]
+    final["output"].append({"type": "image_generation_call", "id": "ig_1", "result": "A" * (3 * 1024 * 1024)})
+    usage = final.pop("usage")
+    final.update(service_tier="priority", usage=usage)  # OpenAI's order: the tier after the output
+    fake.push("POST", "/v1/responses", sse(events, event_names=True))
+    r = post_json(app.test_client(), path, {"model": "gpt-5", "input": "x", "stream": True}, headers=AUTH)
+    assert r.status_code == 200
+    assert (entry_of(app)["serviceTier"], entry_of(app)["costUsd"]) == ("priority", TIER_COST["priority"])
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -236,20 +316,29 @@ def test_v1_chat_stream_priced_from_its_usage_chunk(app, fake, asked):
 
 
 @pytest.mark.parametrize(
-    ("sent", "usage", "cost"),
-    [(3, None, None), (6, {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}, 3.6e-06)],
+    ("sent", "source", "usage", "cost"),
+    [
+        # Before the usage chunk: the estimate. The body sent upstream (the client's, with
+        # `stream_options` and its `safety_identifier` added) is 225 bytes = 57 tokens; max_tokens = 100
+        # asked: 57 x 0.15 + 100 x 0.60 = 68.55 / 1e6.
+        (3, "estimated", {"prompt_tokens": 57, "completion_tokens": 100, "total_tokens": 157}, 6.855e-05),
+        # After it: what upstream reported. gpt-4o-mini: 12 x 0.15 + 3 x 0.60 = 3.6 / 1e6
+        (6, "upstream", {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}, 3.6e-06),
+    ],
     ids=["before-usage", "after-usage"],
 )
-def test_v1_chat_stream_cut_keeps_only_the_usage_sent_before(app, fake, sent, usage, cost):
+def test_v1_chat_stream_cut_keeps_the_usage_sent_before_else_its_estimate(
+    app, fake, sent, source, usage, cost
+):
     chunks = chat_chunks("gpt-4o-mini", True)  # 5 chunks, then the usage chunk
     fake.push("POST", "/v1/chat/completions", sse(chunks[:sent], end="drop"))
-    body = {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True}
+    body = {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True, "max_tokens": 100}
     r = post_json(app.test_client(), "/v1/chat/completions", body, headers=AUTH)
     assert r.status_code == 200 and b"event: error" in r.data and b"[DONE]" not in r.data
     entry = entry_of(app)
     assert entry["result"] == "upstream_transport"
-    # gpt-4o-mini: 12 x 0.15 + 3 x 0.60 = 3.6 / 1e6
-    assert (entry["usage"], entry["costUsd"]) == (usage, cost)
+    assert (entry["usageSource"], entry["usage"], entry["costUsd"]) == (source, usage, cost)
+    assert len(fake.last("/v1/chat/completions").body) == 225
 
 
 def test_v1_chat_stream_the_client_left_keeps_the_usage_it_had(app, fake):
@@ -363,7 +452,8 @@ def test_v1_json_answer_of_unknown_length_is_priced(app, fake, image_mib):
 
 
 def test_v1_big_json_answer_whose_tail_has_no_usage_has_unknown_usage(app, fake):
-    """Only the tail of a big answer is kept: usage written before 3 MiB of output is not guessed."""
+    """Only the tail of a big answer is kept: usage written before 3 MiB of output is not guessed; the
+    call ran, so it is charged its estimate (`usageSource: estimated`), never 0."""
     rest = response_object("o4-mini")
     answer = {"usage": rest.pop("usage"), **rest}
     answer["output"].append({"type": "image_generation_call", "id": "ig_1", "result": "A" * (3 << 20)})
@@ -372,7 +462,13 @@ def test_v1_big_json_answer_whose_tail_has_no_usage_has_unknown_usage(app, fake)
     r = post_json(app.test_client(), "/v1/responses", {"model": "o4-mini", "input": "x"}, headers=AUTH)
     assert r.status_code == 200 and r.data == json.dumps(answer).encode()
     entry = entry_of(app)
-    assert (entry["usage"], entry["costUsd"]) == (None, None)
+    tokens = -(-len(fake.last("/v1/responses").body) // 4)
+    assert entry["usageSource"] == "estimated"
+    assert entry["usage"] == {
+        "prompt_tokens": tokens,
+        "completion_tokens": 4096,
+        "total_tokens": tokens + 4096,
+    }
 
 
 def test_v1_answer_without_usage_has_no_cost(app, fake):

@@ -175,7 +175,8 @@ def test_completion_record_fields(client, records, capsys):
     assert set(entry) == {"event", "requestId", "incomingRequestId", "upstreamRequestId", "endpoint", "method",
                           "model", "stream", "timeoutMs", "timeoutSource", "start", "durationMs", "upstreamMs",
                           "result", "status", "retries", "overloaded", "cancelled", "usage", "error", "pid",
-                          "client", "attempts", "upstreamModel", "costUsd", "host"}  # fmt: skip
+                          "client", "attempts", "upstreamModel", "costUsd", "host", "usageSource",
+                          "serviceTier"}  # fmt: skip
     assert entry["event"] == "completion"
     assert entry["host"] == socket.gethostname()  # OPENAI_PROXY_HOST_NAME's default
     assert entry["requestId"] == r.headers["X-Proxy-Request-Id"]
@@ -194,6 +195,7 @@ def test_completion_record_fields(client, records, capsys):
         "cached_tokens": 3,
         "total_tokens": 32,
     }
+    assert (entry["usageSource"], entry["serviceTier"]) == ("upstream", None)
     assert entry["error"] is None
     # The same record is one JSON line on stdout.
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]

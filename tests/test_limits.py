@@ -20,10 +20,12 @@ from openai_proxy.limits import (
     LimitFileError,
     Limits,
     LocalLimitStore,
+    Reservation,
     local_state_path,
     open_limit_store,
 )
 from openai_proxy.limits import local as local_module
+from openai_proxy.limits.reservations import LEASE_S
 from openai_proxy.limits.rules import reset_text
 from openai_proxy.redact import redact_text
 from tests.conftest import ACCESS_TOKEN
@@ -131,6 +133,93 @@ def test_charges_from_many_processes_are_never_lost(tmp_path):
     store.close()
 
 
+@pytest.mark.parametrize("processes", [2, 4])
+def test_reservations_are_exact_across_processes(tmp_path, processes):
+    backend = {"kind": "local", "path": str(tmp_path / "limits")}
+    # Each call reserves $0.125 of a $10 budget and none settles: exactly 80 are admitted, however the
+    # processes interleave (admitted while spent + reserved < budget: 79 x 0.125 < 10 <= 80 x 0.125).
+    args = (backend, SPAWN.Barrier(processes), "c", {"daily_usd": 10.0}, 60, NOW, 0.125)
+    got = run_processes("reserve", [args] * processes)
+    assert sum(got) == 80, got
+    # Every process closed its store: nothing is held any more.
+    store = LocalLimitStore(backend["path"])
+    assert store.reserved("c", NOW) == 0.0
+    store.close()
+
+
+def hang_with_a_reservation(backend: dict, ready) -> SPAWN.Process:
+    unused = SPAWN.SimpleQueue()  # kept referenced until the child has started
+    holder = SPAWN.Process(
+        target=report, args=(unused, 0, "reserve_and_hang", backend, "k", 1.0, NOW, str(ready))
+    )
+    holder.start()
+    deadline = time.monotonic() + 30
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ready.exists()
+    return holder
+
+
+def test_a_killed_workers_reservation_lapses_with_its_lease(tmp_path):
+    backend = {"kind": "local", "path": str(tmp_path / "limits")}
+    holder = hang_with_a_reservation(backend, tmp_path / "ready")
+    os.kill(holder.pid, signal.SIGKILL)
+    assert gone(holder)
+    store = LocalLimitStore(backend["path"])
+    lim = Limits(daily_usd=1.0)
+    # Its call never settles: the reservation holds the budget for one lease, then no more.
+    assert store.reserved("k", NOW) == 1.0
+    assert store.admit("k", lim, NOW, reserve=Reservation("a", 0.25)) == refused("daily_usd", 1, [])
+    assert store.reserved("k", NOW + LEASE_S + 1) == 0.0
+    assert store.admit("k", lim, NOW + LEASE_S + 1, reserve=Reservation("a", 0.25)).allowed
+    store.close()
+
+
+def test_a_bare_release_takes_no_slot(store):
+    assert store.admit("x", Limits(daily_usd=1.0), NOW, reserve=Reservation("a", 0.5)).allowed
+    store.charge("", Limits(), 0, None, NOW, release="a")  # what a release is, said another way
+    assert list(store._table.slots) == ["x"]
+    assert store.reserved("x", NOW) == 0.0
+
+
+def test_more_workers_reserving_for_one_client_than_entries_are_refused_not_unmetered(tmp_path):
+    path = str(tmp_path / "limits")
+    workers = [LocalLimitStore(path) for _ in range(local_module.RES_ENTRIES + 1)]
+    lim = Limits(rpm=1000, daily_usd=100.0)
+    got = [w.admit("c", lim, NOW, reserve=Reservation(f"r{i}", 0.5)) for i, w in enumerate(workers)]
+    assert [a.allowed for a in got] == [True] * local_module.RES_ENTRIES + [False]
+    # Refused as a held budget (retry soon), and not counted as a request.
+    assert (got[-1].limit, got[-1].retry_after_s) == ("daily_usd", 1)
+    assert got[-1].headers == trio("requests", 1000, 1000 - local_module.RES_ENTRIES, "1.92s")
+    workers[0].release("r0", NOW)  # one worker's entry is free again: the last one fits
+    assert workers[-1].admit("c", lim, NOW, reserve=Reservation("r-last", 0.5)).allowed
+    for w in workers:
+        w.close()
+
+
+def test_a_file_from_before_reservations_gets_them_and_keeps_its_spend(tmp_path):
+    path = tmp_path / "limits"
+    s = LocalLimitStore(str(path), capacity=8)
+    s.charge("c", Limits(daily_usd=1.0), 0, 0.5, NOW)
+    s.close()
+    # The layout of earlier versions: no reservation header, no region after the slots.
+    with open(path, "r+b") as f:
+        f.seek(local_module.RES_HEADER_AT)
+        f.write(bytes(local_module.RES_HEADER.size))
+    os.truncate(path, local_module.HEADER_BYTES + 8 * local_module.SLOT_BYTES)
+    s = LocalLimitStore(str(path))
+    lim = Limits(daily_usd=1.0)
+    assert s.admit("c", lim, NOW, reserve=Reservation("a", 0.25)).allowed  # 0.5 spent
+    assert s.admit("c", lim, NOW, reserve=Reservation("b", 0.25)).allowed  # + 0.25 reserved
+    assert s.admit("c", lim, NOW, reserve=Reservation("c", 0.25)) == refused("daily_usd", 1, [])
+    s.close()
+    with open(path, "r+b") as f:
+        f.seek(local_module.RES_HEADER_AT)
+        f.write(b"OPXRESv9")
+    with pytest.raises(LimitFileError, match="unknown reservation layout"):
+        LocalLimitStore(str(path))
+
+
 def test_a_killed_process_holding_the_lock_blocks_no_one(tmp_path):
     path, ready = str(tmp_path / "limits"), tmp_path / "ready"
     unused = SPAWN.SimpleQueue()  # kept referenced until the child has started
@@ -231,7 +320,9 @@ def test_a_truncated_file_is_extended_and_keeps_what_it_has(tmp_path):
     s.close()
     os.truncate(path, end_of_c)  # e.g. copied by a tool that stops at the last non-zero byte
     s = LocalLimitStore(str(path))
-    assert os.path.getsize(path) == local_module.HEADER_BYTES + 8 * local_module.SLOT_BYTES
+    assert os.path.getsize(path) == local_module.HEADER_BYTES + 8 * (
+        local_module.SLOT_BYTES + local_module.RES_BLOCK
+    )
     assert s.admit("c", Limits(daily_usd=1.0), NOW) == refused("daily_usd", 12 * 3600, [])
     assert s.admit("d", Limits(daily_usd=1.0), NOW) == allowed([])
     s.close()

@@ -4,17 +4,20 @@ host's own store when Redis is down or stalled, and the page rate limits on the 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 
 import gevent
 import pytest
 
 from openai_proxy.config import build_config
-from openai_proxy.limits import Limits, LocalLimitStore, open_limit_store
+from openai_proxy.limits import Limits, LocalLimitStore, Reservation, open_limit_store
+from openai_proxy.limits.reservations import LEASE_S
 from openai_proxy.limits.shared import KEY_PREFIX, RedisLimitStore
 from tests.limits_contract import NOW, StoreContract, allowed, refused, trio
 from tests.logpage import AUTH
-from tests.test_limits import SPAWN, run_processes
+from tests.test_limits import SPAWN, gone, hang_with_a_reservation, run_processes
 
 LIMITS_LOG = "openai_proxy.limits"
 
@@ -66,6 +69,54 @@ def test_charges_from_many_processes_add_up_in_redis(redis_server, tmp_path):
     )
     assert s.status()["reachable"] is True
     s.close()
+
+
+@pytest.mark.parametrize("processes", [2, 4])
+def test_reservations_are_exact_across_processes_sharing_redis(redis_server, tmp_path, processes):
+    backend = {"kind": "redis", "uri": redis_server.url, "path": str(tmp_path / "fallback")}
+    # As the local test: $0.125 per call, $10 budget, nothing settles: exactly 80 admitted.
+    args = (backend, SPAWN.Barrier(processes), "c", {"daily_usd": 10.0}, 60, NOW, 0.125)
+    got = run_processes("reserve", [args] * processes)
+    assert -1 not in got, "a process counted on its fallback"
+    assert sum(got) == 80, got
+    s = open_redis(redis_server.url, str(tmp_path / "fallback"))
+    assert s.reserved("c", NOW) == 0.0  # every process gave its reservations back on close
+    s.close()
+
+
+def test_a_killed_workers_reservation_lapses_with_its_lease_in_redis(redis_server, tmp_path):
+    backend = {"kind": "redis", "uri": redis_server.url, "path": str(tmp_path / "fallback")}
+    holder = hang_with_a_reservation(backend, tmp_path / "ready")
+    os.kill(holder.pid, signal.SIGKILL)
+    assert gone(holder)
+    s = open_redis(redis_server.url, str(tmp_path / "fallback"))
+    lim = Limits(daily_usd=1.0)
+    assert s.reserved("k", NOW) == 1.0
+    assert s.admit("k", lim, NOW, reserve=Reservation("a", 0.25)) == refused("daily_usd", 1, [])
+    assert s.reserved("k", NOW + LEASE_S + 1) == 0.0
+    assert s.admit("k", lim, NOW + LEASE_S + 1, reserve=Reservation("a", 0.25)).allowed
+    assert s.status()["reachable"] is True
+    s.close()
+
+
+def test_a_reservation_made_while_redis_was_out_is_given_back_on_the_host(store, redis_server):
+    lim = Limits(daily_usd=1.0)
+    redis_server.stop()
+    assert store.admit("o", lim, NOW, reserve=Reservation("a", 1.0)).allowed  # held by the host's store
+    assert store._local.reserved("o", NOW) == 1.0
+    assert store.admit("o", lim, NOW, reserve=Reservation("b", 0.5)) == refused("daily_usd", 1, [])
+    redis_server.start()
+    store.charge("o", lim, 10, 0.25, NOW, release="a")  # charged in Redis, released on the host
+    assert store._local.reserved("o", NOW) == 0.0 and not store.holds("a")
+    assert store.status()["reachable"] is True
+    assert store.reserved("o", NOW) == 0.0
+
+
+def test_a_bare_release_makes_no_key(store, redis_server):
+    assert store.admit("x", Limits(daily_usd=1.0), NOW, reserve=Reservation("a", 0.5)).allowed
+    store.release("a", NOW)
+    keys = sorted(k for k in redis_server.command("KEYS", "*").decode().split("\r\n")[2::2] if k)
+    assert keys == [f"{KEY_PREFIX}x"]
 
 
 def test_keys_live_under_the_prefix_and_expire(store, redis_server):

@@ -522,7 +522,7 @@ def test_a_follow_up_on_another_worker_right_after_the_create(gunicorn_server, e
 
     server = gunicorn_server(workers=2, **env)
     sessions: dict[int, requests.Session] = {}
-    for _ in range(12):  # keep-alive connections, until one is served by each worker
+    for _ in range(60):  # keep-alive connections, until one is served by each worker
         session = requests.Session()
         r = session.get(server.url + "/v1/models", headers=A, timeout=10)
         sessions.setdefault(worker_of(server, r.headers["X-Proxy-Request-Id"]), session)

@@ -38,9 +38,64 @@ def test_the_shipped_table_covers_the_current_models(shipped):
     assert shipped.price_of("text-embedding-3-small") == ModelPrice(input=0.02, output=0.0)
 
 
-def test_the_shipped_file_says_where_its_prices_come_from():
-    head = (ROOT / "openai_proxy" / "data" / "prices.toml").read_text().splitlines()[0]
-    assert head.startswith("# Standard-tier OpenAI prices") and "OpenAI pricing page, as of " in head
+def test_the_shipped_file_says_where_its_prices_come_from_and_when_they_were_checked():
+    lines = (ROOT / "openai_proxy" / "data" / "prices.toml").read_text().splitlines()
+    assert lines[0].startswith("# Standard-tier OpenAI prices") and "OpenAI pricing page, as of " in lines[0]
+    assert lines[1].startswith("# checked 2026-12-07 against OpenAI's model pages")
+
+
+@pytest.mark.parametrize(
+    ("model", "tier", "price"),
+    [
+        # Flex is billed at Batch API rates: half the standard prices.
+        ("gpt-5", "flex", ModelPrice(input=0.625, cached_input=0.0625, output=5.0)),
+        ("gpt-5-2025-08-07", "flex", ModelPrice(input=0.625, cached_input=0.0625, output=5.0)),
+        ("gpt-5-mini", "flex", ModelPrice(input=0.125, cached_input=0.0125, output=1.0)),
+        ("gpt-5-nano", "flex", ModelPrice(input=0.025, cached_input=0.0025, output=0.2)),
+        ("o3", "flex", ModelPrice(input=1.0, cached_input=0.25, output=4.0)),
+        ("o4-mini", "flex", ModelPrice(input=0.55, cached_input=0.1375, output=2.2)),
+        # Priority, OpenAI's own list.
+        ("gpt-5", "priority", ModelPrice(input=2.5, cached_input=0.25, output=20.0)),
+        ("gpt-4o-mini", "priority", ModelPrice(input=0.25, cached_input=0.125, output=1.0)),
+        ("gpt-4o-2024-11-20", "priority", ModelPrice(input=4.25, cached_input=2.125, output=17.0)),
+        ("gpt-4o-2024-05-13", "priority", ModelPrice(input=8.75, output=26.25)),
+        ("o3", "priority", ModelPrice(input=3.5, cached_input=0.875, output=14.0)),
+        # Tiers that are not priced apart: the row's own prices.
+        ("gpt-5", "default", ModelPrice(input=1.25, cached_input=0.125, output=10.0)),
+        ("gpt-5", "scale", ModelPrice(input=1.25, cached_input=0.125, output=10.0)),
+        ("gpt-5", None, ModelPrice(input=1.25, cached_input=0.125, output=10.0)),
+        ("gpt-4o-mini", "flex", ModelPrice(input=0.15, cached_input=0.075, output=0.6)),
+        ("o4-mini", "priority", ModelPrice(input=1.1, cached_input=0.275, output=4.4)),
+        # Free models are priced (at 0), so a budget does not refuse them.
+        ("omni-moderation-2024-09-26", None, ModelPrice(input=0.0, output=0.0)),
+    ],
+)
+def test_the_shipped_table_prices_the_tiers_openai_prices_apart(shipped, model, tier, price):
+    assert shipped.price_of(model, tier) == price
+
+
+def test_a_call_is_priced_by_the_tier_it_ran_on(shipped):
+    usage = {"prompt_tokens": 1000, "cached_tokens": 200, "completion_tokens": 500}
+    # gpt-5: 800 x 1.25 + 200 x 0.125 + 500 x 10 = 6025 / 1e6; flex half of it; priority twice.
+    assert shipped.cost_usd("gpt-5", usage) == 0.006025
+    assert shipped.cost_usd("gpt-5", usage, "flex") == 0.0030125
+    assert shipped.cost_usd("gpt-5", usage, "priority") == 0.01205
+
+
+def test_estimates_are_priced_like_usage(shipped, tmp_path):
+    from openai_proxy.usage import Estimate
+
+    # gpt-4o-mini: 100 in x 0.15 + 1000 out x 0.60 = 615 / 1e6; on priority 100 x 0.25 + 1000 x 1.
+    assert shipped.estimate_usd("gpt-4o-mini", Estimate(100, 1000)) == 0.000615
+    assert shipped.estimate_usd("gpt-4o-mini", Estimate(100, 1000, service_tier="priority")) == 0.001025
+    # Priced by the minute: the upload's duration; unknown duration: nothing to reserve, but priced.
+    assert shipped.estimate_usd("whisper-1", Estimate(0, 4096, audio_seconds=90)) == 0.009
+    assert shipped.estimate_usd("whisper-1", Estimate(0, 4096)) == 0.0
+    assert shipped.estimate_usd("text-embedding-3-small", Estimate(1000, 4096)) == 0.00002
+    assert shipped.estimate_usd("my-local-llama", Estimate(100, 1000)) is None
+    path = tmp_path / "p.toml"
+    path.write_text("[default]\ninput = 1\noutput = 2\n")
+    assert load_prices(str(path)).estimate_usd("my-local-llama", Estimate(100, 1000)) == 0.0021
 
 
 @pytest.mark.parametrize(
@@ -151,6 +206,33 @@ def test_the_operators_rows_replace_and_extend(tmp_path, shipped):
     assert len(table) == len(shipped) + 2
 
 
+def test_the_operators_row_replaces_the_shipped_tiers_and_adds_its_own(tmp_path, shipped):
+    path = tmp_path / "p.toml"
+    path.write_text(
+        '[models."gpt-5"]\ninput = 1\noutput = 8\n\n'
+        '[models."gpt-4o-mini"]\ninput = 0.1\noutput = 0.5\nflex = { input = 0.05, output = 0.25 }\n'
+    )
+    table = load_prices(str(path))
+    # Its own row has no tiers: flex is priced at the row's prices, not the shipped flex.
+    assert table.price_of("gpt-5", "flex") == ModelPrice(input=1.0, output=8.0)
+    assert table.tiers_of("gpt-5") == ()
+    assert table.price_of("gpt-4o-mini", "flex") == ModelPrice(input=0.05, output=0.25)
+    assert table.price_of("gpt-4o-mini", "priority") == ModelPrice(input=0.1, output=0.5)
+    assert table.price_of("o3", "flex") == shipped.price_of("o3", "flex")
+
+
+def test_a_default_price_prices_every_model_without_a_row(tmp_path, shipped):
+    assert shipped.default is None and shipped.price_of("my-local-llama") is None
+    path = tmp_path / "p.toml"
+    path.write_text("[default]\ninput = 5\ncached_input = 1\noutput = 15\n")
+    table = load_prices(str(path))
+    assert table.price_of("my-local-llama") == ModelPrice(input=5.0, cached_input=1.0, output=15.0)
+    assert table.price_of("my-local-llama", "flex") == ModelPrice(input=5.0, cached_input=1.0, output=15.0)
+    assert table.price_of("gpt-4o-mini") == shipped.price_of("gpt-4o-mini")  # rows keep their own
+    assert table.cost_usd("gpt-9", {"prompt_tokens": 1000, "completion_tokens": 100}) == 0.0065
+    assert len(table) == len(shipped)
+
+
 def test_an_empty_operator_file_changes_nothing(tmp_path, shipped):
     path = tmp_path / "p.toml"
     path.write_text("# nothing yet\n")
@@ -198,13 +280,30 @@ BAD_FILES = [
     ('[models."  "]\ninput = 1\noutput = 2\n', 'line 1: [models."  "] has an empty model name'),
     ('[models." gpt-4o"]\ninput = 1\noutput = 2\n', 'line 1: [models." gpt-4o"] has spaces around the model name'),
     ('[models.gpt-4.1]\ninput = 1\noutput = 2\n',
-     "line 1: [models.\"gpt-4\"] has a table '1' inside: quote names with dots, like [models.\"gpt-4.1\"]"),
+     "line 1: [models.\"gpt-4\"] has a table '1' inside: quote names with dots, like [models.\"gpt-4.1\"]; "
+     "the tiers priced apart are flex, priority"),
     ('[models]\n"gpt-4o" = 5\n', 'line 2: [models."gpt-4o"] must be a table of prices (input, cached_input, output, ...)'),
     ('currency = "USD"\n[models."gpt-4o"]\ninput = 1\noutput = 2\n',
-     "line 1: unknown field 'currency': a price file holds [models.\"<model>\"] tables"),
+     "line 1: unknown field 'currency': a price file holds [models.\"<model>\"] tables and [default]"),
     ('[models."gpt-4o"]\ninput = 1\noutput = 2\n\n[model."gpt-4o-mini"]\ninput = 1\n',
-     "line 5: unknown field 'model': a price file holds [models.\"<model>\"] tables"),
+     "line 5: unknown field 'model': a price file holds [models.\"<model>\"] tables and [default]"),
     ("models = 3\n", 'line 1: models must be tables like [models."gpt-4o"]'),
+    ('[models."gpt-5"]\ninput = 1\noutput = 2\n\n[models."gpt-5".flex]\ninput = 0.5\noutptu = 1\n',
+     f'line 7: [models."gpt-5".flex] has an unknown field \'outptu\' {FIELD_LIST}'),
+    ('[models."gpt-5"]\ninput = 1\noutput = 2\n\n[models."gpt-5".priority]\ninput = 2\n',
+     'line 5: [models."gpt-5".priority] is missing output (USD per million output tokens)'),
+    ('[models."gpt-5"]\ninput = 1\noutput = 2\nflex = { input = -1, output = 1 }\n',
+     'line 4: [models."gpt-5".flex] input must be a finite number >= 0 (USD per million tokens), not -1'),
+    ('[models."gpt-5"]\ninput = 1\noutput = 2\n\n[models."gpt-5".batch]\ninput = 0.5\noutput = 1\n',
+     "line 5: [models.\"gpt-5\"] has a table 'batch' inside: quote names with dots, like "
+     "[models.\"gpt-4.1\"]; the tiers priced apart are flex, priority"),
+    ('[models."gpt-5"]\ninput = 1\noutput = 2\n[models."gpt-5".flex.priority]\ninput = 1\noutput = 1\n',
+     "line 4: [models.\"gpt-5\".flex] has a table 'priority' inside: quote names with dots, like "
+     "[models.\"gpt-4.1\"]"),
+    ("[default]\ninput = 1\n", "line 1: [default] is missing output (USD per million output tokens)"),
+    ('# fallback\n[default]\ninput = "1"\noutput = 2\n',
+     'line 3: [default] input must be a number (USD per million tokens), not "1"'),
+    ("default = 3\n", "line 1: [default] must be a table of prices (input, cached_input, output, ...)"),
 ]  # fmt: skip
 
 

@@ -83,6 +83,12 @@ class Client:
         """Whether the client may only use some models (`openai_proxy.clients.admission` judges them)."""
         return self.models is not None
 
+    @property
+    def judged(self) -> bool:
+        """Whether the proxy must know every model a call of this client runs before it goes upstream:
+        for a model list, or for a budget (an unpriced or unnamed model could never be counted)."""
+        return self.models is not None or self.limits.budgeted()
+
 
 def key_digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()

@@ -11,9 +11,13 @@ Semantics:
   even past zero, and the client waits until the allowance has refilled (tpm per minute,
   continuously). A request that starts under the limit and ends over it is served whole and charged
   in full; the next ones wait. remaining-tokens never shows below 0.
-- Budgets: USD spent per client per UTC day and per UTC month; a request is admitted while spent <
-  budget (a budget of 0 admits nothing); `charge` adds the cost (None = unknown cost: adds nothing).
-  Retry-After for a spent budget = seconds until the next UTC day / month starts.
+- Budgets: USD spent per client per UTC day and per UTC month. A request is admitted while spent +
+  reserved < budget (a budget of 0 admits nothing), where reserved is what the client's calls in
+  flight hold: each admitted call of a budgeted client reserves its estimated cost
+  (`openai_proxy.limits.reservations`) until `charge` settles it, adding its real cost (None =
+  unknown: adds nothing) and giving the reservation back in the same update. So N simultaneous calls
+  overshoot the budget by at most about one call, not N. Retry-After for a spent budget = seconds
+  until the next UTC day / month starts; for one only calls in flight hold, RESERVED_RETRY_S.
 - When several limits refuse, the one with the longest wait is named (retrying sooner is useless).
 - Headers: x-ratelimit-limit/remaining/reset-requests when the client has rpm, the -tokens trio
   when it has tpm, in OpenAI's formats (reset = time until the allowance is full again, "1s",
@@ -34,6 +38,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol
 
 from openai_proxy.limits.local import LimitFileError, LocalLimitStore
+from openai_proxy.limits.reservations import Reservation
 from openai_proxy.limits.rules import ALLOWED, Admission, Limits
 
 if TYPE_CHECKING:
@@ -46,20 +51,48 @@ __all__ = [
     "LimitStore",
     "Limits",
     "LocalLimitStore",
+    "Reservation",
     "local_state_path",
     "open_limit_store",
 ]
 
 
 class LimitStore(Protocol):
-    def admit(self, client: str, limits: Limits, now: float | None = None) -> Admission:
-        """Atomically check every limit and, when all pass, count this request (one request unit)."""
+    def admit(
+        self, client: str, limits: Limits, now: float | None = None, *, reserve: Reservation | None = None
+    ) -> Admission:
+        """Atomically check every limit and, when all pass, count this request (one request unit) and,
+        for a budgeted client, hold `reserve` until `charge(..., release=)` gives it back."""
         ...
 
     def charge(
-        self, client: str, limits: Limits, tokens: int, cost_usd: float | None, now: float | None = None
+        self,
+        client: str,
+        limits: Limits,
+        tokens: int,
+        cost_usd: float | None,
+        now: float | None = None,
+        *,
+        release: str | None = None,
     ) -> None:
-        """After the answer: tokens against tpm, cost against both budgets. Never raises."""
+        """After the answer: tokens against tpm, cost against both budgets, and the reservation of
+        request `release` given back, whatever the client's limits are now. Never raises."""
+        ...
+
+    def release(self, request_id: str, now: float | None = None) -> None:
+        """Give back a reservation without charging anything. Never raises."""
+        ...
+
+    def holds(self, request_id: str) -> bool:
+        """Whether this worker holds a reservation for that request."""
+        ...
+
+    def forget_with(self, owner: object, request_id: str) -> None:
+        """Drop that request's reservation should `owner` (its record) be garbage before it settles."""
+        ...
+
+    def reserved(self, client: str, now: float | None = None) -> float:
+        """USD reserved for `client` by the calls in flight of every worker."""
         ...
 
     def status(self) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 A client's state is seven numbers: `at` (when it was last settled), the request and token debts in
 seconds (how long until that allowance is full again), and the UTC day and month with the USD spent
-in each. Debts drain at one second per second, so both allowances refill continuously.
+in each. Debts drain at one second per second, so both allowances refill continuously. Next to it, the
+USD its calls in flight have reserved (`openai_proxy.limits.reservations`): a budget admits a call
+while spent + reserved is below it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ DAY_S = 86_400
 # Sums of floats are not exact: a client at exactly its limit must not lose (or gain) a unit to
 # rounding. Debts are at most a few minutes, where a double is exact to ~1e-14 s.
 EPS = 1e-6
+# A budget that only calls in flight hold (spent + reserved >= budget > spent) frees up as they settle:
+# the client is told to retry this soon rather than at the next UTC day.
+RESERVED_RETRY_S = 1
 # Which limit to name when several refuse at once and their waits tie: the one that lasts longest.
 _ORDER = {"requests": 0, "tokens": 1, "daily_usd": 2, "monthly_usd": 3}
 
@@ -56,6 +61,11 @@ class Limits:
         return not (
             self.rpm is None and self.tpm is None and self.daily_usd is None and self.monthly_usd is None
         )
+
+    def budgeted(self) -> bool:
+        """Whether a USD budget applies (then calls reserve their estimated cost, and an unpriced model
+        is refused)."""
+        return self.daily_usd is not None or self.monthly_usd is not None
 
 
 @dataclass(frozen=True)
@@ -102,26 +112,28 @@ def settle(state: State, now: float, day: int, month: int) -> tuple[float, float
     return requests, tokens, day_usd if state_day == day else 0.0, month_usd if state_month == month else 0.0
 
 
-def refusals(limits: Limits, requests: float, tokens: float, day_usd: float, month_usd: float) -> list[str]:
-    """The limits that refuse a request now (empty: admit it)."""
+def refusals(
+    limits: Limits, requests: float, tokens: float, day_usd: float, month_usd: float, reserved: float = 0.0
+) -> list[str]:
+    """The limits that refuse a request now (empty: admit it); `reserved`: USD held by calls in flight."""
     out = []
     if limits.rpm is not None and available(requests, limits.rpm) < 1:
         out.append("requests")
     if limits.tpm is not None and available(tokens, limits.tpm) < 1:
         out.append("tokens")
-    if limits.daily_usd is not None and day_usd >= limits.daily_usd:
+    if limits.daily_usd is not None and day_usd + reserved >= limits.daily_usd:
         out.append("daily_usd")
-    if limits.monthly_usd is not None and month_usd >= limits.monthly_usd:
+    if limits.monthly_usd is not None and month_usd + reserved >= limits.monthly_usd:
         out.append("monthly_usd")
     return out
 
 
-def admit(limits: Limits, state: State, now: float) -> tuple[list[str], State]:
+def admit(limits: Limits, state: State, now: float, reserved: float = 0.0) -> tuple[list[str], State]:
     """Decide one request: the refusals (empty: admitted and counted) and the state to store."""
     day = day_of(now)
     month = month_of(day)
     requests, tokens, day_usd, month_usd = settle(state, now, day, month)
-    refused = refusals(limits, requests, tokens, day_usd, month_usd)
+    refused = refusals(limits, requests, tokens, day_usd, month_usd, reserved)
     if not refused and limits.rpm is not None:
         requests += WINDOW_S / limits.rpm
     # Stored even when refused: after a clock step back, `at` must follow it or nothing would refill
@@ -183,8 +195,9 @@ def _wait(seconds: float) -> int:
 
 
 def admission(limits: Limits, settled: State, refused: list[str]) -> Admission:
-    """The Admission for a decision: headers from the state after it, Retry-After from what refused."""
-    now, requests, tokens, _, _, day, month = settled
+    """The Admission for a decision: headers from the state after it, Retry-After from what refused
+    (a budget that only calls in flight hold: RESERVED_RETRY_S)."""
+    now, requests, tokens, day_usd, month_usd, day, month = settled
     headers: list[tuple[str, str]] = []
     if limits.rpm is not None:
         headers += [
@@ -207,8 +220,10 @@ def admission(limits: Limits, settled: State, refused: list[str]) -> Admission:
         elif name == "tokens":
             waits[name] = _wait(tokens - WINDOW_S + WINDOW_S / limits.tpm)  # type: ignore[operator]
         elif name == "daily_usd":
-            waits[name] = _wait((day + 1) * DAY_S - now)
+            spent = day_usd >= limits.daily_usd  # type: ignore[operator]
+            waits[name] = _wait((day + 1) * DAY_S - now) if spent else RESERVED_RETRY_S
         else:
-            waits[name] = _wait(month_start(month + 1) - now)
+            spent = month_usd >= limits.monthly_usd  # type: ignore[operator]
+            waits[name] = _wait(month_start(month + 1) - now) if spent else RESERVED_RETRY_S
     limit = max(refused, key=lambda name: (waits[name], _ORDER[name]))
     return Admission(False, limit, waits[limit], headers)

@@ -145,7 +145,8 @@ def tally(entries: Iterable[dict[str, Any]]) -> dict[str, float]:
     out = dict.fromkeys(SUMS + MAXIMA[:-1], 0.0)
     for e in entries:
         seconds = (e.get("durationMs") or 0.0) / 1000.0
-        usage = e.get("usage") or {}
+        # The maxima are what upstream reported: an estimate (a cut stream's) is not a count.
+        usage = (e.get("usage") or {}) if e.get("usageSource") != "estimated" else {}
         out["request_count"] += 1
         out["total_request_time"] += seconds
         out["max_request_time"] = max(out["max_request_time"], seconds)

@@ -32,6 +32,7 @@ def build_entry(
     """
     timeout = record.timeout
     upstream_ms = record.upstream_ms()
+    usage, usage_source, cost = settled_usage(record, prices)
     entry: dict[str, Any] = {
         "event": "completion",
         "requestId": record.request_id,
@@ -53,8 +54,10 @@ def build_entry(
         "retries": record.retries,
         "overloaded": record.overloaded,
         "cancelled": record.cancelled,
-        "usage": record.usage,
-        "costUsd": cost_usd(record, prices),
+        "usage": usage,
+        "usageSource": usage_source,
+        "serviceTier": redact_text(record.service_tier),
+        "costUsd": cost,
         "attempts": record.attempts or None,
         "error": redact(record.error) if record.error else None,
         "host": host,
@@ -64,13 +67,53 @@ def build_entry(
 
 
 def cost_usd(record: RequestRecord, prices: PriceTable | None) -> float | None:
-    """What the request cost at the model upstream says it used (else the one asked for); None when
-    that model has no price or upstream reported no usage. A re-read costs nothing (`billable`)."""
+    """What the request cost at the model upstream says it used (else the one asked for), on the
+    service tier upstream says it ran on; None when that model has no price or upstream reported no
+    usage. A re-read costs nothing (`billable`)."""
     if prices is None or not record.usage:
         return None
     if not record.billable:
         return 0.0
-    return prices.cost_usd(record.upstream_model or record.model, record.usage)
+    return prices.cost_usd(record.upstream_model or record.model, record.usage, record.service_tier)
+
+
+def settled_usage(
+    record: RequestRecord, prices: PriceTable | None
+) -> tuple[dict[str, int | float] | None, str, float | None]:
+    """(usage, where it came from, cost) as the record says and the client's budget is charged.
+
+    - `upstream`: upstream reported usable usage; priced as `cost_usd` says.
+    - `estimated`: the call ran (upstream answered 2xx, or a relay of its answer started) but its usage
+      never arrived (a stream the client or upstream cut short, an answer that reports none, such as a
+      transcript in a text format): the request's estimate (`openai_proxy.usage.Estimate`) stands in
+      for it, never 0.
+    - `unknown`: anything else: upstream's usage was not usable numbers, the call failed (before
+      upstream worked, or upstream said so: `response.failed`), or nothing could be estimated (no
+      model, no price, a re-read).
+    """
+    if record.usage:
+        return record.usage, "upstream", cost_usd(record, prices)
+    estimate = record.estimate
+    ran = record.relayed or (record.status is not None and 200 <= record.status < 300)
+    if (
+        record.result == "upstream_api_error"
+        or record.usage_invalid
+        or record.usage_deferred
+        or estimate is None
+        or prices is None
+        or not record.billable
+        or not ran
+    ):
+        return None, "unknown", None
+    cost = prices.estimate_usd(record.upstream_model or record.model, estimate)
+    if cost is None:
+        return None, "unknown", None
+    usage = {
+        "prompt_tokens": estimate.input_tokens,
+        "completion_tokens": estimate.output_tokens,
+        "total_tokens": estimate.input_tokens + estimate.output_tokens,
+    }
+    return usage, "estimated", cost
 
 
 class CompletionLog:

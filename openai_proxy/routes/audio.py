@@ -14,7 +14,7 @@ from openai_proxy.inbound import web
 from openai_proxy.inbound.multipart import size_of
 from openai_proxy.inbound.validation import optional_choice
 from openai_proxy.state import state
-from openai_proxy.usage import note_answer
+from openai_proxy.usage import estimate_upload, note_answer
 
 bp = Blueprint("audio", __name__)
 
@@ -43,6 +43,7 @@ def create_transcription() -> Response:
             files=[("file", upload)],
             headers=MULTIPART_HEADERS,
         )
+        req.record.estimate = estimate_upload(size_of(upload[1]))
         fetched = pipeline.fetch(call)
     return transcription_answer(fetched, fields["response_format"], req.record)
 

@@ -31,6 +31,7 @@ from openai_proxy.record import RequestRecord, TimeoutDecision
 from openai_proxy.redact import redact_text
 from openai_proxy.state import state
 from openai_proxy.upstream import Credentials, UpstreamCall
+from openai_proxy.usage import estimate_json, estimate_upload
 
 HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
@@ -194,7 +195,7 @@ def build_request() -> PassthroughRequest:
     rec.runs_model = method in BODY_METHODS and not NO_MODEL.fullmatch(path)
     if method not in BODY_METHODS:
         return req
-    judged = g.client.restricted
+    judged = g.client.judged
     form = request.mimetype == "multipart/form-data"
     if judged and rec.runs_model and form:
         _read_form(req, rec)
@@ -212,6 +213,8 @@ def build_request() -> PassthroughRequest:
         if audio:  # the model, for the record and its price, read as the body passes
             pieces = watch_text_field(pieces, request.content_type or "", "model", _set_model(req))
         _set_body(req, spool(pieces))
+    if path in AUDIO_ENDPOINTS and req.content_length is not None:
+        rec.estimate = estimate_upload(req.content_length)
     if judged and rec.runs_model:
         note_query_models(rec, request.args)
     return req
@@ -249,6 +252,8 @@ def _inspect_json(req: PassthroughRequest, rec: RequestRecord, judged: bool) -> 
             (k, v) for k, v in req.headers if k.lower() not in ("content-type", "content-encoding")
         ]
         req.headers.append(("Content-Type", "application/json"))
+    # Of the bytes that go upstream, as on the legacy routes (`pipeline.json_call`).
+    rec.estimate = estimate_json(len(req.body), body)
 
 
 def ask_for_usage(req: PassthroughRequest, body: dict[str, Any]) -> bool:

@@ -48,6 +48,7 @@ def compact_response():
 def count_input_tokens():
     req = web.json_request(allow_empty=True)
     req.record.runs_model = False  # counts tokens: a restricted client may leave the model to upstream
+    req.record.billable = False  # counting tokens runs no model and costs nothing
     call = json_call("POST", "/responses/input_tokens", req, json=req.body, retries=RETRIES_IDEMPOTENT)
     return pipeline.relay_json(call)
 

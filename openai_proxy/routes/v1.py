@@ -30,6 +30,7 @@ NAMED_ENDPOINTS = (
     "/responses/<response_id>", "/responses/<response_id>/input_items", "/responses/<response_id>/cancel",
     "/embeddings", "/audio/transcriptions", "/models", "/models/<model>",
 )  # fmt: skip
+FREE_ENDPOINTS = frozenset({"/responses/input_tokens"})
 # JSON answers up to this are read whole (usage for the record); bigger ones, of a known size or
 # not, are relayed as they arrive (usage then comes from their last TAIL_BYTES), so memory per call
 # stays bounded whatever upstream sends.
@@ -44,8 +45,9 @@ def relay_v1(**_route_args: Any) -> Response:
     req = passthrough.build_request()  # the whole body is in before the slot is taken
     record = web.record()
     record.model, record.timeout = req.model, req.timeout
-    # A GET reads what an earlier request made and paid for (`note_answer` knows the exception).
-    record.billable = req.method != "GET"
+    # A GET reads what an earlier request made and paid for (`note_answer` knows the exception);
+    # counting input tokens runs no model.
+    record.billable = req.method != "GET" and req.path not in FREE_ENDPOINTS
     try:
         forwarded = pipeline.forward(req.call(record))
     finally:

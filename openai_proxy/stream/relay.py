@@ -49,6 +49,7 @@ class Relay:
     ) -> None:
         self._source = source
         self._record = record
+        record.relayed = True  # upstream accepted the work: a call cut from here on is charged
         self._slot = slot
         self._environ = environ
         self._idle_s = idle_s
