@@ -104,6 +104,7 @@ def build_app(config: Config | None = None) -> Flask:
         st.metrics.add_collector(KeyPoolCollector(st.upstream.pool))
     gate.on_new_peak = st.log_store.note_peak
     st.log_store.on_drop = st.metrics.log_record_dropped
+    st.log_store.on_reject = st.metrics.log_records_rejected
 
     _register_hooks(app)
     errors.register(app, errors.LEGACY)

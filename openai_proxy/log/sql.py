@@ -109,6 +109,12 @@ class Database:
         """Raise when this connection could not write right now."""
         raise NotImplementedError
 
+    def refuses_value(self, exc: BaseException) -> bool:
+        """Whether `exc` says a value was refused (too large, NUL, a constraint, not encodable), as
+        opposed to the database being unreachable, locked, full or read-only: the first costs one
+        record (`openai_proxy.log.db`), the second keeps the whole batch for a later try."""
+        return isinstance(exc, ValueError | TypeError | OverflowError)
+
     @property
     def lost(self) -> bool:
         """Whether the server went away (a new connection may work where this one cannot)."""
@@ -164,6 +170,12 @@ class SQLiteDatabase(Database):
 
     def columns(self, table: str) -> set[str]:
         return {row[1] for row in self.conn.execute(f"PRAGMA table_info({table})")}
+
+    def refuses_value(self, exc: BaseException) -> bool:
+        # OverflowError: an int beyond 64 bits. "database is locked", "disk I/O error" and a full disk
+        # are OperationalError: not about a value.
+        values = (sqlite3.DataError, sqlite3.IntegrityError, sqlite3.InterfaceError)
+        return super().refuses_value(exc) or isinstance(exc, values)
 
     def probe_writable(self) -> None:
         self.conn.execute(f"PRAGMA busy_timeout = {self.PROBE_BUSY_TIMEOUT_MS}")
@@ -259,6 +271,16 @@ class PostgresDatabase(Database):
         ).fetchone()
         if recovery or read_only == "on":
             raise RuntimeError("the database is read-only (a standby, or default_transaction_read_only)")
+
+    def refuses_value(self, exc: BaseException) -> bool:
+        import psycopg
+        from psycopg.errors import ProgramLimitExceeded
+
+        # DataError: class 22 (numeric out of range, NUL in text, bad encoding); IntegrityError: 23;
+        # ProgramLimitExceeded (54000): e.g. a key too long for its index. Lock and statement
+        # timeouts, a read-only server, missing rights are not about a value.
+        values = (psycopg.DataError, psycopg.IntegrityError, ProgramLimitExceeded)
+        return super().refuses_value(exc) or isinstance(exc, values)
 
     @property
     def lost(self) -> bool:

@@ -11,6 +11,8 @@ in the gevent hub, so it cannot stall the worker's requests.
 A failed write keeps its batch and tries again later (with backoff, reconnecting): the same batch,
 unchanged, because a failure may have come after the COMMIT took effect (`openai_proxy.log.db` recognises a
 batch it has already written). Records queued meanwhile wait behind it, up to `max_queue` in all.
+A value the database refuses is not such a failure: that record is written without it, or skipped,
+and counted (`rejected`, `on_reject`); the rest of its batch is written (`openai_proxy.log.db`).
 """
 
 from __future__ import annotations
@@ -62,12 +64,14 @@ class LogStore:
         self.host = host or socket.gethostname()
         self.busy_timeout_ms = BUSY_TIMEOUT_MS
         self.dropped = 0
+        self.rejected = 0  # records the database refused as they were (written cleaned, or skipped)
         self.write_failures = 0
         self.written = 0
         self.already_written = 0  # batches a retry found written (their first COMMIT's answer was lost)
         self.last_error: str | None = None
         self.last_write_at: float | None = None
         self.on_drop: Callable[[], None] | None = None  # metrics
+        self.on_reject: Callable[[int], None] | None = None  # metrics: how many records of a batch
         self._queue: deque[Queued] = deque()
         self._unsure: Batch | None = None  # the batch being written, or waiting to be written again
         self._dropped_saved = 0
@@ -153,7 +157,7 @@ class LogStore:
                 return True
             self._unsure = batch
             try:
-                fresh = self._call(self._write, batch)
+                written = self._call(self._write, batch)
             except Exception as exc:
                 self.write_failures += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
@@ -161,12 +165,21 @@ class LogStore:
                             self.path, self.last_error, self.queued)  # fmt: skip
                 return False
             self._unsure = None
+        if written.rejected:
+            self._count_rejected(written)
         self._dropped_saved += batch.dropped
-        self.written += len(batch.items)
-        self.already_written += not fresh
+        self.written += len(batch.items) - written.skipped
+        self.already_written += not written.fresh
         self.last_error = None
         self.last_write_at = time.time()
         return True
+
+    def _count_rejected(self, written: logdb.Written) -> None:
+        self.rejected += written.rejected
+        log.warning("log store %s: %d record(s) refused by the database as they were (%s); written without "
+                    "the refused values, or skipped", self.path, written.rejected, written.reason)  # fmt: skip
+        if self.on_reject is not None:
+            self.on_reject(written.rejected)
 
     def _next_batch(self) -> Batch | None:
         peak, self._peak_dirty = (self._peak if self._peak_dirty else 0), False
@@ -232,6 +245,7 @@ class LogStore:
             "queued": self.queued,
             "written": self.written,
             "dropped": self.dropped,
+            "rejected": self.rejected,
             "unsavedDropped": self.unsaved_dropped,
             "writeFailures": self.write_failures,
             "alreadyWritten": self.already_written,
@@ -272,7 +286,7 @@ class LogStore:
                 raise
         return fn(self._connect())
 
-    def _write(self, batch: Batch) -> bool:
+    def _write(self, batch: Batch) -> logdb.Written:
         return self._with_db(lambda db: logdb.write_batch(db, batch, self.retention))
 
     def _close_db(self) -> None:

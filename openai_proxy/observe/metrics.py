@@ -137,6 +137,12 @@ class Metrics:
         self.log_dropped = Counter(
             "openai_proxy_log_dropped", "Request log records dropped from a full queue", registry=reg
         )
+        self.log_rejected = Counter(
+            "openai_proxy_log_rejected_records",
+            "Request log records the database refused as they were (a value too large, a NUL...): "
+            "written without the refused values, or skipped",
+            registry=reg,
+        )
         self.key_calls = Counter("openai_proxy_upstream_key_calls", "Upstream attempts per pool key and outcome",
                                  ["key", "outcome"], registry=reg)  # fmt: skip
 
@@ -196,6 +202,10 @@ class Metrics:
     def log_record_dropped(self) -> None:
         """The log store's queue was full (its database slow or unreachable): one record lost."""
         self.log_dropped.inc()
+
+    def log_records_rejected(self, n: int) -> None:
+        """The log's database refused `n` records of a batch as they were (the rest was written)."""
+        self.log_rejected.inc(n)
 
     def _child(self, metric: Any, *labels: str) -> Any:
         # `labels()` locks and builds its key on every call; this runs once per request, so reuse.

@@ -263,8 +263,11 @@ def _log_page(level: str, title: str) -> Response:
         counters=[
             *counter_lines(result.counters, st.gate.in_use(), st.gate.peak),
             ("Dropped log records", str(dropped)),
+            # Saved in the same transaction as the rest of their batch: the database's count is whole.
+            ("Rejected log records", str(sum(result.rejected.values()))),
         ],
         dropped_by_host=result.dropped,
+        rejected_by_host=result.rejected,
         records=[_shown(r) for r in result.records],
         total=result.total,
         page=page,
