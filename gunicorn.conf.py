@@ -17,7 +17,13 @@ import tempfile
 from openai_proxy.clients import ClientsFileError, load_clients
 from openai_proxy.config import ConfigError, load_config
 from openai_proxy.keys.state import forget as forget_key_state
-from openai_proxy.worker import clear_server_stopping, mark_server_stopping
+from openai_proxy.observe.prices import load_prices
+from openai_proxy.worker import (
+    clear_reload_status,
+    clear_server_stopping,
+    mark_server_stopping,
+    write_reload_status,
+)
 
 try:
     _config = load_config(warn=False)
@@ -56,28 +62,33 @@ _metrics_dir = os.path.join(_runtime_dir, "metrics")
 os.makedirs(_metrics_dir, exist_ok=True)
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
 
-# The clients file is checked here, in the master, at start and on every SIGHUP (gunicorn runs this file
-# again then). Workers read a copy of the last file that passed, so a bad edit followed by a reload
-# keeps the clients that were working (`on_reload` says why); at start, a bad file stops the server.
-_clients_problem: str | None = None
+# The clients file and the prices file are checked here, in the master, at start and on every SIGHUP
+# (gunicorn runs this file again then). Workers read a copy of the last file that passed, so a bad
+# edit followed by a reload keeps what was working (`on_reload` says why, and so does every worker's
+# `/health` until a reload succeeds: the master writes the outcome to the runtime dir); at start, a
+# bad file stops the server.
+_reloading = bool(os.environ.get("OPENAI_PROXY_CONFIG_REPORTED"))
+_reload_problems: list[dict[str, str]] = []  # {"file": "clients" or "prices", "problem": why refused}
 
 
-def _publish_clients() -> None:
-    global _clients_problem
-    snapshot_var = "OPENAI_PROXY_CLIENTS_SNAPSHOT"
-    if not _config.clients_file:
+def _check_clients(path: str) -> None:
+    try:
+        load_clients(path, _config.security_key, _config.upstream_keys, _config.openai_api_key)
+    except ClientsFileError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _publish(path: str | None, snapshot_var: str, what: str, check) -> None:
+    """Check the file at `path` and hand the workers a copy of it, or keep the last good copy."""
+    if not path:
         os.environ.pop(snapshot_var, None)
         return
-    snapshot = os.path.join(_runtime_dir, "clients.toml")
-    reloading = bool(os.environ.get("OPENAI_PROXY_CONFIG_REPORTED"))
+    snapshot = os.path.join(_runtime_dir, f"{what}.toml")
     try:
-        with open(_config.clients_file, "rb") as f:
+        with open(path, "rb") as f:
             content = f.read()
     except OSError as exc:
-        content, problem = (
-            None,
-            f"{_config.clients_file}: cannot read the clients file: {exc.strerror or exc}",
-        )
+        content, problem = None, f"{path}: cannot read the {what} file: {exc.strerror or exc}"
     if content is not None:
         # Judge exactly the bytes that will be published: the file may change while we look.
         candidate = f"{snapshot}.{os.getpid()}.new"
@@ -85,26 +96,33 @@ def _publish_clients() -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(content)
         try:
-            load_clients(candidate, _config.security_key, _config.upstream_keys, _config.openai_api_key)
+            check(candidate)
             problem = None
-        except ClientsFileError as exc:
-            problem = str(exc).replace(candidate, _config.clients_file)
+        except ConfigError as exc:
+            problem = str(exc).replace(candidate, path)
         if problem is None:
             os.replace(candidate, snapshot)
             os.environ[snapshot_var] = snapshot
             return
         os.unlink(candidate)
-    if not reloading:
+    if not _reloading:
         sys.exit(f"openai-proxy cannot start: {problem}")
-    _clients_problem = problem
+    _reload_problems.append({"file": what, "problem": problem})
     if not os.environ.get(snapshot_var):
-        # The file is new since the last good load, when there were no named clients: keep it so.
+        # The file is new since the last good load, when there was none: keep it so (an empty file
+        # means no named clients, and no prices beyond the shipped table).
         with open(snapshot, "wb"):
             pass
         os.environ[snapshot_var] = snapshot
 
 
-_publish_clients()
+_SNAPSHOT_VARS = ("OPENAI_PROXY_CLIENTS_SNAPSHOT", "OPENAI_PROXY_PRICES_SNAPSHOT")
+_publish(_config.clients_file, _SNAPSHOT_VARS[0], "clients", _check_clients)
+_publish(_config.prices_file, _SNAPSHOT_VARS[1], "prices", load_prices)
+if _reloading:
+    write_reload_status(_runtime_dir, _reload_problems)
+else:
+    clear_reload_status(_runtime_dir)
 
 # `gunicorn -c gunicorn.conf.py` alone serves the proxy; an app named on the command line still wins.
 wsgi_app = "app.wsgi:app"
@@ -174,10 +192,17 @@ def when_ready(server):
 
 
 def on_reload(server):
-    if _clients_problem:
-        server.log.error("Clients file not reloaded, the previous clients stay in use: %s", _clients_problem)
-    elif _config.clients_file:
-        server.log.info("Clients file reloaded: %s", _config.clients_file)
+    refused = {p["file"]: p["problem"] for p in _reload_problems}
+    for what, path in (("clients", _config.clients_file), ("prices", _config.prices_file)):
+        if what in refused:
+            server.log.error(
+                "%s file not reloaded, the previous %s stay in use: %s",
+                what.capitalize(),
+                what,
+                refused[what],
+            )
+        elif path:
+            server.log.info("%s file reloaded: %s", what.capitalize(), path)
     # Upstream keys taken out (401, 403, insufficient_quota) come back on a reload: workers started
     # from now on begin a fresh key state; the old ones finish their calls on the old one.
     forget_key_state(_runtime_dir)
@@ -187,7 +212,7 @@ def pre_exec(server):
     # SIGUSR2 starts a new master from the environment gunicorn saved; a directory this master made (and
     # removes when it exits) must not be handed to it: the new master makes its own.
     if _owns_runtime_dir:
-        for name in (_OWNED_VAR, "OPENAI_PROXY_RUNTIME_DIR", "PROMETHEUS_MULTIPROC_DIR"):
+        for name in (_OWNED_VAR, "OPENAI_PROXY_RUNTIME_DIR", "PROMETHEUS_MULTIPROC_DIR", *_SNAPSHOT_VARS):
             server.cfg.env_orig.pop(name, None)
 
 

@@ -41,6 +41,10 @@ class Config:
     access_token: str | None = None
     default_model: str = "gpt-4o-mini"
     prices_file: str | None = None
+    # Under gunicorn, like the clients file: the master checks it at start and on every SIGHUP and
+    # hands the workers a copy of the last good one, so a bad edit followed by a reload keeps the
+    # prices that were working (and a worker restarted later still starts).
+    prices_snapshot: str | None = None
     upstream_timeout_ms: int = 600_000
     upstream_max_timeout_ms: int = 900_000
     max_parallel_requests: int = 32
@@ -166,6 +170,7 @@ _STR_VARS = {
     "access_token": ("ACCESS_TOKEN",),
     "default_model": ("DEFAULT_MODEL",),
     "prices_file": ("OPENAI_PROXY_PRICES_FILE",),
+    "prices_snapshot": ("OPENAI_PROXY_PRICES_SNAPSHOT",),
     "runtime_dir": ("OPENAI_PROXY_RUNTIME_DIR",),
     "ca_bundle": ("OPENAI_PROXY_CA_BUNDLE", "SSL_CERT_FILE"),
     "log_db": ("OPENAI_PROXY_LOG_DB",),
@@ -354,7 +359,7 @@ def build_config(values: Mapping[str, str]) -> Config:
     ca_bundle = kwargs.get("ca_bundle")
     if isinstance(ca_bundle, str) and not os.path.isfile(ca_bundle):
         raise ConfigError(f"OPENAI_PROXY_CA_BUNDLE / SSL_CERT_FILE: no such PEM file {ca_bundle!r}")
-    prices_file = kwargs.get("prices_file")
+    prices_file = kwargs.get("prices_snapshot") or kwargs.get("prices_file")
     if isinstance(prices_file, str):
         from openai_proxy.observe.prices import load_prices  # (it imports this module for ConfigError)
 

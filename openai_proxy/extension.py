@@ -62,7 +62,8 @@ def build_app(config: Config | None = None) -> Flask:
     _configure_logging()
     # Under gunicorn the master has already said what is missing; workers need not repeat it.
     config = config or load_config(warn=not os.environ.get("OPENAI_PROXY_CONFIG_REPORTED"))
-    prices = load_prices(config.prices_file)  # before anything is made: a bad file stops here
+    # Before anything is made: a bad file stops here. Under gunicorn, the master's copy of the last good one.
+    prices = load_prices(config.prices_snapshot or config.prices_file)
     app = Flask(__name__)
     app.url_map.converters["rid"] = ResponseIdConverter
     app.url_map.merge_slashes = False

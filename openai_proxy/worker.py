@@ -45,6 +45,8 @@ from gunicorn.sock import ssl_context
 from gunicorn.workers.ggevent import GeventWorker
 
 STOPPING_MARKER = "stopping"
+# What the master's last reload (SIGHUP) made of the clients and prices files, for `/health`.
+RELOAD_STATUS = "reload.json"
 # Kept back from the graceful timeout: time to end what still runs and flush the log store before the
 # master's SIGKILL (the master counts the same timeout from the same signal).
 EXIT_MARGIN_S = 0.5
@@ -74,6 +76,37 @@ def clear_server_stopping(runtime_dir: str) -> None:
 def server_stopping(runtime_dir: str) -> bool:
     """Whether the server using `runtime_dir` was told to stop (SIGTERM); a stat, cheap enough per request."""
     return os.path.exists(os.path.join(runtime_dir, STOPPING_MARKER))
+
+
+def write_reload_status(runtime_dir: str, problems: list[dict[str, str]], at: float | None = None) -> None:
+    """Record, for every worker's `/health`, what the reload that just ran made of the files it checks
+    (`problems`: `{"file", "problem"}` for each file refused, its previous version kept)."""
+    from openai_proxy import jsonio
+
+    status = {"at": time.time() if at is None else at, "ok": not problems, "problems": problems}
+    path = os.path.join(runtime_dir, RELOAD_STATUS)
+    temporary = f"{path}.{os.getpid()}.new"
+    with open(temporary, "wb") as f:
+        f.write(jsonio.dumps(status))
+    os.replace(temporary, path)  # a reader sees the old status or the new one, never half of one
+
+
+def clear_reload_status(runtime_dir: str) -> None:
+    """A server starting knows of no reload yet (an earlier server may have left one behind)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(runtime_dir, RELOAD_STATUS))
+
+
+def reload_status(runtime_dir: str) -> dict[str, Any] | None:
+    """The last reload's `{"at", "ok", "problems"}`, or None when there was none (or it is unreadable)."""
+    from openai_proxy import jsonio
+
+    try:
+        with open(os.path.join(runtime_dir, RELOAD_STATUS), "rb") as f:
+            status = jsonio.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    return status if isinstance(status, dict) else None
 
 
 class ProxyWorker(GeventWorker):
