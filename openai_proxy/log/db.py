@@ -59,6 +59,8 @@ SCHEMA = (
         host TEXT PRIMARY KEY, dropped BIGINT NOT NULL, last_write {float} NOT NULL,
         rejected BIGINT NOT NULL DEFAULT 0
     )""",
+    # Small shared values: the operator pages' last sign-out (`signout_epoch`, Unix time).
+    "CREATE TABLE IF NOT EXISTS log_settings (name TEXT PRIMARY KEY, value {float} NOT NULL)",
     *logstats.SCHEMA,
 )
 # Columns added since the first release: a log created by an older version gets them at start.
@@ -335,6 +337,41 @@ def _finish(db: Database, batch: Batch, levels: set[str], rejected: int, retenti
     if batch.prune:
         logstats.prune(db, batch.at)
         db.execute("DELETE FROM log_writers WHERE updated < ?", (batch.at - WRITERS_KEEP_S,))
+
+
+_SIGNOUT = "signout_epoch"
+
+
+def read_signout_epoch(db: Database) -> float:
+    """When the operator pages were last signed out of (Unix time; 0 if never), on any host."""
+    try:
+        row = db.execute("SELECT value FROM log_settings WHERE name = ?", (_SIGNOUT,)).fetchone()
+    except Exception as exc:
+        if not db.missing_table(exc):
+            raise
+        return 0.0  # a log made before sign-outs were recorded: none was
+    return float(row[0]) if row else 0.0
+
+
+def raise_signout_epoch(db: Database, at: float) -> None:
+    """Record a sign-out at `at`: every sign-in cookie issued until then stops working.
+
+    Cookies carry whole seconds and one issued within the second of a sign-out is dated a second
+    after it (`openai_proxy.inbound.auth.session_cookie_value`), so each sign-out also moves the epoch
+    at least a second past the last one: it ends those cookies too.
+    """
+    upsert = (
+        "INSERT INTO log_settings (name, value) VALUES (?, ?)"
+        " ON CONFLICT (name) DO UPDATE SET value = GREATEST(log_settings.value + 1, excluded.value)"
+    )
+    at = float(int(at))
+    try:
+        db.execute(upsert, (_SIGNOUT, at))
+    except Exception as exc:
+        if not db.missing_table(exc):
+            raise
+        create_schema(db)
+        db.execute(upsert, (_SIGNOUT, at))
 
 
 @dataclass(frozen=True)

@@ -123,6 +123,10 @@ class Database:
         record (`openai_proxy.log.db`), the second keeps the whole batch for a later try."""
         return isinstance(exc, ValueError | TypeError | OverflowError)
 
+    def missing_table(self, exc: BaseException) -> bool:
+        """Whether `exc` says a table does not exist (yet: the log writer creates them)."""
+        return False
+
     @property
     def lost(self) -> bool:
         """Whether the server went away (a new connection may work where this one cannot)."""
@@ -184,6 +188,9 @@ class SQLiteDatabase(Database):
         # are OperationalError: not about a value.
         values = (sqlite3.DataError, sqlite3.IntegrityError, sqlite3.InterfaceError)
         return super().refuses_value(exc) or isinstance(exc, values)
+
+    def missing_table(self, exc: BaseException) -> bool:
+        return isinstance(exc, sqlite3.OperationalError) and str(exc).startswith("no such table")
 
     def probe_writable(self) -> None:
         self.conn.execute(f"PRAGMA busy_timeout = {self.PROBE_BUSY_TIMEOUT_MS}")
@@ -294,6 +301,9 @@ class PostgresDatabase(Database):
         self.execute("BEGIN")
         try:
             self.execute(f"LOCK TABLE {', '.join(LOGGED_TABLES)} IN ROW EXCLUSIVE MODE")
+        except Exception as exc:
+            if not self.missing_table(exc):  # none yet: the writer creates them; nobody holds them
+                raise
         finally:
             self.rollback()
 
@@ -306,6 +316,11 @@ class PostgresDatabase(Database):
         # timeouts, a read-only server, missing rights are not about a value.
         values = (psycopg.DataError, psycopg.IntegrityError, ProgramLimitExceeded)
         return super().refuses_value(exc) or isinstance(exc, values)
+
+    def missing_table(self, exc: BaseException) -> bool:
+        from psycopg.errors import UndefinedTable
+
+        return isinstance(exc, UndefinedTable)
 
     @property
     def lost(self) -> bool:

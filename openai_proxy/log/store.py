@@ -52,6 +52,10 @@ BUSY_TIMEOUT_MS = 2_000
 PRUNE_INTERVAL_S = 60.0
 # /health: how long it waits for its probe of the database.
 PROBE_DEADLINE_S = 0.5
+# The pages: how long a request with a sign-in cookie waits to learn the last sign-out (a small read),
+# and a sign-out to record it. /health asks with a shorter deadline, to answer within its second.
+SIGNOUT_READ_DEADLINE_S = 1.0
+SIGNOUT_WRITE_DEADLINE_S = 2.0
 # A record older than this still waiting for the database means this host's records are not being
 # written (batches go every quarter second; a healthy write takes milliseconds).
 STALE_RECORD_S = 5.0
@@ -256,6 +260,15 @@ class LogStore:
             return f"{type(exc).__name__}: {exc}"
         return None
 
+    def signed_out_at(self, deadline_s: float = SIGNOUT_READ_DEADLINE_S) -> float:
+        """The last sign-out of the operator pages, on any host sharing this log (Unix time, 0 if
+        never); raises (NoAnswer, the database's error) when it cannot be known within `deadline_s`."""
+        return self.side.ask(logdb.read_signout_epoch, deadline_s, share="signout")
+
+    def sign_out(self, at: float, deadline_s: float = SIGNOUT_WRITE_DEADLINE_S) -> None:
+        """Record a sign-out at `at` for every host; raises when it could not be recorded."""
+        self.side.ask(lambda db: logdb.raise_signout_epoch(db, at), deadline_s)
+
     def oldest_waiting_s(self) -> float | None:
         """How long the oldest record not yet written has waited (since its request finished)."""
         items = self._unsure.items if self._unsure is not None and self._unsure.items else self._queue
@@ -383,13 +396,9 @@ class SideLine:
 
     def _run(self, fn: Callable[[Database], T]) -> T:
         if self._db is None:
-            db = open_database(self.target, self.BUSY_TIMEOUT_MS, quick=True)
-            try:
-                logdb.create_schema(db)
-            except BaseException:
-                db.close()
-                raise
-            self._db = db
+            # No schema work here (several round trips, and a lock on PostgreSQL): the questions
+            # cope with tables the writer has not created yet.
+            self._db = open_database(self.target, self.BUSY_TIMEOUT_MS, quick=True)
         try:
             return fn(self._db)
         except BaseException:
