@@ -17,8 +17,13 @@ from tests.test_metrics import samples, value
 REJECTED = "openai_proxy_log_rejected_records_total"
 
 
+# Absurd counts go to a model of their own: the process's metrics are shared by the tests, and a
+# counter at 2**63 would swallow the small counts other tests add to gpt-4o-mini's series.
+HUGE = {**CHAT, "model": "huge-usage"}
+
+
 def answer_with_usage(usage: dict):
-    body = chat_completion("gpt-4o-mini", usage=usage)
+    body = chat_completion("huge-usage", usage=usage)
     return lambda req, conn: conn.send_json(200, body)
 
 
@@ -51,24 +56,34 @@ def test_an_answer_with_2_63_prompt_tokens_never_stops_the_sqlite_log(make_app, 
     client = app.test_client()
     huge = {"prompt_tokens": 2**63, "completion_tokens": 1, "total_tokens": 2**63 + 1}
     fake.push("POST", "/v1/chat/completions", answer_with_usage(huge), times=1)
-    r = post_json(client, "/openai", CHAT)
+    r = post_json(client, "/openai", HUGE)
     assert r.status_code == 200
     html = hundred_calls_all_arrive(app, client, [r.headers["X-Proxy-Request-Id"]])
     # The absurd count is not a count: the maxima and the day's spend hold the 100 real calls only.
     assert counters(html)["Max prompt tokens"] == "25"
     store = app.extensions["openai_proxy"].log_store
-    (row,) = store.spend("2000-01-01")
-    assert (row.requests, row.prompt_tokens, row.completion_tokens) == (101, 2500, 701)
+    spend = {
+        row.model: (row.requests, row.prompt_tokens, row.completion_tokens)
+        for row in store.spend("2000-01-01")
+    }
+    assert spend == {"gpt-4o-mini": (100, 2500, 700), "huge-usage": (1, 0, 1)}
+    # Nor in the metrics: the series keeps counting.
+    found = samples(client.get("/metrics", headers=AUTH).get_data(as_text=True))
+    tokens = {kind: value(found, "openai_proxy_tokens_total", model="huge-usage", kind=kind)
+              for kind in ("prompt", "completion")}  # fmt: skip
+    assert tokens == {"prompt": 0.0, "completion": 1.0}
 
 
 def test_two_answers_of_2_62_tokens_never_stop_the_postgresql_log(postgres_db, make_app, fake):
     app = make_app(OPENAI_PROXY_LOG_DB=postgres_db.url)
     client = app.test_client()
     fake.push("POST", "/v1/chat/completions", answer_with_usage({"prompt_tokens": 2**62}), times=2)
-    first = [post_json(client, "/openai", CHAT) for _ in range(2)]
+    first = [post_json(client, "/openai", HUGE) for _ in range(2)]
     assert [r.status_code for r in first] == [200, 200]
     hundred_calls_all_arrive(app, client, [r.headers["X-Proxy-Request-Id"] for r in first])
-    assert postgres_db.query("SELECT requests, prompt_tokens FROM spend_daily") == [(102, 2500)]
+    assert postgres_db.query("SELECT model, requests, prompt_tokens FROM spend_daily ORDER BY model") == [
+        ("gpt-4o-mini", 100, 2500), ("huge-usage", 2, 0)
+    ]  # fmt: skip
 
 
 # ---- what the store does with a value the database refuses ----------------------------------------
