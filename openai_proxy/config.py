@@ -43,6 +43,10 @@ class Config:
     access_token: str | None = None
     default_model: str = "gpt-4o-mini"
     prices_file: str | None = None
+    # Under gunicorn, like the clients file: the master checks it at start and on every SIGHUP and
+    # hands the workers a copy of the last good one, so a bad edit followed by a reload keeps the
+    # prices that were working (and a worker restarted later still starts).
+    prices_snapshot: str | None = None
     upstream_timeout_ms: int = 600_000
     upstream_max_timeout_ms: int = 900_000
     max_parallel_requests: int = 32
@@ -172,6 +176,7 @@ _STR_VARS = {
     "access_token": ("ACCESS_TOKEN",),
     "default_model": ("DEFAULT_MODEL",),
     "prices_file": ("OPENAI_PROXY_PRICES_FILE",),
+    "prices_snapshot": ("OPENAI_PROXY_PRICES_SNAPSHOT",),
     "runtime_dir": ("OPENAI_PROXY_RUNTIME_DIR",),
     "ca_bundle": ("OPENAI_PROXY_CA_BUNDLE", "SSL_CERT_FILE"),
     "log_db": ("OPENAI_PROXY_LOG_DB",),

@@ -121,7 +121,8 @@ def _install(app: Flask, config: Config, prefix: str, *, whole_app: bool) -> Pro
     if "openai_proxy" in app.extensions:
         raise RuntimeError("OpenAIProxy is already installed on this app")
     _configure_logging()
-    prices = load_prices(config.prices_file)  # before anything is made: a bad file stops here
+    # Before anything is made: a bad file stops here. Under gunicorn, the master's copy of the last good one.
+    prices = load_prices(config.prices_snapshot or config.prices_file)
     try:
         clients, client_keys = load_clients(
             config.clients_snapshot or config.clients_file,
@@ -161,6 +162,7 @@ def _install(app: Flask, config: Config, prefix: str, *, whole_app: bool) -> Pro
         st.metrics.add_collector(KeyPoolCollector(st.upstream.pool))
     gate.on_new_peak = st.log_store.note_peak
     st.log_store.on_drop = st.metrics.log_record_dropped
+    st.log_store.on_reject = st.metrics.log_records_rejected
 
     from openai_proxy.pages.ratelimit import init_limiter
     from openai_proxy.routes import proxy_blueprint

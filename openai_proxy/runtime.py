@@ -7,10 +7,12 @@ Stdlib only: the gunicorn master imports this module."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
 import tempfile
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -44,13 +46,45 @@ def server_stopping(runtime_dir: str) -> bool:
     return os.path.exists(os.path.join(runtime_dir, STOPPING_MARKER))
 
 
+# What the master's last reload (SIGHUP) made of the clients and prices files, for `/health`.
+RELOAD_STATUS = "reload.json"
+
+
+def write_reload_status(runtime_dir: str, problems: list[dict[str, str]], at: float | None = None) -> None:
+    """Record, for every worker's `/health`, what the reload that just ran made of the files it checks
+    (`problems`: `{"file", "problem"}` for each file refused, its previous version kept)."""
+    status = {"at": time.time() if at is None else at, "ok": not problems, "problems": problems}
+    path = os.path.join(runtime_dir, RELOAD_STATUS)
+    temporary = f"{path}.{os.getpid()}.new"
+    with open(temporary, "w", encoding="utf-8") as f:
+        json.dump(status, f)
+    os.replace(temporary, path)  # a reader sees the old status or the new one, never half of one
+
+
+def clear_reload_status(runtime_dir: str) -> None:
+    """A server starting knows of no reload yet (an earlier server may have left one behind)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(runtime_dir, RELOAD_STATUS))
+
+
+def reload_status(runtime_dir: str) -> dict[str, Any] | None:
+    """The last reload's `{"at", "ok", "problems"}`, or None when there was none (or it is unreadable)."""
+    try:
+        with open(os.path.join(runtime_dir, RELOAD_STATUS), encoding="utf-8") as f:
+            status = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return status if isinstance(status, dict) else None
+
+
 # -- the gunicorn master's side (`openai_proxy.worker.gunicorn_hooks` hands these to gunicorn) ------
 
 # The master remembers in its environment which directory it made ("<pid>:<path>"): gunicorn runs its
 # config file again on every SIGHUP (a reload), so old and new workers share one directory and it is
 # still removed at exit, never one more per reload.
 _OWNED_VAR = "OPENAI_PROXY_OWNED_RUNTIME_DIR"
-_SNAPSHOT_VAR = "OPENAI_PROXY_CLIENTS_SNAPSHOT"
+_CLIENTS_SNAPSHOT = "OPENAI_PROXY_CLIENTS_SNAPSHOT"
+_PRICES_SNAPSHOT = "OPENAI_PROXY_PRICES_SNAPSHOT"
 _REPORTED_VAR = "OPENAI_PROXY_CONFIG_REPORTED"
 
 
@@ -70,7 +104,18 @@ class ServerRuntime:
         self.metrics_dir = os.path.join(self.runtime_dir, "metrics")
         os.makedirs(self.metrics_dir, exist_ok=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
-        self.clients_problem = self._publish_clients()
+        # The clients and prices files are checked here, at start and on every SIGHUP. Workers read a
+        # copy of the last file that passed, so a bad edit followed by a reload keeps what was working
+        # (`on_reload` says why, and so does every worker's `/health` until a reload succeeds); at
+        # start, a bad file stops the server.
+        self.reloading = bool(os.environ.get(_REPORTED_VAR))
+        self.reload_problems: list[dict[str, str]] = []
+        self._publish(config.clients_file, _CLIENTS_SNAPSHOT, "clients", self._check_clients)
+        self._publish(config.prices_file, _PRICES_SNAPSHOT, "prices", _check_prices)
+        if self.reloading:
+            write_reload_status(self.runtime_dir, self.reload_problems)
+        else:
+            clear_reload_status(self.runtime_dir)
 
     def _choose_runtime_dir(self) -> tuple[str, bool]:
         """(the directory, whether this server made it)."""
@@ -83,24 +128,32 @@ class ServerRuntime:
         os.environ[_OWNED_VAR] = f"{os.getpid()}:{made}"
         return made, True
 
-    def _publish_clients(self) -> str | None:
-        """Check the clients file and hand the workers a copy of it if it passes; the problem if not.
-
-        At start a bad file stops the server (SystemExit); on a reload the last good copy stays."""
+    def _check_clients(self, path: str) -> None:
         from openai_proxy.clients import ClientsFileError, load_clients
+        from openai_proxy.config import ConfigError
 
         config = self.config
-        if not config.clients_file:
-            os.environ.pop(_SNAPSHOT_VAR, None)
-            return None
-        snapshot = os.path.join(self.runtime_dir, "clients.toml")
-        reloading = bool(os.environ.get(_REPORTED_VAR))
         try:
-            with open(config.clients_file, "rb") as f:
+            load_clients(path, config.security_key, config.upstream_keys, config.openai_api_key)
+        except ClientsFileError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def _publish(self, path: str | None, snapshot_var: str, what: str, check: Callable[[str], Any]) -> None:
+        """Check the file at `path` and hand the workers a copy of it, or keep the last good copy.
+
+        At start a bad file stops the server (SystemExit); on a reload the last good copy stays."""
+        from openai_proxy.config import ConfigError
+
+        if not path:
+            os.environ.pop(snapshot_var, None)
+            return
+        snapshot = os.path.join(self.runtime_dir, f"{what}.toml")
+        try:
+            with open(path, "rb") as f:
                 content: bytes | None = f.read()
         except OSError as exc:
             content = None
-            problem = f"{config.clients_file}: cannot read the clients file: {exc.strerror or exc}"
+            problem = f"{path}: cannot read the {what} file: {exc.strerror or exc}"
         if content is not None:
             # Judge exactly the bytes that will be published: the file may change while we look.
             candidate = f"{snapshot}.{os.getpid()}.new"
@@ -108,21 +161,22 @@ class ServerRuntime:
             with os.fdopen(fd, "wb") as f:
                 f.write(content)
             try:
-                load_clients(candidate, config.security_key, config.upstream_keys, config.openai_api_key)
+                check(candidate)
                 os.replace(candidate, snapshot)
-                os.environ[_SNAPSHOT_VAR] = snapshot
-                return None
-            except ClientsFileError as exc:
-                problem = str(exc).replace(candidate, config.clients_file)
+                os.environ[snapshot_var] = snapshot
+                return
+            except ConfigError as exc:
+                problem = str(exc).replace(candidate, path)
             os.unlink(candidate)
-        if not reloading:
+        if not self.reloading:
             raise SystemExit(f"openai-proxy cannot start: {problem}")
-        if not os.environ.get(_SNAPSHOT_VAR):
-            # The file is new since the last good load, when there were no named clients: keep it so.
+        self.reload_problems.append({"file": what, "problem": problem})
+        if not os.environ.get(snapshot_var):
+            # The file is new since the last good load, when there was none: keep it so (an empty file
+            # means no named clients, and no prices beyond the shipped table).
             with open(snapshot, "wb"):
                 pass
-            os.environ[_SNAPSHOT_VAR] = snapshot
-        return problem
+            os.environ[snapshot_var] = snapshot
 
     # -- hooks ---------------------------------------------------------------------------------------
     def on_starting(self, server: Any) -> None:
@@ -166,12 +220,17 @@ class ServerRuntime:
     def on_reload(self, server: Any) -> None:
         from openai_proxy.keys.state import forget as forget_key_state
 
-        if self.clients_problem:
-            server.log.error(
-                "Clients file not reloaded, the previous clients stay in use: %s", self.clients_problem
-            )
-        elif self.config.clients_file:
-            server.log.info("Clients file reloaded: %s", self.config.clients_file)
+        refused = {p["file"]: p["problem"] for p in self.reload_problems}
+        for what, path in (("clients", self.config.clients_file), ("prices", self.config.prices_file)):
+            if what in refused:
+                server.log.error(
+                    "%s file not reloaded, the previous %s stay in use: %s",
+                    what.capitalize(),
+                    what,
+                    refused[what],
+                )
+            elif path:
+                server.log.info("%s file reloaded: %s", what.capitalize(), path)
         # Upstream keys taken out (401, 403, insufficient_quota) come back on a reload: workers started
         # from now on begin a fresh key state; the old ones finish their calls on the old one.
         forget_key_state(self.runtime_dir)
@@ -180,7 +239,8 @@ class ServerRuntime:
         # SIGUSR2 starts a new master from the environment gunicorn saved; a directory this master made
         # (and removes when it exits) must not be handed to it: the new master makes its own.
         if self.owns_runtime_dir:
-            for name in (_OWNED_VAR, "OPENAI_PROXY_RUNTIME_DIR", "PROMETHEUS_MULTIPROC_DIR"):
+            for name in (_OWNED_VAR, "OPENAI_PROXY_RUNTIME_DIR", "PROMETHEUS_MULTIPROC_DIR",
+                         _CLIENTS_SNAPSHOT, _PRICES_SNAPSHOT):  # fmt: skip
                 server.cfg.env_orig.pop(name, None)
 
     def on_exit(self, server: Any) -> None:
@@ -214,11 +274,9 @@ def server_runtime(config: Config | None = None) -> ServerRuntime:
     starts (settings, the prices file, the clients file), and make the server's runtime directory.
     A problem stops the server naming the setting, file and line."""
     from openai_proxy.config import ConfigError, load_config
-    from openai_proxy.observe.prices import load_prices
 
     try:
         config = config or load_config(warn=False)
-        load_prices(config.prices_file)  # each worker then reads it once, when it builds the app
     except ConfigError as exc:
         raise SystemExit(f"openai-proxy cannot start: {exc}") from None
     return ServerRuntime(config)
@@ -228,3 +286,9 @@ def gunicorn_hooks(config: Config | None = None) -> dict[str, Callable[..., None
     """The proxy's gunicorn server hooks for a host's own `gunicorn.conf.py`:
     `globals().update(gunicorn_hooks())` (docs/mounting.md says what each one gives)."""
     return server_runtime(config).hooks()
+
+
+def _check_prices(path: str) -> None:
+    from openai_proxy.observe.prices import load_prices
+
+    load_prices(path)  # each worker then reads the published copy once, when it builds the app

@@ -427,6 +427,10 @@ def test_health_metrics_and_runtime_show_the_redis_gate(make_app, fake, gates, r
     redis_server.stop()
     health = completes(lambda: client.get("/health", headers=AUTH).get_json())
     assert health["status"] == "degraded" and health["ready"] is True
+    since = health["gate"]["redis"]["unreachableSince"]
+    assert health["reasons"] == [
+        f"gate: Redis does not answer (since {since}); this host's own gate stands in for the fleet's"
+    ]
     assert health["gate"]["fallback"] is True and health["gate"]["scope"] == "host"
     assert health["gate"]["redis"]["reachable"] is False
     assert health["gate"]["inUse"] == 0  # the host's own count

@@ -33,7 +33,7 @@ def write(target: str, writer: str, seq: int, items: list, *, at: float = T, pru
     try:
         logdb.create_schema(db)
         batch = Batch(writer, seq, writer.split(":")[0], 1, items, 0, 0, prune, at)
-        return logdb.write_batch(db, batch, retention=2)
+        return logdb.write_batch(db, batch, retention=2).fresh
     finally:
         db.close()
 

@@ -288,8 +288,8 @@ def test_the_schema_is_made_once_when_hosts_start_at_the_same_time(postgres_db):
     tables = postgres_db.query(
         "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1"
     )
-    assert [t for (t,) in tables] == ["counters", "log_hosts", "log_writers", "minute_stats", "records",
-                                      "spend_daily"]  # fmt: skip
+    assert [t for (t,) in tables] == ["counters", "log_hosts", "log_settings", "log_writers", "minute_stats",
+                                      "records", "spend_daily"]  # fmt: skip
 
 
 def test_an_unreachable_database_never_fails_requests(make_app, fake):

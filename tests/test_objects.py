@@ -479,7 +479,7 @@ def test_a_database_that_is_down_keeps_owners_in_the_worker_until_it_is_back(
     first, second = make_app(**env), make_app(**env)
     one, two = first.test_client(), second.test_client()
     for app in (first, second):  # both have connected (and made the schema) before the database goes
-        assert app.extensions["openai_proxy"].log_store.check_writable() is None
+        app.extensions["openai_proxy"].log_store.run(lambda db: None)  # connects, makes the schema
     postgres_db.server.stop()
     try:
         creates_response(fake, "resp_down")

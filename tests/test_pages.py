@@ -87,13 +87,13 @@ def test_a_token_in_the_query_becomes_a_cookie_and_leaves_the_address(client, fa
     r = client.get(f"{path}?status=4xx&{TOKEN}&per_page=2&access_token=again", headers=BROWSER)
     assert r.status_code == 303
     assert r.headers["Location"] == f"{path}?status=4xx&per_page=2"  # relative, other parameters kept
-    assert (r.headers["Referrer-Policy"], r.headers["Cache-Control"]) == ("no-referrer", "no-store")
+    assert (r.headers["Referrer-Policy"], r.headers["Cache-Control"]) == ("same-origin", "no-store")
     name, value, attributes = set_cookie(r)
     assert name == "openai_proxy_pages"
     assert re.fullmatch(r"[0-9]+\.[0-9a-f]{64}", value) and ACCESS_TOKEN not in value
     assert 0 <= time.time() - int(value.split(".")[0]) < 60  # issued now
     assert attributes.keys() == {"expires", "max-age", "httponly", "path", "samesite"}  # no Secure over http
-    assert (attributes["max-age"], attributes["path"], attributes["samesite"]) == ("43200", "/", "Strict")
+    assert (attributes["max-age"], attributes["path"], attributes["samesite"]) == ("43200", "/", "Lax")
     expires = parsedate_to_datetime(attributes["expires"]).timestamp()
     assert time.time() + 43200 - 60 < expires <= time.time() + 43200 + 1
     # The browser follows with the cookie alone: the page, with no token anywhere in it.
@@ -124,7 +124,7 @@ def test_a_signed_in_page_carries_no_token_in_links_forms_or_pagers(client, fake
         html = r.get_data(as_text=True)
         assert "access_token" not in html and ACCESS_TOKEN not in html, path
         assert (r.headers["Referrer-Policy"], r.headers["Content-Security-Policy"]) == (
-            "no-referrer",
+            "same-origin",
             HTML_CSP,
         )
         assert '<form class="signout" method="post" action="/signout">' in html
@@ -142,7 +142,7 @@ def test_a_browser_without_the_cookie_gets_the_sign_in_form_and_scripts_get_json
     assert r.status_code == 401
     assert r.headers["WWW-Authenticate"] == 'Bearer realm="openai-proxy pages"'
     assert r.headers["Content-Type"] == "text/html; charset=utf-8" and "Set-Cookie" not in r.headers
-    assert (r.headers["Referrer-Policy"], r.headers["Content-Security-Policy"]) == ("no-referrer", HTML_CSP)
+    assert (r.headers["Referrer-Policy"], r.headers["Content-Security-Policy"]) == ("same-origin", HTML_CSP)
     assert r.headers["Cache-Control"] == "no-store"
     html = r.get_data(as_text=True)
     assert "<title>openai-proxy · Sign in</title>" in html and 'role="alert"' not in html
@@ -170,7 +170,7 @@ def test_a_browser_without_the_cookie_gets_the_sign_in_form_and_scripts_get_json
 def test_the_sign_in_form(client):
     r = client.get("/signin?next=/log_errors%3Fstatus%3D4xx")
     assert r.status_code == 200 and "WWW-Authenticate" not in r.headers
-    assert (r.headers["Referrer-Policy"], r.headers["Content-Security-Policy"]) == ("no-referrer", HTML_CSP)
+    assert (r.headers["Referrer-Policy"], r.headers["Content-Security-Policy"]) == ("same-origin", HTML_CSP)
     assert (r.headers["Cache-Control"], r.headers["X-Content-Type-Options"]) == ("no-store", "nosniff")
     assert '<input type="hidden" name="next" value="/log_errors?status=4xx">' in r.get_data(as_text=True)
     for token, message in (("wrong", "That access token is not valid."), ("", "Enter the access token.")):
@@ -180,7 +180,7 @@ def test_the_sign_in_form(client):
         assert client.get_cookie(SESSION_COOKIE) is None
     r = client.post("/signin", data={"access_token": ACCESS_TOKEN, "next": "/log_errors?status=4xx"})
     assert r.status_code == 303 and r.headers["Location"] == "/log_errors?status=4xx"
-    assert r.headers["Referrer-Policy"] == "no-referrer" and set_cookie(r)[0] == SESSION_COOKIE
+    assert r.headers["Referrer-Policy"] == "same-origin" and set_cookie(r)[0] == SESSION_COOKIE
     assert client.get("/log_errors?status=4xx", headers=BROWSER).status_code == 200
     # Without `next` the sign-in lands on /log.
     assert client.post("/signin", data={"access_token": ACCESS_TOKEN}).headers["Location"] == "/log"
@@ -217,7 +217,7 @@ def test_the_cookie_opens_every_guarded_page_and_a_bearer_header_never_redirects
     for path in GUARDED:
         r = client.get(path, headers=BROWSER)
         assert r.status_code == 200, path
-        assert "Set-Cookie" not in r.headers and r.headers["Referrer-Policy"] == "no-referrer"
+        assert "Set-Cookie" not in r.headers and r.headers["Referrer-Policy"] == "same-origin"
     other = client.application.test_client()  # no cookie: scripts and Prometheus
     for path in GUARDED:
         for headers in (AUTH, {**AUTH, **BROWSER}):
@@ -277,7 +277,7 @@ def test_sign_out_clears_the_cookie_and_shows_the_sign_in_page(client):
     sign_in(client)
     r = client.post("/signout")
     assert r.status_code == 303 and r.headers["Location"] == "/signin"
-    assert r.headers["Referrer-Policy"] == "no-referrer"
+    assert r.headers["Referrer-Policy"] == "same-origin"
     name, value, attributes = set_cookie(r)
     assert (name, value, attributes["max-age"], attributes["path"]) == (SESSION_COOKIE, "", "0", "/")
     assert attributes["expires"] == "Thu, 01 Jan 1970 00:00:00 GMT"
@@ -329,7 +329,7 @@ def test_values_are_escaped_and_counters_keep_the_original_labels(log_db, make_a
     assert "<script>document.title" not in text and "<img src=x" not in text
     assert escape(XSS_ID) in text and escape(XSS_MODEL) in text
     assert "script-src" not in page.headers["Content-Security-Policy"]  # default-src 'none': no script at all
-    assert page.headers["Cache-Control"] == "no-store" and page.headers["Referrer-Policy"] == "no-referrer"
+    assert page.headers["Cache-Control"] == "no-store" and page.headers["Referrer-Policy"] == "same-origin"
     assert counters(text)["Request count"] == "1"
 
 
@@ -502,7 +502,7 @@ def test_sign_in_page_through_filter_and_sign_out_in_a_real_browser(gunicorn_ser
         assert browser.title == "openai-proxy · Requests"
         (cookie,) = browser.cookies()
         assert (cookie["name"], cookie["httpOnly"], cookie["sameSite"], cookie["path"], cookie["secure"]) == (
-            SESSION_COOKIE, True, "Strict", "/", False
+            SESSION_COOKIE, True, "Lax", "/", False
         )  # fmt: skip
         assert ACCESS_TOKEN not in cookie["value"]
         html = browser.source

@@ -6,7 +6,7 @@ import functools
 import hashlib
 import hmac
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from werkzeug.datastructures import Headers
@@ -53,7 +53,9 @@ def provided_security_key(headers: Headers, *sources: Mapping[str, Any]) -> str 
 
 BEARER, QUERY, COOKIE = "bearer", "query", "cookie"
 # The operator pages' sign-in cookie: `<issued unix time>.<hex HMAC-SHA256>`, keyed by ACCESS_TOKEN, so it
-# never contains the token and every cookie stops working when ACCESS_TOKEN changes.
+# never contains the token and every cookie stops working when ACCESS_TOKEN changes. A sign-out records
+# its time with the log store (shared by every host); a cookie issued at or before the last sign-out
+# is refused everywhere.
 SESSION_COOKIE = "openai_proxy_pages"
 SESSION_MAX_AGE = 12 * 3600
 _SESSION_LABEL = "openai-proxy operator pages session v1"
@@ -65,22 +67,37 @@ def _session_mac(access_token: str, issued: int) -> str:
     return hmac.new(key, f"{_SESSION_LABEL}|{issued}".encode(), hashlib.sha256).hexdigest()
 
 
-def session_cookie_value(access_token: str, now: float | None = None) -> str:
-    """A fresh sign-in cookie value for the pages, valid for SESSION_MAX_AGE seconds."""
-    issued = int(time.time() if now is None else now)
+class SignedOut(Forbidden):
+    """A sign-in cookie issued before the last sign-out (on any host)."""
+
+
+class SessionUnchecked(Forbidden):
+    """A sign-in cookie that cannot be checked against the last sign-out now: refused (fail closed)."""
+
+
+def session_cookie_value(access_token: str, now: float | None = None, signed_out_at: float = 0.0) -> str:
+    """A fresh sign-in cookie value for the pages, valid for SESSION_MAX_AGE seconds. Issued after
+    `signed_out_at` even within the second of a sign-out (dated a second or so ahead: within the
+    allowed clock skew)."""
+    issued = max(int(time.time() if now is None else now), int(signed_out_at) + 1)
     return f"{issued}.{_session_mac(access_token, issued)}"
 
 
-def session_cookie_valid(value: str, access_token: str, now: float | None = None) -> bool:
-    """Whether `value` was issued with this ACCESS_TOKEN less than SESSION_MAX_AGE seconds ago."""
+def session_cookie_valid(
+    value: str, access_token: str, now: float | None = None, signed_out_at: float = 0.0
+) -> bool:
+    """Whether `value` was issued with this ACCESS_TOKEN less than SESSION_MAX_AGE seconds ago and
+    after `signed_out_at` (the last sign-out, Unix time)."""
     issued_text, _, mac = value.partition(".")
     if not (issued_text.isascii() and issued_text.isdigit() and len(issued_text) <= 12 and len(mac) == 64):
         return False
     issued = int(issued_text)
     age = (time.time() if now is None else now) - issued
     expected = _session_mac(access_token, issued)
-    return hmac.compare_digest(mac.encode("ascii", "replace"), expected.encode()) and (
-        -_CLOCK_SKEW <= age <= SESSION_MAX_AGE
+    return (
+        hmac.compare_digest(mac.encode("ascii", "replace"), expected.encode())
+        and -_CLOCK_SKEW <= age <= SESSION_MAX_AGE
+        and issued > signed_out_at
     )
 
 
@@ -98,11 +115,14 @@ def require_access_token(
     headers: Headers,
     query: Mapping[str, Any],
     cookies: Mapping[str, str] | None = None,
+    signed_out_at: Callable[[], float] | None = None,
 ) -> str:
     """Guard for the operator pages: a Bearer header, `?access_token=`, or the sign-in cookie.
 
     Returns which one admitted the request (BEARER, QUERY or COOKIE); raises Forbidden otherwise.
-    A token that was sent is judged alone: a valid cookie does not excuse a wrong token.
+    A token that was sent is judged alone: a valid cookie does not excuse a wrong token. A cookie is
+    also checked against the last sign-out (`signed_out_at()`, asked only for a cookie that is
+    otherwise valid); when that cannot be known, the cookie is refused.
     """
     if not expected:
         raise Forbidden("The proxy has no ACCESS_TOKEN configured; this page is disabled")
@@ -113,7 +133,16 @@ def require_access_token(
         return source
     cookie = (cookies or {}).get(SESSION_COOKIE)
     if cookie:
-        if session_cookie_valid(cookie, expected):
-            return COOKIE
-        raise Forbidden("Sign-in expired or ACCESS_TOKEN changed; sign in again")
+        if not session_cookie_valid(cookie, expected):
+            raise Forbidden("Sign-in expired or ACCESS_TOKEN changed; sign in again")
+        if signed_out_at is not None:
+            try:
+                last_sign_out = signed_out_at()
+            except Exception:
+                raise SessionUnchecked(
+                    "The sign-in cannot be checked now (the log database does not answer); send the access token"
+                ) from None
+            if not session_cookie_valid(cookie, expected, signed_out_at=last_sign_out):
+                raise SignedOut("Signed out; sign in again")
+        return COOKIE
     raise Forbidden("Missing access_token")

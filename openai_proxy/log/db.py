@@ -8,10 +8,19 @@ first moves the store's row in `log_writers` to that number. A batch whose COMMI
 connection dropped after sending it) is kept and sent again, unchanged and with the same number: if
 the first COMMIT had taken effect, the row already holds the number and the retry writes nothing.
 So a lost answer neither loses nor duplicates records, counters or aggregates.
+
+No record can stop the log. Values are made storable on the way in (token counts outside
+0..2**53 count as unknown, NUL leaves text columns, spend keys are bounded), and when the database
+still refuses a batch for a value (an overflow, a NUL, a constraint; not a lost connection or a
+lock), the batch is written again record by record in one transaction, each record in a savepoint:
+as it is, else cleaned (absurd numbers nulled, NUL replaced, marked `logRejected`), else cleaned and
+without its share of the spend and minute aggregates, else skipped. Every record that was not written
+as it was is counted (`log_hosts.rejected`, the pages, `openai_proxy_log_rejected_records_total`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,14 +53,21 @@ SCHEMA = (
     """CREATE TABLE IF NOT EXISTS log_writers (
         writer TEXT PRIMARY KEY, host TEXT NOT NULL, seq BIGINT NOT NULL, updated {float} NOT NULL
     )""",
-    # Per host: records its workers dropped from a full queue, and when it last wrote.
+    # Per host: records its workers dropped from a full queue, records the database refused as they
+    # were (written cleaned, or skipped), and when it last wrote.
     """CREATE TABLE IF NOT EXISTS log_hosts (
-        host TEXT PRIMARY KEY, dropped BIGINT NOT NULL, last_write {float} NOT NULL
+        host TEXT PRIMARY KEY, dropped BIGINT NOT NULL, last_write {float} NOT NULL,
+        rejected BIGINT NOT NULL DEFAULT 0
     )""",
+    # Small shared values: the operator pages' last sign-out (`signout_epoch`, Unix time).
+    "CREATE TABLE IF NOT EXISTS log_settings (name TEXT PRIMARY KEY, value {float} NOT NULL)",
     *logstats.SCHEMA,
 )
 # Columns added since the first release: a log created by an older version gets them at start.
-ADDED_COLUMNS = {"records": (("host", "TEXT"), ("client", "TEXT"))}
+ADDED_COLUMNS = {
+    "records": (("host", "TEXT"), ("client", "TEXT")),
+    "log_hosts": (("rejected", "BIGINT NOT NULL DEFAULT 0"),),
+}
 WRITERS_KEEP_S = 30 * 24 * 3600
 
 _INSERT = (
@@ -72,8 +88,9 @@ _RAISE = (
     " ON CONFLICT (name) DO UPDATE SET value = GREATEST(counters.value, excluded.value)"
 )
 _HOST = (
-    "INSERT INTO log_hosts (host, dropped, last_write) VALUES (?, ?, ?) ON CONFLICT (host) DO UPDATE"
-    " SET dropped = log_hosts.dropped + excluded.dropped,"
+    "INSERT INTO log_hosts (host, dropped, rejected, last_write) VALUES (?, ?, ?, ?) ON CONFLICT (host)"
+    " DO UPDATE SET dropped = log_hosts.dropped + excluded.dropped,"
+    " rejected = log_hosts.rejected + excluded.rejected,"
     " last_write = GREATEST(log_hosts.last_write, excluded.last_write)"
 )
 # Keep the `retention` newest records of a level: delete from the (retention+1)-th newest down.
@@ -146,7 +163,9 @@ def tally(entries: Iterable[dict[str, Any]]) -> dict[str, float]:
     for e in entries:
         seconds = (e.get("durationMs") or 0.0) / 1000.0
         # The maxima are what upstream reported: an estimate (a cut stream's) is not a count.
-        usage = (e.get("usage") or {}) if e.get("usageSource") != "estimated" else {}
+        usage = e.get("usage") if isinstance(e.get("usage"), dict) else {}
+        if e.get("usageSource") == "estimated":
+            usage = {}
         out["request_count"] += 1
         out["total_request_time"] += seconds
         out["max_request_time"] = max(out["max_request_time"], seconds)
@@ -154,46 +173,92 @@ def tally(entries: Iterable[dict[str, Any]]) -> dict[str, float]:
         out["error_count"] += logstats.is_error(e)
         out["overload_count"] += bool(e.get("overloaded"))
         out["cancelled_count"] += bool(e.get("cancelled"))
-        out["retry_count"] += e.get("retries") or 0
+        out["retry_count"] += logstats.count(e.get("retries"))
         for kind in ("prompt", "cached", "completion"):
-            out[f"max_{kind}_tokens"] = max(out[f"max_{kind}_tokens"], usage.get(f"{kind}_tokens") or 0)
+            tokens = logstats.count(usage.get(f"{kind}_tokens"))
+            out[f"max_{kind}_tokens"] = max(out[f"max_{kind}_tokens"], float(tokens))
     return out
 
 
-def write_batch(db: Database, batch: Batch, retention: int) -> bool:
+def text_column(value: Any) -> str | None:
+    """A value for a TEXT column that every backend takes (PostgreSQL refuses NUL in text)."""
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else str(value)
+    return text.replace("\x00", "\ufffd")
+
+
+def int_column(value: Any) -> int | None:
+    """A value for an INTEGER column: a 64-bit whole number, else NULL."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
+    return value if ok else None
+
+
+def clean_entry(value: Any) -> Any:
+    """`value` with what a database may refuse taken out: numbers beyond +-2**53 and non-finite ones
+    become null, NUL in text becomes U+FFFD, anything that is not JSON becomes its text."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value if -logstats.MAX_COUNT < value < logstats.MAX_COUNT else None
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {clean_entry(str(k)): clean_entry(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [clean_entry(v) for v in value]
+    return clean_entry(str(value))
+
+
+@dataclass
+class Written:
+    """What `write_batch` did."""
+
+    fresh: bool  # False: the batch had been written before (by a try whose COMMIT answer was lost)
+    rejected: int = 0  # records the database refused as they were: written cleaned, or skipped
+    skipped: int = 0  # of those, records not written at all
+    reason: str | None = None  # the first refusal, for the log
+
+
+# One record, ready to insert: (kind, the entry as stored, its level, its row).
+Prepared = tuple[str, dict[str, Any], str, tuple[Any, ...]]
+
+
+def prepare(batch: Batch, kind: str, entry: dict[str, Any], ts: float) -> Prepared:
+    if kind != "completion":  # completion records were built and redacted by completion_log
+        entry = redact({**entry, "pid": batch.pid, "host": batch.host})
+    level = level_of(kind, entry)
+    row = (ts, level, kind, text_column(entry.get("requestId")), text_column(entry.get("incomingRequestId")),
+           text_column(entry.get("upstreamRequestId")), text_column(entry.get("endpoint")),
+           int_column(entry.get("status")), int_column(entry.get("pid", batch.pid)), text_column(batch.host),
+           text_column(entry.get("client")), dumps_text(entry))  # fmt: skip
+    return kind, entry, level, row
+
+
+def write_batch(db: Database, batch: Batch, retention: int) -> Written:
     """Insert the records, add to the counters and aggregates, trim to `retention`: one transaction.
 
-    False when this batch had been written already (by a try whose COMMIT answer was lost): nothing
-    is written twice.
+    Not fresh when this batch had been written already (by a try whose COMMIT answer was lost):
+    nothing is written twice. A value the database refuses costs that record, never the batch.
     """
-    rows, completions, levels = [], [], set()
-    for kind, entry, ts in batch.items:
-        level = level_of(kind, entry)
-        levels.add(level)
-        if kind == "completion":
-            completions.append((entry, ts))  # built and redacted by completion_log
-        else:
-            entry = redact({**entry, "pid": batch.pid, "host": batch.host})
-        rows.append((ts, level, kind, entry.get("requestId"), entry.get("incomingRequestId"),
-                     entry.get("upstreamRequestId"), entry.get("endpoint"), entry.get("status"),
-                     entry.get("pid", batch.pid), batch.host, entry.get("client"), dumps_text(entry)))  # fmt: skip
-    totals = tally(e for e, _ in completions) if completions else {}
-    if batch.peak:
-        totals["max_parallel"] = batch.peak
+    try:
+        prepared = [prepare(batch, kind, entry, ts) for kind, entry, ts in batch.items]
+        return Written(_write_together(db, batch, prepared, retention))
+    except Exception as exc:
+        if db.lost or not db.refuses_value(exc):
+            raise  # the database, not a value: the batch is kept and sent again, unchanged
+    return _write_one_by_one(db, batch, retention)
+
+
+def _write_together(db: Database, batch: Batch, prepared: list[Prepared], retention: int) -> bool:
     try:
         with db.pipeline():  # everything up to the claim's answer in one round trip (PostgreSQL)
             db.begin_write()
             claim = db.execute(_CLAIM, (batch.writer, batch.host, batch.seq, batch.at))
-            db.insert_rows(_INSERT, rows)
-            db.executemany(_ADD, [(k, v) for k, v in sorted(totals.items()) if k in SUMS])
-            db.executemany(_RAISE, [(k, v) for k, v in sorted(totals.items()) if k in MAXIMA])
-            logstats.add(db, completions)
-            db.execute(_HOST, (batch.host, batch.dropped, batch.at))
-            for level in sorted(levels):
-                db.execute(_TRIM, (level, level, retention))
-            if batch.prune:
-                logstats.prune(db, batch.at)
-                db.execute("DELETE FROM log_writers WHERE updated < ?", (batch.at - WRITERS_KEEP_S,))
+            _insert(db, prepared)
+            _finish(db, batch, {level for _, _, level, _ in prepared}, 0, retention)
             fresh = claim.fetchone() is not None
         if not fresh:  # written before: undo this copy
             db.rollback()
@@ -203,6 +268,114 @@ def write_batch(db: Database, batch: Batch, retention: int) -> bool:
         db.rollback()
         raise
     return True
+
+
+def _write_one_by_one(db: Database, batch: Batch, retention: int) -> Written:
+    """The batch again, each record in a savepoint, so a refused value costs only its record."""
+    rejected, skipped, reason, levels = 0, 0, None, set()
+    try:
+        db.begin_write()
+        if db.execute(_CLAIM, (batch.writer, batch.host, batch.seq, batch.at)).fetchone() is None:
+            db.rollback()
+            return Written(False)
+        for kind, entry, ts in batch.items:
+            level, refusal = _write_record(db, batch, kind, entry, ts)
+            if level is None:
+                skipped += 1
+            else:
+                levels.add(level)
+            if refusal is not None:
+                rejected += 1
+                reason = reason or refusal
+        _finish(db, batch, levels, rejected, retention)
+        db.commit()
+    except BaseException:
+        db.rollback()
+        raise
+    return Written(True, rejected, skipped, reason)
+
+
+def _write_record(
+    db: Database, batch: Batch, kind: str, entry: dict[str, Any], ts: float
+) -> tuple[str | None, str | None]:
+    """(the level it was written at, or None if skipped; why the database refused it as it was, or None)."""
+    refusal: str | None = None
+    for step in ("as it is", "cleaned", "without aggregates"):
+        db.execute("SAVEPOINT log_record")
+        try:
+            candidate = entry if refusal is None else {**clean_entry(entry), "logRejected": refusal}
+            prepared = prepare(batch, kind, candidate, ts)
+            _insert(db, [prepared], aggregates=step != "without aggregates")
+        except Exception as exc:
+            if db.lost or not db.refuses_value(exc):
+                raise
+            db.execute("ROLLBACK TO SAVEPOINT log_record")
+            db.execute("RELEASE SAVEPOINT log_record")
+            refusal = refusal or f"{type(exc).__name__}: {exc}"[:300]
+            continue
+        db.execute("RELEASE SAVEPOINT log_record")
+        return prepared[2], refusal
+    return None, refusal
+
+
+def _insert(db: Database, prepared: list[Prepared], *, aggregates: bool = True) -> None:
+    """Records, their counters and (unless told not to) their spend and minute aggregates."""
+    db.insert_rows(_INSERT, [row for _, _, _, row in prepared])
+    completions = [(entry, row[0]) for kind, entry, _, row in prepared if kind == "completion"]
+    if not completions:
+        return
+    totals = tally(e for e, _ in completions)
+    db.executemany(_ADD, [(k, v) for k, v in sorted(totals.items()) if k in SUMS])
+    db.executemany(_RAISE, [(k, v) for k, v in sorted(totals.items()) if k in MAXIMA])
+    if aggregates:
+        logstats.add(db, completions)
+
+
+def _finish(db: Database, batch: Batch, levels: set[str], rejected: int, retention: int) -> None:
+    """What a batch writes besides its records: the peak, the host's row, the trim, the pruning."""
+    if batch.peak:
+        db.execute(_RAISE, ("max_parallel", float(batch.peak)))
+    db.execute(_HOST, (batch.host, batch.dropped, rejected, batch.at))
+    for level in sorted(levels):
+        db.execute(_TRIM, (level, level, retention))
+    if batch.prune:
+        logstats.prune(db, batch.at)
+        db.execute("DELETE FROM log_writers WHERE updated < ?", (batch.at - WRITERS_KEEP_S,))
+
+
+_SIGNOUT = "signout_epoch"
+
+
+def read_signout_epoch(db: Database) -> float:
+    """When the operator pages were last signed out of (Unix time; 0 if never), on any host."""
+    try:
+        row = db.execute("SELECT value FROM log_settings WHERE name = ?", (_SIGNOUT,)).fetchone()
+    except Exception as exc:
+        if not db.missing_table(exc):
+            raise
+        return 0.0  # a log made before sign-outs were recorded: none was
+    return float(row[0]) if row else 0.0
+
+
+def raise_signout_epoch(db: Database, at: float) -> None:
+    """Record a sign-out at `at`: every sign-in cookie issued until then stops working.
+
+    Cookies carry whole seconds and one issued within the second of a sign-out is dated a second
+    after it (`openai_proxy.inbound.auth.session_cookie_value`), so each sign-out also moves the epoch
+    at least a second past the last one: it ends those cookies too.
+    """
+    upsert = (
+        "INSERT INTO log_settings (name, value) VALUES (?, ?)"
+        " ON CONFLICT (name) DO UPDATE SET value = GREATEST(log_settings.value + 1, excluded.value)"
+    )
+    at = float(int(at))
+    try:
+        db.execute(upsert, (_SIGNOUT, at))
+    except Exception as exc:
+        if not db.missing_table(exc):
+            raise
+        create_schema(db)
+        db.execute(upsert, (_SIGNOUT, at))
 
 
 @dataclass(frozen=True)
@@ -246,6 +419,9 @@ class LogPage:
     hosts: list[str] = field(default_factory=list)  # every host that has written to the log
     clients: list[str] = field(default_factory=list)
     dropped: dict[str, int] = field(default_factory=dict)  # per host, as saved in the database
+    rejected: dict[str, int] = field(
+        default_factory=dict
+    )  # per host: records the database refused as they were
 
 
 def empty_counters() -> dict[str, float]:
@@ -277,7 +453,7 @@ def read_page(db: Database, level: str, where: LogFilter, page: int, per_page: i
         ).fetchall()
         seen = {column: _distinct(db, column, level) for column in ("endpoint", "client")}
         # Every host that has written to this log, on both pages (a small table; no scan of records).
-        hosts = db.execute("SELECT host, dropped FROM log_hosts ORDER BY host").fetchall()
+        hosts = db.execute("SELECT host, dropped, rejected FROM log_hosts ORDER BY host").fetchall()
         counters = read_counters(db)
     except BaseException:
         db.rollback()
@@ -288,5 +464,6 @@ def read_page(db: Database, level: str, where: LogFilter, page: int, per_page: i
         record = {**loads(data), "id": i, "ts": ts, "kind": kind}
         record.setdefault("host", host)  # records from before hosts were recorded have none
         records.append(record)
-    return LogPage(records, int(total), counters, seen["endpoint"], [host for host, _ in hosts], seen["client"],
-                   {host: int(n) for host, n in hosts if n})  # fmt: skip
+    return LogPage(records, int(total), counters, seen["endpoint"], [host for host, _, _ in hosts],
+                   seen["client"], {host: int(n) for host, n, _ in hosts if n},
+                   {host: int(n) for host, _, n in hosts if n})  # fmt: skip

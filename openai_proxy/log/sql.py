@@ -37,6 +37,8 @@ from openai_proxy.log import url as logurl
 WRITE_LOCK_KEY = 0x6F70656E61697078  # "openaipx"
 SCHEMA_LOCK_KEY = WRITE_LOCK_KEY + 1
 PG_CONNECT_TIMEOUT_S = 3
+# What a batch writes to: a session holding one of them locked holds every writer.
+LOGGED_TABLES = ("records", "counters", "log_writers", "log_hosts", "spend_daily", "minute_stats")
 INSERT_ROWS_PER_STATEMENT = 500  # x 12 columns: well below PostgreSQL's 65535 parameters
 # Bounds for one statement and one lock wait: a database that hangs must not hold the writer (and the
 # pages, which share its thread) forever. A failed write is retried; nothing is lost.
@@ -45,6 +47,12 @@ PG_LOCK_TIMEOUT_MS = 10_000
 # A host that dies inside a write transaction would hold the write lock until the server notices the
 # dead connection (hours, with default keepalives); the server ends such a session after this instead.
 PG_IDLE_IN_TRANSACTION_MS = 30_000
+# A connection for quick questions (/health's probe, the sign-out epoch), which its callers wait for
+# with their own hard deadline: short bounds so that its thread is soon free again. (libpq waits at
+# least 2 s for a connection, whatever is asked.)
+PG_QUICK_CONNECT_TIMEOUT_S = 2
+PG_QUICK_STATEMENT_TIMEOUT_MS = 2_000
+PG_QUICK_LOCK_TIMEOUT_MS = 200
 
 
 class Database:
@@ -109,6 +117,16 @@ class Database:
         """Raise when this connection could not write right now."""
         raise NotImplementedError
 
+    def refuses_value(self, exc: BaseException) -> bool:
+        """Whether `exc` says a value was refused (too large, NUL, a constraint, not encodable), as
+        opposed to the database being unreachable, locked, full or read-only: the first costs one
+        record (`openai_proxy.log.db`), the second keeps the whole batch for a later try."""
+        return isinstance(exc, ValueError | TypeError | OverflowError)
+
+    def missing_table(self, exc: BaseException) -> bool:
+        """Whether `exc` says a table does not exist (yet: the log writer creates them)."""
+        return False
+
     @property
     def lost(self) -> bool:
         """Whether the server went away (a new connection may work where this one cannot)."""
@@ -165,6 +183,15 @@ class SQLiteDatabase(Database):
     def columns(self, table: str) -> set[str]:
         return {row[1] for row in self.conn.execute(f"PRAGMA table_info({table})")}
 
+    def refuses_value(self, exc: BaseException) -> bool:
+        # OverflowError: an int beyond 64 bits. "database is locked", "disk I/O error" and a full disk
+        # are OperationalError: not about a value.
+        values = (sqlite3.DataError, sqlite3.IntegrityError, sqlite3.InterfaceError)
+        return super().refuses_value(exc) or isinstance(exc, values)
+
+    def missing_table(self, exc: BaseException) -> bool:
+        return isinstance(exc, sqlite3.OperationalError) and str(exc).startswith("no such table")
+
     def probe_writable(self) -> None:
         self.conn.execute(f"PRAGMA busy_timeout = {self.PROBE_BUSY_TIMEOUT_MS}")
         try:
@@ -185,7 +212,7 @@ class PostgresDatabase(Database):
     float_type = "DOUBLE PRECISION"
     identity = "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, quick: bool = False) -> None:
         super().__init__()
         import psycopg
         from psycopg.conninfo import conninfo_to_dict
@@ -193,15 +220,25 @@ class PostgresDatabase(Database):
         given = conninfo_to_dict(url)
         # Our defaults where the URL says nothing: a bounded connect, dead peers noticed, a name
         # operators see in pg_stat_activity.
-        defaults = {"connect_timeout": PG_CONNECT_TIMEOUT_S, "application_name": "openai-proxy",
+        connect_timeout = PG_QUICK_CONNECT_TIMEOUT_S if quick else PG_CONNECT_TIMEOUT_S
+        defaults = {"connect_timeout": connect_timeout, "application_name": "openai-proxy",
                     "keepalives": 1, "keepalives_idle": 30, "tcp_user_timeout": 30_000}  # fmt: skip
         params = {k: v for k, v in defaults.items() if k not in given}
+        if quick:
+            params["connect_timeout"] = min(
+                int(given.get("connect_timeout") or connect_timeout), connect_timeout
+            )
         self.conn = psycopg.connect(url, autocommit=True, **params)
+        statement, lock = (
+            (PG_QUICK_STATEMENT_TIMEOUT_MS, PG_QUICK_LOCK_TIMEOUT_MS)
+            if quick
+            else (PG_STATEMENT_TIMEOUT_MS, PG_LOCK_TIMEOUT_MS)
+        )
         try:
             self.conn.execute(
                 "SELECT set_config('statement_timeout', %s, false), set_config('lock_timeout', %s, false),"
                 " set_config('idle_in_transaction_session_timeout', %s, false)",
-                (str(PG_STATEMENT_TIMEOUT_MS), str(PG_LOCK_TIMEOUT_MS), str(PG_IDLE_IN_TRANSACTION_MS)),
+                (str(statement), str(lock), str(PG_IDLE_IN_TRANSACTION_MS)),
             )
         except BaseException:
             self.conn.close()
@@ -259,6 +296,31 @@ class PostgresDatabase(Database):
         ).fetchone()
         if recovery or read_only == "on":
             raise RuntimeError("the database is read-only (a standby, or default_transaction_read_only)")
+        # A session holding the log's tables locked holds every writer: take the lock an INSERT
+        # takes, waiting no longer than this connection's lock_timeout, and give it back.
+        self.execute("BEGIN")
+        try:
+            self.execute(f"LOCK TABLE {', '.join(LOGGED_TABLES)} IN ROW EXCLUSIVE MODE")
+        except Exception as exc:
+            if not self.missing_table(exc):  # none yet: the writer creates them; nobody holds them
+                raise
+        finally:
+            self.rollback()
+
+    def refuses_value(self, exc: BaseException) -> bool:
+        import psycopg
+        from psycopg.errors import ProgramLimitExceeded
+
+        # DataError: class 22 (numeric out of range, NUL in text, bad encoding); IntegrityError: 23;
+        # ProgramLimitExceeded (54000): e.g. a key too long for its index. Lock and statement
+        # timeouts, a read-only server, missing rights are not about a value.
+        values = (psycopg.DataError, psycopg.IntegrityError, ProgramLimitExceeded)
+        return super().refuses_value(exc) or isinstance(exc, values)
+
+    def missing_table(self, exc: BaseException) -> bool:
+        from psycopg.errors import UndefinedTable
+
+        return isinstance(exc, UndefinedTable)
 
     @property
     def lost(self) -> bool:
@@ -269,8 +331,9 @@ class PostgresDatabase(Database):
             self.conn.close()
 
 
-def open_database(target: str, busy_timeout_ms: int) -> Database:
-    """A connection to `target`: a `postgresql://` URL or a SQLite file path."""
+def open_database(target: str, busy_timeout_ms: int, *, quick: bool = False) -> Database:
+    """A connection to `target`: a `postgresql://` URL or a SQLite file path. `quick`: for short
+    questions, with short connect, statement and lock timeouts (SQLite: `busy_timeout_ms` says it)."""
     if logurl.is_postgres_url(target):
-        return PostgresDatabase(target)
+        return PostgresDatabase(target, quick=quick)
     return SQLiteDatabase(target, busy_timeout_ms)

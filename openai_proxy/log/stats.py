@@ -91,8 +91,23 @@ def is_error(entry: dict[str, Any]) -> bool:
     return (entry.get("status") or 0) >= 400 and not entry.get("cancelled")
 
 
-def _count(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+# A token count the log sums or compares is below this (float-exact, and far below BIGINT's 2**63 even
+# summed over years); anything else upstream reports is nonsense, counted as unknown (0).
+MAX_COUNT = 2**53
+# Spend rows are keyed by client and model: long enough for any real name, short enough for any index.
+MAX_KEY_CHARS = 200
+
+
+def count(value: Any) -> int:
+    """A token count as the aggregates use it: a whole number from 0 to MAX_COUNT, else 0 (unknown)."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_COUNT
+    return value if ok else 0
+
+
+def key_text(value: Any) -> str:
+    """A spend key (client, model) any database takes: text, no NUL, at most MAX_KEY_CHARS."""
+    text = value if isinstance(value, str) else str(value)
+    return text.replace("\x00", "\ufffd")[:MAX_KEY_CHARS]
 
 
 def aggregate(completions: Iterable[tuple[dict[str, Any], float]]) -> tuple[list[tuple], list[tuple]]:
@@ -102,16 +117,16 @@ def aggregate(completions: Iterable[tuple[dict[str, Any], float]]) -> tuple[list
     minutes: dict[int, list[int]] = {}
     for entry, ts in completions:
         model = entry.get("upstreamModel") or entry.get("model") or ""
-        key = (day_of(ts), entry.get("client") or "", str(model))
+        key = (day_of(ts), key_text(entry.get("client") or ""), key_text(model))
         row = spend.setdefault(key, [0, 0, 0, 0, 0.0, 0])
         usage = entry.get("usage") if isinstance(entry.get("usage"), dict) else None
         cost = entry.get("costUsd")
         priced = isinstance(cost, int | float) and not isinstance(cost, bool) and math.isfinite(cost)
         row[0] += 1
         if usage:
-            row[1] += _count(usage.get("prompt_tokens"))
-            row[2] += _count(usage.get("cached_tokens"))
-            row[3] += _count(usage.get("completion_tokens"))
+            row[1] += count(usage.get("prompt_tokens"))
+            row[2] += count(usage.get("cached_tokens"))
+            row[3] += count(usage.get("completion_tokens"))
         if priced:
             row[4] += float(cost)
         elif usage:

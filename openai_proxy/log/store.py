@@ -11,6 +11,12 @@ in the gevent hub, so it cannot stall the worker's requests.
 A failed write keeps its batch and tries again later (with backoff, reconnecting): the same batch,
 unchanged, because a failure may have come after the COMMIT took effect (`openai_proxy.log.db` recognises a
 batch it has already written). Records queued meanwhile wait behind it, up to `max_queue` in all.
+A value the database refuses is not such a failure: that record is written without it, or skipped,
+and counted (`rejected`, `on_reject`); the rest of its batch is written (`openai_proxy.log.db`).
+
+Quick questions that must not wait behind the writer (`/health`'s probe, the pages' sign-out epoch)
+go to a second thread with its own short-timeout connection, and are waited for with a hard
+deadline (`SideLine`): a locked, hung or unreachable database costs them that deadline at most.
 """
 
 from __future__ import annotations
@@ -44,6 +50,15 @@ MAX_BACKOFF_S = 5.0
 MAX_QUEUE = 10_000
 BUSY_TIMEOUT_MS = 2_000
 PRUNE_INTERVAL_S = 60.0
+# /health: how long it waits for its probe of the database.
+PROBE_DEADLINE_S = 0.5
+# The pages: how long a request with a sign-in cookie waits to learn the last sign-out (a small read),
+# and a sign-out to record it. /health asks with a shorter deadline, to answer within its second.
+SIGNOUT_READ_DEADLINE_S = 1.0
+SIGNOUT_WRITE_DEADLINE_S = 2.0
+# A record older than this still waiting for the database means this host's records are not being
+# written (batches go every quarter second; a healthy write takes milliseconds).
+STALE_RECORD_S = 5.0
 
 T = TypeVar("T")
 
@@ -62,15 +77,19 @@ class LogStore:
         self.host = host or socket.gethostname()
         self.busy_timeout_ms = BUSY_TIMEOUT_MS
         self.dropped = 0
+        self.rejected = 0  # records the database refused as they were (written cleaned, or skipped)
         self.write_failures = 0
         self.written = 0
         self.already_written = 0  # batches a retry found written (their first COMMIT's answer was lost)
         self.last_error: str | None = None
         self.last_write_at: float | None = None
+        self.consecutive_failures = 0  # writes failed since the last one that worked
+        self._writing_since: float | None = None  # a write in progress: since when
         self.on_drop: Callable[[], None] | None = None  # metrics
         # Tables of others that live in the log's database (`openai_proxy.objects`), made with its schema.
         self.extra_schema: list[str] = []
         self.before_close: list[Callable[[], None]] = []  # their last writes, while the connection lives
+        self.on_reject: Callable[[int], None] | None = None  # metrics: how many records of a batch
         self._queue: deque[Queued] = deque()
         self._unsure: Batch | None = None  # the batch being written, or waiting to be written again
         self._dropped_saved = 0
@@ -86,6 +105,7 @@ class LogStore:
         self._writer: gevent.Greenlet | None = None
         self._pool: ThreadPool | None = None
         self._db: Database | None = None
+        self.side = SideLine(target)
 
     # -- the request path: sinks only queue ---------------------------------------------------------
     def append(self, entry: dict[str, Any]) -> None:
@@ -155,21 +175,35 @@ class LogStore:
             if batch is None:
                 return True
             self._unsure = batch
+            self._writing_since = time.time()
             try:
-                fresh = self._call(self._write, batch)
+                written = self._call(self._write, batch)
             except Exception as exc:
                 self.write_failures += 1
+                self.consecutive_failures += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("log store %s: write failed (%s); %d records kept for the next try",
                             self.path, self.last_error, self.queued)  # fmt: skip
                 return False
+            finally:
+                self._writing_since = None
             self._unsure = None
+        self.consecutive_failures = 0
+        if written.rejected:
+            self._count_rejected(written)
         self._dropped_saved += batch.dropped
-        self.written += len(batch.items)
-        self.already_written += not fresh
+        self.written += len(batch.items) - written.skipped
+        self.already_written += not written.fresh
         self.last_error = None
         self.last_write_at = time.time()
         return True
+
+    def _count_rejected(self, written: logdb.Written) -> None:
+        self.rejected += written.rejected
+        log.warning("log store %s: %d record(s) refused by the database as they were (%s); written without "
+                    "the refused values, or skipped", self.path, written.rejected, written.reason)  # fmt: skip
+        if self.on_reject is not None:
+            self.on_reject(written.rejected)
 
     def _next_batch(self) -> Batch | None:
         peak, self._peak_dirty = (self._peak if self._peak_dirty else 0), False
@@ -200,6 +234,7 @@ class LogStore:
             self._call(self._close_db)
             self._pool.kill()
             self._pool = None
+        self.side.close()
 
     # -- reads (pages, /health, the operator's spend page) ------------------------------------------
     def page(self, level: str, where: LogFilter, page: int, per_page: int) -> LogPage:
@@ -220,12 +255,40 @@ class LogStore:
         """Requests, errors and latency histogram per minute (Unix time // 60), all hosts."""
         return self._call(self._with_db, lambda db: logstats.read_minutes(db, since_minute))
 
-    def check_writable(self) -> str | None:
-        """None when this worker could write to the database right now, else why not."""
+    def probe(self, deadline_s: float = PROBE_DEADLINE_S) -> str | None:
+        """None when the database would take a write right now, else why not; asked on the side line,
+        never behind the writer, and answered within `deadline_s` whatever the database does.
+        Callers that come while a probe runs wait for that one."""
         try:
-            self._call(self._with_db, lambda db: db.probe_writable())
+            self.side.ask(lambda db: db.probe_writable(), deadline_s, share="probe")
         except Exception as exc:
             return f"{type(exc).__name__}: {exc}"
+        return None
+
+    def signed_out_at(self, deadline_s: float = SIGNOUT_READ_DEADLINE_S) -> float:
+        """The last sign-out of the operator pages, on any host sharing this log (Unix time, 0 if
+        never); raises (NoAnswer, the database's error) when it cannot be known within `deadline_s`."""
+        return self.side.ask(logdb.read_signout_epoch, deadline_s, share="signout")
+
+    def sign_out(self, at: float, deadline_s: float = SIGNOUT_WRITE_DEADLINE_S) -> None:
+        """Record a sign-out at `at` for every host; raises when it could not be recorded."""
+        self.side.ask(lambda db: logdb.raise_signout_epoch(db, at), deadline_s)
+
+    def oldest_waiting_s(self) -> float | None:
+        """How long the oldest record not yet written has waited (since its request finished)."""
+        items = self._unsure.items if self._unsure is not None and self._unsure.items else self._queue
+        return max(0.0, time.time() - items[0][2]) if items else None
+
+    def not_written(self) -> str | None:
+        """Why this worker's records are not being written now, from the writer's last known state
+        (never asks the database); None while they are."""
+        if self.consecutive_failures:
+            return (f"the last {self.consecutive_failures} write(s) of this worker's log failed "
+                    f"({self.last_error}); {self.queued} record(s) waiting")  # fmt: skip
+        oldest = self.oldest_waiting_s()
+        if oldest is not None and oldest > STALE_RECORD_S:
+            doing = "a write has been waiting on the database" if self._writing_since else "not yet written"
+            return f"this worker's oldest record waited {oldest:.1f} s ({doing}); {self.queued} record(s) waiting"
         return None
 
     def stats(self) -> dict[str, Any]:
@@ -237,11 +300,17 @@ class LogStore:
             "queued": self.queued,
             "written": self.written,
             "dropped": self.dropped,
+            "rejected": self.rejected,
             "unsavedDropped": self.unsaved_dropped,
             "writeFailures": self.write_failures,
             "alreadyWritten": self.already_written,
             "lastError": self.last_error,
             "lastWriteAt": self.last_write_at,
+            "consecutiveFailures": self.consecutive_failures,
+            "writingForS": None
+            if self._writing_since is None
+            else round(time.time() - self._writing_since, 3),
+            "oldestWaitingS": None if (oldest := self.oldest_waiting_s()) is None else round(oldest, 3),
         }
 
     def run(self, fn: Callable[[Database], T]) -> T:
@@ -282,13 +351,79 @@ class LogStore:
                 raise
         return fn(self._connect())
 
-    def _write(self, batch: Batch) -> bool:
+    def _write(self, batch: Batch) -> logdb.Written:
         return self._with_db(lambda db: logdb.write_batch(db, batch, self.retention))
 
     def _close_db(self) -> None:
         db, self._db = self._db, None
         if db is not None:
             db.close()
+
+
+class NoAnswer(Exception):
+    """The database did not answer within the deadline (the question may still be running)."""
+
+
+class SideLine:
+    """A second thread and connection for short questions that must not queue behind the writer.
+
+    Each question is waited for with a hard deadline: the thread may stay blocked (a hung server, a
+    lock), the caller never does. Questions queue behind each other here, so one that hangs makes
+    the next ones miss their deadline too, which is the truth about the database. A question asked
+    again while the same one is still running (`share`) waits for that one instead of queueing.
+    """
+
+    BUSY_TIMEOUT_MS = 200
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self._pool: ThreadPool | None = None
+        self._db: Database | None = None
+        self._running: dict[str, tuple[float, Any]] = {}  # share key -> (started, its result)
+        self._last: Any = None  # the result of the question asked last
+
+    def ask(self, fn: Callable[[Database], T], deadline_s: float, *, share: str | None = None) -> T:
+        """`fn(db)` on the side connection; NoAnswer after `deadline_s`; its error if it failed."""
+        if self._pool is None:
+            self._pool = ThreadPool(1)
+        now = time.monotonic()
+        running = self._running.get(share) if share else None
+        if running is None or running[1].ready():
+            running = (now, self._pool.spawn(_outcome, self._run, fn))
+            self._last = running[1]
+            if share:
+                self._running[share] = running
+        try:
+            ok, value = running[1].get(timeout=deadline_s)
+        except gevent.Timeout:
+            waited = time.monotonic() - running[0]
+            raise NoAnswer(
+                f"the database did not answer within {deadline_s:g} s (asked {waited:.1f} s ago)"
+            ) from None
+        if not ok:
+            raise value
+        return value
+
+    def _run(self, fn: Callable[[Database], T]) -> T:
+        if self._db is None:
+            # No schema work here (several round trips, and a lock on PostgreSQL): the questions
+            # cope with tables the writer has not created yet.
+            self._db = open_database(self.target, self.BUSY_TIMEOUT_MS, quick=True)
+        try:
+            return fn(self._db)
+        except BaseException:
+            db, self._db = self._db, None  # reopened by the next question
+            db.rollback()
+            db.close()
+            raise
+
+    def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        if (self._last is None or self._last.ready()) and self._db is not None:
+            pool.apply(self._db.close)
+        pool.kill()
 
 
 def _outcome(fn: Callable[..., Any], *args: Any) -> tuple[bool, Any]:

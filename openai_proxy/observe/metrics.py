@@ -20,6 +20,7 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # LLM calls take from tens of milliseconds to the 15-minute stream cap.
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 900)
 MAX_MODELS = 100
+MAX_TOKENS = 2**53
 
 
 def multiprocess_dir(runtime_dir: str) -> str:
@@ -137,6 +138,12 @@ class Metrics:
         self.log_dropped = Counter(
             "openai_proxy_log_dropped", "Request log records dropped from a full queue", registry=reg
         )
+        self.log_rejected = Counter(
+            "openai_proxy_log_rejected_records",
+            "Request log records the database refused as they were (a value too large, a NUL...): "
+            "written without the refused values, or skipped",
+            registry=reg,
+        )
         self.key_calls = Counter("openai_proxy_upstream_key_calls", "Upstream attempts per pool key and outcome",
                                  ["key", "outcome"], registry=reg)  # fmt: skip
 
@@ -179,8 +186,11 @@ class Metrics:
         if usage and model:
             model = self._model_label(model[:200])
             for kind in ("prompt", "completion", "cached"):
-                if usage.get(f"{kind}_tokens"):
-                    self._child(self.tokens, model, kind, client).inc(usage[f"{kind}_tokens"])
+                tokens = usage.get(f"{kind}_tokens")
+                # A count past 2**53 (upstream nonsense) would leave the series a float that no
+                # later count can move: left out, like the log's aggregates leave it out.
+                if isinstance(tokens, int) and 0 < tokens < MAX_TOKENS:
+                    self._child(self.tokens, model, kind, client).inc(tokens)
         if usage:
             self._count_cost(entry, client)
 
@@ -196,6 +206,10 @@ class Metrics:
     def log_record_dropped(self) -> None:
         """The log store's queue was full (its database slow or unreachable): one record lost."""
         self.log_dropped.inc()
+
+    def log_records_rejected(self, n: int) -> None:
+        """The log's database refused `n` records of a batch as they were (the rest was written)."""
+        self.log_rejected.inc(n)
 
     def _child(self, metric: Any, *labels: str) -> Any:
         # `labels()` locks and builds its key on every call; this runs once per request, so reuse.

@@ -1,7 +1,10 @@
 """What `/health`, `/health2` and `/debug/runtime` report.
 
-`/health` is cheap (no upstream call, no tokens): liveness and readiness. `/health2` makes one real,
-minimal upstream call through the same client, gate and error classification as the API routes.
+`/health` is cheap (no upstream call, no tokens): liveness and readiness, answered within a second
+whatever the log database does (it reads the log writer's last known state, and its probe of the
+database has a hard deadline on a connection of its own), with `"status": "degraded"` and the
+`reasons` while something is wrong. `/health2` makes one real, minimal upstream call through the
+same client, gate and error classification as the API routes.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from flask import Flask
 from openai_proxy import jsonio, pipeline
 from openai_proxy.errors import ProxyError
 from openai_proxy.record import RequestRecord, TimeoutDecision
+from openai_proxy.runtime import reload_status
 from openai_proxy.state import API_ENDPOINTS, ProxyState
 from openai_proxy.upstream import CONNECT_TIMEOUT_S, JSON_HEADERS, RETRIES_IDEMPOTENT, UpstreamCall
 from openai_proxy.version import __version__
@@ -60,26 +64,32 @@ def _uptime(st: ProxyState) -> dict[str, Any]:
 
 
 def liveness(st: ProxyState) -> dict[str, Any]:
-    """Ready means API routes can serve (SECURITY_KEY or a named client is configured); a log store
-    problem (records, or owners of stored objects not yet written), the fleet-wide gate's Redis not
-    answering (the host's gate stands in) or every upstream key revoked only degrades; a server told to stop is draining and not ready (in-flight work
-    finishes, `/ready` says 503)."""
+    """Ready means API routes can serve (SECURITY_KEY or a named client is configured); a server told
+    to stop is draining and not ready (in-flight work finishes, `/ready` says 503). Anything in
+    `reasons` (see `degraded_reasons`) only degrades: the API keeps serving."""
     config = st.config
-    store_error = st.log_store.check_writable()
     draining = st.draining()
     ready = len(st.clients) > 0 and not draining
     # Counted first: asking Redis is also what finds out whether it answers.
     gate = {"inUse": st.gate.in_use(), "limit": st.gate.limit, "heldByThisWorker": st.gate.held_here()}
     gate.update(st.gate.status())
+    limits = st.limits.status()
     keys = upstream_keys(st)
     objects = st.objects.stats()
-    healthy = (
-        store_error is None and not gate.get("fallback") and not keys["allRevoked"] and not objects["failing"]
-    )
+    store_error = st.log_store.probe()
+    not_written = st.log_store.not_written()
+    reload = reload_status(st.runtime_dir)
+    reasons = degraded_reasons(len(st.clients) > 0, gate, limits, keys, store_error, not_written, reload)
+    if objects["pending"]:
+        reasons.append(
+            f"stored objects: {objects['pending']} owners wait to be written to the log database "
+            "(this worker answers for them meanwhile)"
+        )
     return {
-        "status": "draining" if draining else "ok" if ready and healthy else "degraded",
+        "status": "draining" if draining else "degraded" if reasons else "ok",
         "ready": ready,
         "draining": draining,
+        "reasons": reasons,
         **_uptime(st),
         "config": {
             "loaded": True,
@@ -88,12 +98,54 @@ def liveness(st: ProxyState) -> dict[str, Any]:
             "warnings": list(config.warnings),
         },
         "clients": {"count": len(st.clients), "file": config.clients_file},
-        "limits": st.limits.status(),
+        "reload": reload,
+        "limits": limits,
         "gate": gate,
-        "logStore": {"writable": store_error is None, "error": store_error, **st.log_store.stats()},
+        "logStore": {
+            "writable": store_error is None,
+            "error": store_error,
+            "recordsWritten": not_written is None,
+            "notWritten": not_written,
+            **st.log_store.stats(),
+        },
         "upstreamKeys": keys,
         "storedObjects": objects,
     }
+
+
+def degraded_reasons(
+    has_clients: bool,
+    gate: dict[str, Any],
+    limits: dict[str, Any],
+    keys: dict[str, Any],
+    store_error: str | None,
+    not_written: str | None,
+    reload: dict[str, Any] | None,
+) -> list[str]:
+    """Why this host is not all it should be, one sentence each; empty when it is."""
+    reasons = []
+    if not has_clients:
+        reasons.append("clients: no client key is configured (SECURITY_KEY or a clients file)")
+    if not_written:
+        reasons.append(f"log: this host's records are not being written: {not_written}")
+    if store_error:
+        reasons.append(f"log: the database would not take a write now: {store_error}")
+    if gate.get("fallback"):
+        since = gate.get("redis", {}).get("unreachableSince")
+        reasons.append(
+            f"gate: Redis does not answer (since {since}); this host's own gate stands in for the fleet's"
+        )
+    if limits.get("usingFallback"):
+        reasons.append("limits: Redis does not answer; client limits count on this host only")
+    if keys["allRevoked"]:
+        reasons.append("upstream keys: every key of the pool is revoked (401, 403 or insufficient_quota)")
+    if reload and not reload.get("ok"):
+        at = datetime.fromtimestamp(float(reload.get("at") or 0), UTC).isoformat(timespec="seconds")
+        for refused in reload.get("problems") or ():
+            what = refused.get("file", "a")
+            reasons.append(f"reload at {at}: the {what} file was refused, the previous {what} stay in use: "
+                           f"{refused.get('problem')}")  # fmt: skip
+    return reasons
 
 
 def upstream_keys(st: ProxyState) -> dict[str, Any]:

@@ -8,6 +8,12 @@ Browsers sign in once: `?access_token=` on an HTML page, or the form of `/signin
 cookie (an HMAC keyed by ACCESS_TOKEN, never the token) and redirects (303) to the page without the
 token, so no link, form or history entry of the pages carries it. A browser without a valid cookie
 gets the sign-in form (401; 403 after a wrong token); scripts keep getting the JSON 403.
+
+The cookie is `SameSite=Lax`: a link to `/log` from a chat or a dashboard opens the page signed in
+(with `Strict` the browser would leave the cookie out of such a top-level navigation). Lax still
+keeps it out of cross-site POSTs, subrequests and frames, the pages change nothing on GET, and the
+one POST that changes state, `/signout`, also refuses another origin. Signing out records its time
+with the log store, which every host shares: cookies issued before it stop working everywhere.
 """
 
 from __future__ import annotations
@@ -31,12 +37,15 @@ from openai_proxy.inbound.auth import (
     QUERY,
     SESSION_COOKIE,
     SESSION_MAX_AGE,
+    SessionUnchecked,
+    SignedOut,
     constant_time_equal,
     presented_access_token,
     require_access_token,
     session_cookie_value,
 )
 from openai_proxy.log.db import LogFilter, LogPage, empty_counters
+from openai_proxy.log.store import SIGNOUT_READ_DEADLINE_S
 from openai_proxy.pages import spend as spend_view
 from openai_proxy.pages.health import deep_check, liveness, runtime_info
 from openai_proxy.state import state
@@ -68,6 +77,23 @@ def view() -> str:
     return (request.endpoint or "").rpartition(".")[2]
 
 
+# /health answers within a second: its cookie check gets this much, its probe of the log the rest.
+HEALTH_SIGNOUT_READ_S = 0.3
+
+
+def _authenticate() -> str:
+    """Which credential admits this request (see `require_access_token`), or Forbidden."""
+    st = state()
+    deadline = HEALTH_SIGNOUT_READ_S if view() == "health" else SIGNOUT_READ_DEADLINE_S
+    return require_access_token(
+        st.config.access_token,
+        request.headers,
+        request.args,
+        request.cookies,
+        lambda: st.log_store.signed_out_at(deadline),
+    )
+
+
 @bp.before_request
 def guard() -> Response | None:
     endpoint = view()
@@ -75,20 +101,26 @@ def guard() -> Response | None:
         return None
     expected = state().config.access_token
     if endpoint not in HTML_PAGES:
-        require_access_token(expected, request.headers, request.args, request.cookies)
+        _authenticate()
         return None
     here = page_url(request.script_root + request.path, request.args.items(multi=True))
     try:
-        source = require_access_token(expected, request.headers, request.args, request.cookies)
-    except Forbidden:
+        source = _authenticate()
+    except Forbidden as exc:
         if not expected or not wants_html():
             raise
         if presented_access_token(request.headers, request.args)[0]:
             return signin_form(here, "That access token is not valid.", 403)
+        if isinstance(exc, SessionUnchecked):  # the cookie may be good: keep it
+            return signin_form(here, "Your sign-in cannot be checked right now: the log database does not "
+                                     "answer. Try again shortly, or open the page with the access token.", 503)  # fmt: skip
         if SESSION_COOKIE in request.cookies:
-            response = signin_form(
-                here, "Your sign-in has expired or the access token changed; sign in again."
+            message = (
+                "You signed out; sign in again."
+                if isinstance(exc, SignedOut)
+                else "Your sign-in has expired or the access token changed; sign in again."
             )
+            response = signin_form(here, message)
             _clear_cookie(response)
             return response
         return signin_form(here)
@@ -101,8 +133,10 @@ def guard() -> Response | None:
 def page_headers(response: Response) -> Response:
     if view() in THROTTLED or view() == "signout":
         response.headers["Cache-Control"] = "no-store"
-        # Nothing the pages link to learns where the operator came from (the page, its filters).
-        response.headers["Referrer-Policy"] = "no-referrer"
+        # Nothing the pages link to elsewhere learns where the operator came from (the page, its
+        # filters). `same-origin`, not `no-referrer`: under `no-referrer` browsers send `Origin: null`
+        # with the pages' own form posts, and sign-out could not tell its own origin from another.
+        response.headers["Referrer-Policy"] = "same-origin"
         response.headers["X-Content-Type-Options"] = "nosniff"
         if response.mimetype == "text/html":
             response.headers["Content-Security-Policy"] = HTML_CSP
@@ -127,9 +161,46 @@ def signin():
 
 @bp.post("/signout")
 def signout():
+    """End the session on every host (when it is a signed-in browser's or a token's), and this
+    browser's cookie in any case. Only from the pages' own origin: another site cannot sign out."""
+    if not same_origin():
+        raise Forbidden("Sign-out is only accepted from the pages of this server")
+    try:
+        _authenticate()
+        signed_in = True
+    except SessionUnchecked:
+        signed_in = True  # a good cookie whose sign-out cannot be checked: recording it will say why
+    except Forbidden:
+        signed_in = False  # an expired or foreign cookie: nothing to end beyond this browser's
     response = redirect(url_for(".signin"), 303)
+    if signed_in:
+        try:
+            state().log_store.sign_out(time.time())
+        except Exception as exc:
+            logger.warning("sign-out could not be recorded in the log store: %s: %s", type(exc).__name__, exc)
+            response = signin_form(
+                url_for(".log"),
+                "Signed out in this browser only: the sign-out could not be recorded for the other "
+                f"browsers and hosts ({type(exc).__name__}). Sign out again when the log database answers.",
+                503,
+            )
     _clear_cookie(response)
     return response
+
+
+def same_origin() -> bool:
+    """Whether a state-changing request comes from this server's own pages. A browser says so in
+    `Sec-Fetch-Site` (sent to HTTPS and localhost only), else in `Origin`, which it sends with every
+    POST (`null` when it will not say: refused); a client that sends neither is not a browser, and
+    cannot be made to post by another site."""
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None:
+        return site == "same-origin"
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True
+    parts = urlsplit(origin)
+    return parts.scheme in ("http", "https") and parts.netloc.lower() == request.host.lower()
 
 
 def signin_form(target: str, error: str | None = None, status: int = 401) -> Response:
@@ -149,23 +220,25 @@ def signin_form(target: str, error: str | None = None, status: int = 401) -> Res
 
 
 def _signed_in(access_token: str, target: str) -> Response:
+    try:
+        signed_out_at = state().log_store.signed_out_at()
+    except Exception:
+        signed_out_at = 0.0  # a cookie issued now; it works once the last sign-out can be read again
     response = redirect(target, 303)
     response.set_cookie(
         SESSION_COOKIE,
-        session_cookie_value(access_token),
+        session_cookie_value(access_token, signed_out_at=signed_out_at),
         max_age=SESSION_MAX_AGE,
         path="/",
         secure=request.is_secure,
         httponly=True,
-        samesite="Strict",
+        samesite="Lax",
     )
     return response
 
 
 def _clear_cookie(response: Response) -> None:
-    response.delete_cookie(
-        SESSION_COOKIE, path="/", secure=request.is_secure, httponly=True, samesite="Strict"
-    )
+    response.delete_cookie(SESSION_COOKIE, path="/", secure=request.is_secure, httponly=True, samesite="Lax")
 
 
 def wants_html() -> bool:
@@ -237,7 +310,12 @@ def _json(body: Any, status: int = 200) -> Response:
 
 def _log_page(level: str, title: str) -> Response:
     st = state()
-    where, page, per_page = log_query(request.args)
+    try:
+        where, page, per_page = log_query(request.args)
+    except BadRequest as exc:
+        if not wants_html():
+            raise  # scripts get the JSON error
+        return _bad_query(title, exc.message)
     # This worker's queued records first, so a page is never behind the worker that serves it.
     st.log_store.flush()
     error = None
@@ -265,8 +343,11 @@ def _log_page(level: str, title: str) -> Response:
         counters=[
             *counter_lines(result.counters, st.gate.in_use(), st.gate.peak),
             ("Dropped log records", str(dropped)),
+            # Saved in the same transaction as the rest of their batch: the database's count is whole.
+            ("Rejected log records", str(sum(result.rejected.values()))),
         ],
         dropped_by_host=result.dropped,
+        rejected_by_host=result.rejected,
         records=[_shown(r) for r in result.records],
         total=result.total,
         page=page,
@@ -291,6 +372,26 @@ def _log_page(level: str, title: str) -> Response:
     return Response(html, status=200 if error is None else 503, mimetype="text/html")
 
 
+def _bad_query(title: str, message: str) -> Response:
+    """The page's form again, with what was typed and what is wrong (400), without reading the log."""
+    typed = {name: shown_value(request.args.get(name, "")) for name in FILTERS}
+    filters = {**typed, "per_page": None}
+    html = render_template(
+        "openai_proxy/log.html", title=title, invalid=True, error=message, counters=[], dropped_by_host={},
+        rejected_by_host={}, records=[], total=0, page=1, pages=1, newer=None, older=None,
+        tabs=[(name, url_for(f".{ep}"), ep == view()) for name, ep in TABS],
+        clear=url_for(f".{view()}"), signout=url_for(".signout"), endpoints=[], hosts=[],
+        clients=[], spend=None, chart=None, filters=filters, hidden={}, store=state().log_store.stats(),
+        pid=os.getpid(), version=__version__,
+    )  # fmt: skip
+    return Response(html, status=400, mimetype="text/html")
+
+
+def shown_value(text: str) -> str:
+    """A typed value as the form shows it again: control characters replaced, at most 200 characters."""
+    return _CONTROL.sub("\ufffd", text)[:MAX_FILTER_CHARS]
+
+
 def _activity(st: Any) -> tuple[list[spend_view.Period] | None, Markup | None]:
     """Spend for today, 7 and 30 days and the last hour's chart, from the log's aggregates (all hosts)."""
     now = time.time()
@@ -313,34 +414,48 @@ def _shown(record: dict[str, Any]) -> dict[str, Any]:
     return {**record, "time": when, "pretty": json.dumps(data, indent=2, ensure_ascii=False)}
 
 
-_STATUS = re.compile(r"([1-5])xx", re.I)
+# ASCII only: `str.isdigit` and `\d` also take "²" or "٣", which `int()` then refuses (a 500).
+_STATUS = re.compile(r"[1-5][0-9][0-9]|[1-5]xx", re.I | re.ASCII)
+_DIGITS = re.compile(r"[0-9]{1,7}", re.ASCII)
+# NUL (which PostgreSQL refuses in text) and the other control characters are in no endpoint, host,
+# client name or request id.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+FILTERS = ("status", "endpoint", "host", "client", "request_id")
+MAX_FILTER_CHARS = 200
+MAX_PAGE = 1_000_000
 
 
 def log_query(args: Any) -> tuple[LogFilter, int, int]:
     """Filters and pagination from the query string; nonsense gets a 400 that says what is expected."""
-    status = (args.get("status") or "").strip()
+    status = _text_filter(args, "status")
     where: dict[str, Any] = {}
-    if status.isdigit() and len(status) == 3:
-        where["status"] = int(status)
-    elif _STATUS.fullmatch(status):
-        where["status_class"] = int(status[0])
-    elif status:
+    if status and not _STATUS.fullmatch(status):
         raise BadRequest("status must be a code like 404 or a class like 4xx")
-    where["endpoint"] = (args.get("endpoint") or "").strip()[:200] or None
-    where["request_id"] = (args.get("request_id") or "").strip()[:200] or None
-    where["host"] = (args.get("host") or "").strip()[:200] or None
-    where["client"] = (args.get("client") or "").strip()[:200] or None
-    page = _positive(args.get("page"), "page", 1, 1_000_000)
+    if status and status[1:].isdigit():
+        where["status"] = int(status)
+    elif status:
+        where["status_class"] = int(status[0])
+    for name in ("endpoint", "request_id", "host", "client"):
+        where[name] = _text_filter(args, name)[:MAX_FILTER_CHARS] or None
+    page = _positive(args.get("page"), "page", 1, MAX_PAGE)
     per_page = _positive(args.get("per_page"), "per_page", PER_PAGE, MAX_PER_PAGE)
     return LogFilter(**where), page, per_page
 
 
+def _text_filter(args: Any, name: str) -> str:
+    value = (args.get(name) or "").strip()
+    if _CONTROL.search(value):
+        raise BadRequest(f"{name} must not contain control characters")
+    return value
+
+
 def _positive(raw: str | None, name: str, default: int, maximum: int) -> int:
-    if raw is None or raw.strip() == "":
+    text = (raw or "").strip()
+    if not text:
         return default
-    if not raw.strip().isdigit() or not 1 <= int(raw) <= maximum:
+    if not _DIGITS.fullmatch(text) or not 1 <= int(text) <= maximum:
         raise BadRequest(f"{name} must be an integer from 1 to {maximum}")
-    return int(raw)
+    return int(text)
 
 
 def counter_lines(c: dict[str, float], current: int, known_peak: int) -> list[tuple[str, str]]:
