@@ -1,6 +1,6 @@
 """A fast fake OpenAI API for benchmarks: asyncio callbacks, pre-rendered answers, optional processes.
 
-Unlike tests/fake_upstream.py (built for faults and inspection), this one is built to not be the
+Unlike tests/support/fake_upstream.py (built for faults and inspection), this one is built to not be the
 bottleneck. It answers chat completions, responses (JSON, or SSE when the body asks to stream) and
 embeddings after `--latency-ms`; a stream sends its first event at once and then one event every
 `--gap-ms` on a fixed schedule from its start (a late event does not push the later ones back, as a

@@ -68,7 +68,7 @@ def main() -> None:
     server = None
     pg_url = args.pg_url
     if pg_url is None:
-        from tests.postgres_server import PostgresServer, postgres_bin_dir
+        from tests.support.postgres_server import PostgresServer, postgres_bin_dir
 
         bin_dir = postgres_bin_dir()
         if bin_dir is None:

@@ -112,7 +112,7 @@ def main() -> int:
         try:
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "tests.fake_upstream", "--port", str(fake_port)],
+                    [sys.executable, "-m", "tests.support.fake_upstream", "--port", str(fake_port)],
                     cwd=ROOT,
                     stdout=subprocess.DEVNULL,
                 )

@@ -74,6 +74,10 @@ class ProxyError(Exception):
             error["upstream"] = self.upstream
         return {"error": error}
 
+    def note_on(self, record: RequestRecord) -> None:
+        """Settle `record` with this error: its result, and its error as the legacy body has it."""
+        record.fail(self.result, self.message, self.type, self.code, upstream=self.upstream or None)
+
     def openai_body(self, request_id: str) -> dict[str, Any]:
         """The same error in OpenAI's own shape, for the `/v1` surface (the SDKs parse this one)."""
         return {
@@ -237,9 +241,8 @@ def render(err: ProxyError, shape: str = LEGACY) -> Response:
     body = err.openai_body(request_id) if shape == OPENAI else legacy
     if rec is not None:
         rec.status = err.status
-        rec.result = err.result
         rec.cancelled = rec.cancelled or isinstance(err, ClientCancelled)
-        rec.error = {k: v for k, v in legacy["error"].items() if k not in ("requestId", "incomingRequestId")}
+        err.note_on(rec)
     response = Response(jsonio.dumps(body), status=err.status, mimetype="application/json")
     for name, value in err.headers.items():
         response.headers[name] = value

@@ -87,6 +87,26 @@ class RequestRecord:
     error: dict[str, Any] | None = None
     finished: bool = False
 
+    def note_upstream_answer(self, headers: Any) -> None:
+        """Upstream's response head arrived: when, and its request id (kept from an earlier attempt
+        when this one names none)."""
+        self.upstream_headers_at = time.perf_counter()
+        self.upstream_request_id = headers.get("x-request-id") or self.upstream_request_id
+
+    def fail(
+        self,
+        result: str,
+        message: str | None = None,
+        type: str | None = None,
+        code: str | None = None,
+        **details: Any,
+    ) -> None:
+        """How the request failed, in the one shape records and the log store keep: `result`, and an
+        `error` of `message`, `type` and `code` where known, plus details (`upstream`, `param`, ...)."""
+        self.result = result
+        error = {"message": message, "type": type, "code": code, **details}
+        self.error = {k: v for k, v in error.items() if v is not None}
+
     def upstream_ms(self) -> float | None:
         """Time until upstream response headers (streams) or until its whole answer (JSON)."""
         if self.upstream_started is None:

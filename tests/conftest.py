@@ -6,28 +6,46 @@ from gevent import monkey
 # in-process fake upstream behave the same way.
 monkey.patch_all()
 
-import os  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-import requests  # noqa: E402
 from flask.testing import FlaskClient  # noqa: E402
 
 from openai_proxy import create_app  # noqa: E402
 from openai_proxy.config import build_config  # noqa: E402
-from tests.fake_upstream import FakeUpstream  # noqa: E402
-from tests.postgres_server import log_db, postgres_db, postgres_session  # noqa: E402, F401
-from tests.redis_server import redis_server, redis_session  # noqa: E402, F401
+from tests.support.fake_upstream import FakeUpstream  # noqa: E402
+from tests.support.postgres_server import log_db, postgres_db, postgres_session  # noqa: E402, F401
+from tests.support.redis_server import redis_server, redis_session  # noqa: E402, F401
+from tests.support.servers import ROOT, GunicornServer, free_port  # noqa: E402, F401
 
-ROOT = Path(__file__).resolve().parent.parent
 SECURITY_KEY = "test-security-key"
 ACCESS_TOKEN = "test-access-token"
 UPSTREAM_KEY = "sk-test-upstream-0123456789abcdef"
+
+
+# Markers by what a test stands on, so a quick run can leave the slow real servers out:
+# `pytest -m "not gunicorn and not redis and not postgres and not browser"` (README "Development").
+_MARKS_BY_FIXTURE = {
+    "gunicorn_server": "gunicorn",
+    "module_gunicorn": "gunicorn",
+    "host_gunicorn": "gunicorn",
+    "redis_server": "redis",
+    "redis_session": "redis",
+    "postgres_db": "postgres",
+    "postgres_session": "postgres",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        for fixture, mark in _MARKS_BY_FIXTURE.items():
+            if fixture in fixtures:
+                item.add_marker(mark)
+        # The log database parameter picks PostgreSQL for one of its runs.
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("log_db") == "postgresql":
+            item.add_marker("postgres")
 
 
 @pytest.fixture(scope="session")
@@ -120,72 +138,6 @@ def client(app):
 def records(app):
     """Completion records emitted by `app`, in order."""
     return app.records
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class GunicornServer:
-    """A real `gunicorn -c gunicorn.conf.py app.wsgi:app` process tree on a free port."""
-
-    def __init__(self, env: dict[str, str], workers: int, log_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        inherited = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(("OPENAI_", "SECURITY_KEY", "ACCESS_TOKEN"))
-        }
-        full_env = {**inherited, "OPENAI_PROXY_GRACEFUL_TIMEOUT_S": "3", **env, "PORT": str(self.port),
-                    "OPENAI_PROXY_WORKERS": str(workers)}  # fmt: skip
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app.wsgi:app"],
-            cwd=ROOT,
-            env=full_env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        self.workers = workers
-        self._wait_ready()
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gunicorn exited: {self.log_path.read_text()}")
-            if len(self.worker_pids()) >= self.workers:
-                try:
-                    if requests.get(self.url + "/", timeout=1).status_code == 200:
-                        return
-                except requests.RequestException:
-                    pass
-            time.sleep(0.1)
-        raise RuntimeError(f"gunicorn did not start: {self.log_path.read_text()}")
-
-    def worker_pids(self) -> list[int]:
-        out = subprocess.run(
-            ["ps", "-o", "pid=", "--ppid", str(self.proc.pid)], capture_output=True, text=True
-        )
-        return [int(p) for p in out.stdout.split()]
-
-    def log_text(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
 
 
 def _gunicorn_factory(fake: FakeUpstream, tmp_path: Path):

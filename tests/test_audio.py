@@ -17,7 +17,7 @@ import requests
 from openai_proxy.inbound import multipart
 from openai_proxy.inbound.multipart import FORM_OVERHEAD_BYTES
 from tests.conftest import SECURITY_KEY, UPSTREAM_KEY, error_of
-from tests.fake_upstream import delay, error, raw
+from tests.support.fake_upstream import delay, error, raw
 
 URL = "/openai/audio/transcriptions"
 UPSTREAM = "/v1/audio/transcriptions"

@@ -15,7 +15,7 @@ import requests
 from openai_proxy.limits import LocalLimitStore
 from openai_proxy.limits.shared import RedisLimitStore
 from tests.conftest import SECURITY_KEY, error_of, post_json
-from tests.fake_upstream import chat_completion, default_handler, delay, error, response_events, sse
+from tests.support.fake_upstream import chat_completion, default_handler, delay, error, response_events, sse
 from tests.test_client_limits import FREE_KEY, LIMITED_KEY, as_client, clients_file
 
 AUTH = {"Authorization": f"Bearer {SECURITY_KEY}"}
@@ -154,7 +154,7 @@ def test_a_call_in_flight_holds_its_estimate_until_it_settles(make_app, fake, tm
 
 @pytest.mark.parametrize("failure", ["status", "reset"])
 def test_a_failed_call_gives_its_reservation_back(make_app, fake, tmp_path, failure):
-    from tests.fake_upstream import reset
+    from tests.support.fake_upstream import reset
 
     app = make_app(OPENAI_PROXY_CLIENTS_FILE=clients_file(tmp_path, daily_usd=0.001))
     store = app.extensions["openai_proxy"].limits
@@ -280,9 +280,9 @@ def test_an_answer_that_reports_no_usage_is_charged_its_estimate(make_app, fake,
 
 
 def test_an_estimate_does_not_raise_the_logs_token_maxima(app, fake):
-    from tests.fake_upstream import chat_chunks
-    from tests.logpage import AUTH as PAGE_AUTH
-    from tests.logpage import counters
+    from tests.support.fake_upstream import chat_chunks
+    from tests.support.logpage import AUTH as PAGE_AUTH
+    from tests.support.logpage import counters
 
     fake.push("POST", "/v1/chat/completions", sse(chat_chunks("gpt-4o-mini", True)[:3], end="drop"))
     body = {**CHAT, "stream": True, "max_tokens": 900}

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tests.conftest import SECURITY_KEY, UPSTREAM_KEY, error_of, post_json, safety_id
-from tests.fake_upstream import chat_completion
+from tests.support.fake_upstream import chat_completion
 
 CHAT = "/v1/chat/completions"
 
@@ -238,7 +238,7 @@ def test_chatgpt_validation(client, fake, extra, message):
 
 
 def test_chatgpt_uses_the_json_error_shape_for_upstream_errors(client, fake):
-    from tests.fake_upstream import error
+    from tests.support.fake_upstream import error
 
     fake.push("POST", CHAT, error(400, "Invalid model", code="model_not_found"))
     r = post_json(client, "/chatgpt", {"security_key": SECURITY_KEY, "prompt": "x"})

@@ -12,7 +12,7 @@ import pytest
 
 from openai_proxy.gate.local import Gate
 from tests.conftest import SECURITY_KEY, safety_id
-from tests.fake_upstream import chat_completion
+from tests.support.fake_upstream import chat_completion
 from tests.test_v1 import record_of, wav_bytes
 
 pytestmark = pytest.mark.gunicorn

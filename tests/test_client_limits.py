@@ -10,7 +10,8 @@ import pytest
 import requests
 
 from tests.conftest import error_of, post_json
-from tests.fake_upstream import delay
+from tests.support.fake_upstream import delay
+from tests.support.files import write_clients
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 LIMITED_KEY = "limited-client-key-0123456789"
@@ -29,9 +30,7 @@ def clients_file(tmp_path, **limits) -> str:
         name = "free"
         key = "{FREE_KEY}"
         """)  # fmt: skip
-    path = tmp_path / "clients.toml"
-    path.write_text(text)
-    return str(path)
+    return write_clients(tmp_path, text)
 
 
 def as_client(key: str) -> dict[str, str]:
@@ -162,7 +161,7 @@ def test_a_spent_budget_is_insufficient_quota_until_the_period_ends(make_app, fa
 def test_on_v1_the_clients_own_headers_replace_upstreams(make_app, fake, tmp_path):
     import json
 
-    from tests.fake_upstream import raw
+    from tests.support.fake_upstream import raw
 
     answer = json.dumps({"id": "c1", "object": "chat.completion", "model": "gpt-4o-mini", "choices": [],
                          "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()  # fmt: skip

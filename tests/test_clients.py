@@ -4,23 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import textwrap
 
 import pytest
 
 from openai_proxy.clients import DEFAULT_CLIENT, ClientsFileError, load_clients
 from openai_proxy.config import ConfigError, build_config
 from tests.conftest import ACCESS_TOKEN, SECURITY_KEY, error_of, post_json
+from tests.support.files import write_clients
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 ALPHA_KEY = "alpha-client-key-0123456789"
 BETA_KEY = "beta-client-key-9876543210"
-
-
-def write(tmp_path, text: str, name: str = "clients.toml") -> str:
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text))
-    return str(path)
 
 
 def sha(key: str) -> str:
@@ -45,7 +39,7 @@ CLIENTS = f"""\
 
 
 def test_file_is_read_with_limits_models_and_hashed_keys(tmp_path):
-    book, plain = load_clients(write(tmp_path, CLIENTS), SECURITY_KEY)
+    book, plain = load_clients(write_clients(tmp_path, CLIENTS), SECURITY_KEY)
     assert book.names() == ["alpha", "beta.svc-2", DEFAULT_CLIENT]
     assert plain == [ALPHA_KEY]
     assert book.authenticate(ALPHA_KEY).name == "alpha"
@@ -59,7 +53,7 @@ def test_file_is_read_with_limits_models_and_hashed_keys(tmp_path):
 
 
 def test_wrong_missing_and_unconfigured_keys_are_refused(tmp_path):
-    book, _ = load_clients(write(tmp_path, CLIENTS), None)
+    book, _ = load_clients(write_clients(tmp_path, CLIENTS), None)
     for provided, message in ((None, "Missing security_key"), ("", "Missing security_key"),
                               (ALPHA_KEY + "x", "Invalid security_key"), (sha(BETA_KEY), "Invalid security_key")):  # fmt: skip
         with pytest.raises(Exception) as info:
@@ -123,7 +117,7 @@ BAD_FILES = [
 
 @pytest.mark.parametrize(("text", "line", "reason"), BAD_FILES)
 def test_bad_files_name_the_file_the_line_and_the_reason(tmp_path, text, line, reason):
-    path = write(tmp_path, text)
+    path = write_clients(tmp_path, text)
     with pytest.raises(ClientsFileError) as info:
         load_clients(path, SECURITY_KEY)
     message = str(info.value)
@@ -141,19 +135,19 @@ def test_unreadable_and_non_utf8_files(tmp_path):
 
 
 def test_a_bad_file_stops_the_app_with_its_message(make_app, tmp_path):
-    path = write(tmp_path, '[[client]]\nname = "a"\nkey = "k1"\nrpm = 0\n')
+    path = write_clients(tmp_path, '[[client]]\nname = "a"\nkey = "k1"\nrpm = 0\n')
     with pytest.raises(ConfigError, match=r"clients.toml:4: client 'a': `rpm` must be a whole number"):
         make_app(OPENAI_PROXY_CLIENTS_FILE=path)
 
 
 def test_an_empty_file_leaves_only_default(tmp_path):
-    book, _ = load_clients(write(tmp_path, "# nobody yet\n"), SECURITY_KEY)
+    book, _ = load_clients(write_clients(tmp_path, "# nobody yet\n"), SECURITY_KEY)
     assert book.names() == [DEFAULT_CLIENT]
 
 
 @pytest.fixture
 def clients_app(make_app, tmp_path):
-    return make_app(OPENAI_PROXY_CLIENTS_FILE=write(tmp_path, CLIENTS))
+    return make_app(OPENAI_PROXY_CLIENTS_FILE=write_clients(tmp_path, CLIENTS))
 
 
 def test_every_way_of_sending_the_key_works_for_client_keys(clients_app, fake):

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import textwrap
-
 import pytest
 
 from openai_proxy.clients import ClientsFileError, load_clients
 from openai_proxy.config import ConfigError
 from openai_proxy.keys.specs import key_spec
 from tests.conftest import SECURITY_KEY, UPSTREAM_KEY, post_json
+from tests.support.files import write_clients
 from tests.test_key_pool import CHAT_PATH, KEY_A, KEY_B, KEY_C, PAGES, health_keys
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
@@ -33,14 +32,8 @@ FILE = f"""\
 """
 
 
-def write(tmp_path, text: str) -> str:
-    path = tmp_path / "clients.toml"
-    path.write_text(textwrap.dedent(text))
-    return str(path)
-
-
 def test_file_keys_join_the_pool_with_openai_api_key(tmp_path):
-    book, plain = load_clients(write(tmp_path, FILE), SECURITY_KEY, (), UPSTREAM_KEY)
+    book, plain = load_clients(write_clients(tmp_path, FILE), SECURITY_KEY, (), UPSTREAM_KEY)
     assert [(k.name, k.weight, k.models) for k in book.upstream_keys] == [
         (f"key-{UPSTREAM_KEY[-4:]}", 1, None), ("team-a", 2, None), ("team-b", 1, frozenset({"gpt-4o-mini"}))]  # fmt: skip
     assert set(plain) == {TEAM_KEY, KEY_A, KEY_B}  # every secret of the file is masked by value
@@ -49,7 +42,7 @@ def test_file_keys_join_the_pool_with_openai_api_key(tmp_path):
 
 def test_file_keys_come_after_the_environments(tmp_path):
     env = (key_spec(KEY_C, "gamma", where="OPENAI_API_KEYS entry 1"),)
-    book, _ = load_clients(write(tmp_path, FILE), SECURITY_KEY, env, UPSTREAM_KEY)
+    book, _ = load_clients(write_clients(tmp_path, FILE), SECURITY_KEY, env, UPSTREAM_KEY)
     assert [k.name for k in book.upstream_keys] == ["gamma", "team-a", "team-b"]
 
 
@@ -69,7 +62,7 @@ def test_file_keys_come_after_the_environments(tmp_path):
     ],
 )  # fmt: skip
 def test_bad_upstream_keys_name_the_line(tmp_path, text, line, reason):
-    path = write(tmp_path, text)
+    path = write_clients(tmp_path, text)
     with pytest.raises(ClientsFileError) as info:
         load_clients(path, SECURITY_KEY, (), UPSTREAM_KEY)
     message = str(info.value)
@@ -79,7 +72,7 @@ def test_bad_upstream_keys_name_the_line(tmp_path, text, line, reason):
 
 
 def test_a_client_restricted_to_keys_only_ever_uses_them(make_app, fake, tmp_path):
-    app = make_app(OPENAI_PROXY_CLIENTS_FILE=write(tmp_path, FILE), **PAGES)
+    app = make_app(OPENAI_PROXY_CLIENTS_FILE=write_clients(tmp_path, FILE), **PAGES)
     client = app.test_client()
     for _ in range(6):
         assert post_json(client, "/openai", CHAT, headers={"X-Security-Key": TEAM_KEY}).status_code == 200
@@ -100,9 +93,9 @@ def test_a_client_restricted_to_keys_only_ever_uses_them(make_app, fake, tmp_pat
 
 
 def test_a_restricted_client_whose_keys_rest_gets_429_not_another_key(make_app, fake, tmp_path):
-    from tests.fake_upstream import error
+    from tests.support.fake_upstream import error
 
-    app = make_app(OPENAI_PROXY_CLIENTS_FILE=write(tmp_path, FILE), **PAGES)
+    app = make_app(OPENAI_PROXY_CLIENTS_FILE=write_clients(tmp_path, FILE), **PAGES)
     client = app.test_client()
     fake.push("POST", CHAT_PATH, error(429, "slow down", headers={"Retry-After": "30"}), key=KEY_B)
     r = post_json(client, "/openai", CHAT, headers={"X-Security-Key": TEAM_KEY})
@@ -114,6 +107,6 @@ def test_a_restricted_client_whose_keys_rest_gets_429_not_another_key(make_app, 
 
 
 def test_a_bad_upstream_key_stops_the_app(make_app, tmp_path):
-    path = write(tmp_path, '[[upstream_key]]\nname = "a"\nkey = "x"\n')
+    path = write_clients(tmp_path, '[[upstream_key]]\nname = "a"\nkey = "x"\n')
     with pytest.raises(ConfigError, match=r"clients.toml:1: a key is at least 4 characters long"):
         make_app(OPENAI_PROXY_CLIENTS_FILE=path)

@@ -220,6 +220,7 @@ def test_a_container_quota_caps_the_worker_count(monkeypatch):
     assert available_cpus() == min(2, len(os.sched_getaffinity(0)))
 
 
+@pytest.mark.gunicorn
 def test_gunicorn_stops_on_a_port_it_cannot_use_and_names_it(tmp_path):
     env = {"PATH": os.environ.get("PATH", ""), "PORT": "abc", "OPENAI_PROXY_RUNTIME_DIR": str(tmp_path)}
     done = subprocess.run(

@@ -12,7 +12,7 @@ import pytest
 from openai_proxy.config import ConfigError, build_config
 from openai_proxy.extension import RedactingFormatter, configured_secrets
 from openai_proxy.log.url import LIBPQ_PARAMS
-from tests.logpage import AUTH
+from tests.support.logpage import AUTH
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 
 from tests.conftest import SECURITY_KEY, post_json
-from tests.fake_upstream import (
+from tests.support.fake_upstream import (
     chat_chunks,
     chat_completion,
     chunked_json,

@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from tests.conftest import SECURITY_KEY
-from tests.fake_upstream import delay, response_events, sse
+from tests.support.fake_upstream import delay, response_events, sse
 
 pytestmark = pytest.mark.gunicorn
 

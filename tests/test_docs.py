@@ -56,7 +56,7 @@ LINKED_FILES = [*DOC_FILES, ROOT / "bench" / "README.md"]
 CHECKS = {"env": "sh", "quickstart": "sh", "sdk": "python", "mount": "python", "clients-file": "toml",
           "upstream-key-file": "toml", "fleet-env": "sh", "fleet-calls": "sh", "module-map": ""}  # fmt: skip
 MARKER = re.compile(r"^([ \t]*)<!-- check: ([\w-]+) -->\n\1```(\w*)\n(.*?)\n\1```[ \t]*$", re.M | re.S)
-# What the fake upstream answers by default (tests/fake_upstream.py).
+# What the fake upstream answers by default (tests/support/fake_upstream.py).
 CHAT_TEXT = "Hello from the fake upstream."
 # Variables of the user's shell that would change what curl or the SDK does.
 USER_VARS = ("OPENAI_", "SECURITY_KEY", "ACCESS_TOKEN", "PROXY", "http_proxy", "https_proxy",

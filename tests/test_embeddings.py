@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import SECURITY_KEY, error_of, post_json
-from tests.fake_upstream import EMBEDDING
+from tests.support.fake_upstream import EMBEDDING
 
 
 def test_embeddings_default_model_and_exact_floats(client, fake, records):

@@ -9,7 +9,7 @@ import pytest
 from openai_proxy import errors
 from openai_proxy.upstream.classify import classify
 from tests.conftest import SECURITY_KEY, error_of, post_json
-from tests.fake_upstream import delay, error, raw, reset, truncated_json
+from tests.support.fake_upstream import delay, error, raw, reset, truncated_json
 
 CHAT = "/v1/chat/completions"
 

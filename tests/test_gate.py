@@ -17,7 +17,7 @@ import requests
 
 from openai_proxy.gate.local import _FLOCK, Gate
 from tests.conftest import SECURITY_KEY, error_of, post_json
-from tests.fake_upstream import delay
+from tests.support.fake_upstream import delay
 
 CHAT = {"security_key": SECURITY_KEY, "model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -134,7 +134,7 @@ def test_403_and_400_never_take_a_slot(make_app, fake):
 
 
 def test_slot_is_released_after_errors(make_app, fake):
-    from tests.fake_upstream import error, reset
+    from tests.support.fake_upstream import error, reset
 
     app = make_app(OPENAI_PROXY_MAX_PARALLEL_REQUESTS="1")
     client = app.test_client()

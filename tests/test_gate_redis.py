@@ -23,8 +23,8 @@ from openai_proxy.extension import configured_secrets
 from openai_proxy.gate.local import Gate
 from openai_proxy.gate.shared import KEY, RedisGate
 from tests.conftest import ROOT, error_of, post_json
-from tests.fake_upstream import default_handler
-from tests.logpage import AUTH, CHAT, CLOSE, counters
+from tests.support.fake_upstream import default_handler
+from tests.support.logpage import AUTH, CHAT, CLOSE, counters
 from tests.test_metrics import samples, value
 
 LEASE_ID = re.compile(rf"^{re.escape(socket.gethostname())}:(\d+):[0-9a-f]{{4}}:\d+$")

@@ -14,8 +14,8 @@ import pytest
 import requests
 
 from tests.conftest import post_json
-from tests.logpage import AUTH, CHAT, CLOSE
-from tests.postgres_server import wait_until
+from tests.support.logpage import AUTH, CHAT, CLOSE
+from tests.support.postgres_server import wait_until
 
 BOUND_S = 1.0  # the contract's bound for /health
 NOT_WRITTEN = "log: this host's records are not being written: "

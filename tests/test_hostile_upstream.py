@@ -4,7 +4,7 @@ Contract §10: an upstream answer that is not well-formed HTTP/1.1 is a 502 (`up
 or `upstream_transport` when the connection just ends early), or the error event of §6 once a stream
 has started; it never costs a concurrency slot and never takes a worker down. Everything here is
 driven through the proxy's HTTP surface (the Flask test client, or a real gunicorn) against
-`tests.hostile_upstream`, a raw-socket server that writes exactly the bytes a test scripts.
+`tests.support.hostile_upstream`, a raw-socket server that writes exactly the bytes a test scripts.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import pytest
 import requests
 
 from tests.conftest import ACCESS_TOKEN, SECURITY_KEY, error_of, post_json
-from tests.fake_upstream import chat_completion, response_events
-from tests.hostile_upstream import (
+from tests.support.fake_upstream import chat_completion, response_events
+from tests.support.hostile_upstream import (
     Answer,
     HostileUpstream,
     chunk,

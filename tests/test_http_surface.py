@@ -222,7 +222,7 @@ def test_record_endpoint_is_the_route_template(client, records):
 
 
 def test_record_redacts_secrets(client, fake, records, capsys):
-    from tests.fake_upstream import error
+    from tests.support.fake_upstream import error
 
     fake.push(
         "POST", "/v1/chat/completions", error(401, "Incorrect API key provided: sk-live-abcdefghijklmnop5678")

@@ -20,8 +20,8 @@ import pytest
 import requests
 
 from tests.conftest import SECURITY_KEY, UPSTREAM_KEY, error_of, post_json
-from tests.fake_upstream import chat_completion, default_handler
-from tests.hostile_upstream import HostileUpstream
+from tests.support.fake_upstream import chat_completion, default_handler
+from tests.support.hostile_upstream import HostileUpstream
 
 OVERRIDES = ("openai_api_key", "project", "organization")
 # Each would end or split a header line, or is refused by servers (controls), or cannot be sent at

@@ -16,8 +16,8 @@ from openai_proxy.config import ConfigError, build_config
 from openai_proxy.keys.pool import KeyPool, KeysUnavailable
 from openai_proxy.keys.specs import key_spec
 from tests.conftest import SECURITY_KEY, UPSTREAM_KEY, ClosingClient, base_env, error_of, post_json
-from tests.fake_upstream import chat_completion, delay, error, reset, response_events
-from tests.logpage import AUTH, CHAT, rows
+from tests.support.fake_upstream import chat_completion, delay, error, reset, response_events
+from tests.support.logpage import AUTH, CHAT, rows
 from tests.test_metrics import samples, value
 
 KEY_A = "sk-pool-alpha-0000000000000000AAAA"

@@ -19,8 +19,8 @@ import requests
 from gevent.event import Event
 
 from tests.conftest import ROOT
-from tests.fake_upstream import default_handler, delay, error, response_events
-from tests.logpage import AUTH, CHAT, CLOSE, rows
+from tests.support.fake_upstream import default_handler, delay, error, response_events
+from tests.support.logpage import AUTH, CHAT, CLOSE, rows
 from tests.test_key_pool import CHAT_PATH, KEY_A, KEY_B, KEY_C, PAGES, POOL, V1, used
 from tests.test_metrics import samples, value
 

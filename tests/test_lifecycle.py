@@ -22,8 +22,8 @@ from gevent.event import Event
 from openai_proxy.config import ConfigError, build_config
 from openai_proxy.runtime import clear_server_stopping, mark_server_stopping
 from tests.conftest import ROOT, SECURITY_KEY, base_env, free_port
-from tests.fake_upstream import default_handler, response_events, sse
-from tests.logpage import AUTH, CHAT, CLOSE
+from tests.support.fake_upstream import default_handler, response_events, sse
+from tests.support.logpage import AUTH, CHAT, CLOSE
 
 STREAM = {"security_key": SECURITY_KEY, "model": "gpt-4o", "input": "Write a poem.", "stream": True}
 PAGES = {"OPENAI_PROXY_PAGES_RATE_LIMIT": "1000/minute"}

@@ -29,8 +29,8 @@ from openai_proxy.limits.reservations import LEASE_S
 from openai_proxy.limits.rules import reset_text
 from openai_proxy.redact import redact_text
 from tests.conftest import ACCESS_TOKEN
-from tests.limits_contract import NOW, StoreContract, allowed, refused, trio
-from tests.limits_worker import report  # the spawned processes import this module, never conftest
+from tests.support.limits_contract import NOW, StoreContract, allowed, refused, trio
+from tests.support.limits_worker import report  # the spawned processes import this module, never conftest
 
 SPAWN = multiprocessing.get_context("spawn")
 

@@ -15,8 +15,8 @@ from openai_proxy.config import build_config
 from openai_proxy.limits import Limits, LocalLimitStore, Reservation, open_limit_store
 from openai_proxy.limits.reservations import LEASE_S
 from openai_proxy.limits.shared import KEY_PREFIX, RedisLimitStore
-from tests.limits_contract import NOW, StoreContract, allowed, refused, trio
-from tests.logpage import AUTH
+from tests.support.limits_contract import NOW, StoreContract, allowed, refused, trio
+from tests.support.logpage import AUTH
 from tests.test_limits import SPAWN, gone, hang_with_a_reservation, run_processes
 
 LIMITS_LOG = "openai_proxy.limits"

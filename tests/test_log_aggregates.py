@@ -16,7 +16,7 @@ from openai_proxy.log.sql import open_database
 from openai_proxy.log.stats import BOUNDS_MS, MinuteRow, SpendRow, p50_p95, percentile
 from openai_proxy.log.store import LogStore
 from tests.conftest import SECURITY_KEY, post_json
-from tests.logpage import CHAT
+from tests.support.logpage import CHAT
 
 T = datetime(2030, 1, 1, 23, 59, 30, tzinfo=UTC).timestamp()  # 30 s before a new day and minute
 M = int(T // 60)

@@ -10,8 +10,8 @@ import sqlite3
 from markupsafe import escape
 
 from tests.conftest import SECURITY_KEY, post_json
-from tests.fake_upstream import error
-from tests.logpage import AUTH, CHAT, counters, row_hosts, rows
+from tests.support.fake_upstream import error
+from tests.support.logpage import AUTH, CHAT, counters, row_hosts, rows
 
 
 def html_of(client, path: str = "/log", query: str = "") -> str:

@@ -9,9 +9,9 @@ from openai_proxy.log import db as logdb
 from openai_proxy.log import stats as logstats
 from openai_proxy.log.store import LogStore
 from tests.conftest import post_json
-from tests.fake_upstream import chat_completion
-from tests.logpage import AUTH, CHAT, counters, rows
-from tests.postgres_server import wait_until
+from tests.support.fake_upstream import chat_completion
+from tests.support.logpage import AUTH, CHAT, counters, rows
+from tests.support.postgres_server import wait_until
 from tests.test_metrics import samples, value
 
 REJECTED = "openai_proxy_log_rejected_records_total"

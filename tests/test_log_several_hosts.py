@@ -7,8 +7,8 @@ import gevent
 import pytest
 import requests
 
-from tests.logpage import AUTH, CHAT, CLOSE, counters, row_hosts, rows
-from tests.postgres_server import wait_until
+from tests.support.logpage import AUTH, CHAT, CLOSE, counters, row_hosts, rows
+from tests.support.postgres_server import wait_until
 from tests.test_metrics import samples, value
 
 pytestmark = pytest.mark.gunicorn

@@ -12,8 +12,8 @@ import requests
 
 from openai_proxy.log.store import LogStore
 from tests.conftest import SECURITY_KEY, post_json
-from tests.fake_upstream import delay, error
-from tests.logpage import AUTH, CHAT, CLOSE, counters, rows, served_by
+from tests.support.fake_upstream import delay, error
+from tests.support.logpage import AUTH, CHAT, CLOSE, counters, rows, served_by
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ from openai_proxy.log.db import LogFilter
 from openai_proxy.log.sql import WRITE_LOCK_KEY, open_database
 from openai_proxy.log.store import LogStore
 from tests.conftest import post_json
-from tests.logpage import AUTH, CHAT, counters, row_hosts, rows
-from tests.postgres_server import wait_until
+from tests.support.logpage import AUTH, CHAT, counters, row_hosts, rows
+from tests.support.postgres_server import wait_until
 from tests.test_metrics import samples, value
 
 WAITING_WRITER = (

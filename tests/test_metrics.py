@@ -10,8 +10,8 @@ import pytest
 import requests
 
 from tests.conftest import SECURITY_KEY, post_json
-from tests.fake_upstream import delay, error
-from tests.logpage import AUTH, CHAT, CLOSE
+from tests.support.fake_upstream import delay, error
+from tests.support.logpage import AUTH, CHAT, CLOSE
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)$")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')

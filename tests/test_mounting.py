@@ -22,8 +22,8 @@ from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
 from openai_proxy import OpenAIProxy, create_app
 from openai_proxy.config import build_config
-from tests import fake_upstream as fu
 from tests.conftest import ACCESS_TOKEN, SECURITY_KEY, UPSTREAM_KEY, ClosingClient, base_env, free_port
+from tests.support import fake_upstream as fu
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 

@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import io
 import json
-import textwrap
 
 import pytest
 
 from openai_proxy.clients import ClientsFileError, load_clients
 from tests.conftest import SECURITY_KEY, error_of, post_json, safety_id
-from tests.fake_upstream import error, response_events, response_object, sse
-from tests.logpage import AUTH
-from tests.postgres_server import wait_until
+from tests.support.fake_upstream import error, response_events, response_object, sse
+from tests.support.files import write_clients
+from tests.support.logpage import AUTH
+from tests.support.postgres_server import wait_until
 from tests.test_key_pool import KEY_A, NAMES, POOL, health_keys
 
 A_KEY = "team-a-client-key-0123456789"
@@ -44,9 +44,7 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
 
 
 def clients_file(tmp_path, text: str = CLIENTS) -> str:
-    path = tmp_path / "clients.toml"
-    path.write_text(textwrap.dedent(text))
-    return str(path)
+    return write_clients(tmp_path, text)
 
 
 @pytest.fixture

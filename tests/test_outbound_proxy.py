@@ -3,7 +3,7 @@
 Corporate networks reach OpenAI through a forward proxy: HTTPS upstreams go through `CONNECT` with
 `Proxy-Authorization: Basic`, plain-HTTP ones in absolute form. The proxy's credentials must never
 reach OpenAI, a proxy that refuses is a 502 naming the proxy, and a proxy URL the client cannot
-speak stops the server at start. tinyproxy's own log (see tests/forward_proxy.py) shows what went
+speak stops the server at start. tinyproxy's own log (see tests/support/forward_proxy.py) shows what went
 through it.
 """
 
@@ -21,8 +21,8 @@ import pytest
 
 from openai_proxy.config import ConfigError, build_config
 from tests.conftest import ACCESS_TOKEN, ROOT, SECURITY_KEY, UPSTREAM_KEY, error_of, free_port, post_json
-from tests.fake_upstream import chat_completion, response_events
-from tests.forward_proxy import VIA_NAME, ForwardProxy, tinyproxy_path
+from tests.support.fake_upstream import chat_completion, response_events
+from tests.support.forward_proxy import VIA_NAME, ForwardProxy, tinyproxy_path
 
 NOT_INSTALLED = "tinyproxy is not installed (Debian package tinyproxy); test.sh installs it as root"
 

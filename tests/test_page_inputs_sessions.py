@@ -10,7 +10,7 @@ from markupsafe import escape
 
 from openai_proxy.inbound.auth import SESSION_COOKIE
 from tests.conftest import post_json
-from tests.logpage import AUTH, CHAT, TOKEN, rows
+from tests.support.logpage import AUTH, CHAT, TOKEN, rows
 
 BROWSER = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
 PAGE = "page must be an integer from 1 to 1000000"

@@ -21,9 +21,9 @@ from markupsafe import escape
 from openai_proxy.inbound.auth import SESSION_COOKIE, session_cookie_valid, session_cookie_value
 from openai_proxy.pages.views import HTML_CSP
 from tests.conftest import ACCESS_TOKEN, SECURITY_KEY, UPSTREAM_KEY, free_port, post_json
-from tests.fake_upstream import error
-from tests.logpage import AUTH, CHAT, CLOSE, TOKEN, counters, rows
-from tests.webdriver import CHROMEDRIVER, Browser
+from tests.support.fake_upstream import error
+from tests.support.logpage import AUTH, CHAT, CLOSE, TOKEN, counters, rows
+from tests.support.webdriver import CHROMEDRIVER, Browser
 
 GUARDED = ("/health", "/health2", "/log", "/log_errors", "/debug/runtime", "/metrics")
 HTML_PAGES = ("/log", "/log_errors")
@@ -452,6 +452,7 @@ def test_debug_runtime_shows_the_effective_config_and_no_secret(client):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+@pytest.mark.browser
 @pytest.mark.skipif(
     CHROMIUM is None,
     reason="Chromium is not installed (Debian package `chromium`; ./test.sh installs it when run as root), "
@@ -479,6 +480,7 @@ def test_log_page_in_a_real_browser_shows_records_and_runs_no_injected_script(cl
     assert "Request count: 1" in dom
 
 
+@pytest.mark.browser
 @pytest.mark.skipif(
     CHROMIUM is None or CHROMEDRIVER is None,
     reason="Chromium and its WebDriver are not installed (Debian packages `chromium` and `chromium-driver`), "

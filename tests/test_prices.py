@@ -345,6 +345,7 @@ def test_an_unreadable_price_file_is_named(tmp_path):
     )
 
 
+@pytest.mark.gunicorn
 def test_gunicorn_refuses_to_start_with_a_bad_price_file(fake, tmp_path):
     path = tmp_path / "prices.toml"
     path.write_text('[models."gpt-4o"]\ninput = 1\noutptu = 2\n')

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import SECURITY_KEY, error_of, post_json, safety_id
-from tests.fake_upstream import response_object
+from tests.support.fake_upstream import response_object
 
 KEY = f"security_key={SECURITY_KEY}"
 
@@ -129,7 +129,7 @@ def test_input_items_answers_the_list_not_a_page_wrapper(client, fake):
         f"/openai2/resp_abc123/input_items?{KEY}&limit=20&order=desc&after=msg_0&include=message.input_image.image_url"
     )
     assert r.status_code == 200
-    from tests.fake_upstream import INPUT_ITEMS
+    from tests.support.fake_upstream import INPUT_ITEMS
 
     assert r.get_json() == {"object": "list", "data": INPUT_ITEMS[1:], "first_id": "msg_1", "last_id": "msg_2",
                             "has_more": False}  # fmt: skip

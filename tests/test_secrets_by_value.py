@@ -16,8 +16,8 @@ import requests
 from openai_proxy.extension import RedactingFormatter
 from openai_proxy.redact import SECRETS, end_of_request, mask_in_this_request, redact_text
 from tests.conftest import ACCESS_TOKEN, SECURITY_KEY, body_bytes, error_of, post_json
-from tests.fake_upstream import error
-from tests.logpage import rows
+from tests.support.fake_upstream import error
+from tests.support.logpage import rows
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 MASKED_ECHO = "Incorrect API key provided: {}."

@@ -9,7 +9,7 @@ from datetime import date
 from openai_proxy.log.stats import BOUNDS_MS, BUCKETS, MinuteRow, SpendRow
 from openai_proxy.pages.spend import Minute, _ms_label, hour_chart, spend_periods
 from tests.conftest import ACCESS_TOKEN, SECURITY_KEY, post_json
-from tests.fake_upstream import error
+from tests.support.fake_upstream import error
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 PAGE = {"Authorization": f"Bearer {ACCESS_TOKEN}"}

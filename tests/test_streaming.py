@@ -10,7 +10,7 @@ import pytest
 from openai_proxy.errors import UpstreamTransport
 from openai_proxy.stream.sse import SSEParser
 from tests.conftest import SECURITY_KEY, error_of, post_json, safety_id
-from tests.fake_upstream import chat_chunks, delay, error, raw, reset, response_events, sse
+from tests.support.fake_upstream import chat_chunks, delay, error, raw, reset, response_events, sse
 
 STREAM_BODY = {"security_key": SECURITY_KEY, "model": "gpt-4o", "input": "Write a poem.", "stream": True}
 

@@ -8,7 +8,7 @@ import pytest
 
 from openai_proxy.inbound.web import decide_timeout
 from tests.conftest import SECURITY_KEY, error_of, post_json
-from tests.fake_upstream import delay, error, reset, sse
+from tests.support.fake_upstream import delay, error, reset, sse
 
 KEY = f"security_key={SECURITY_KEY}"
 

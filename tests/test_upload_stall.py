@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from tests.conftest import ACCESS_TOKEN, SECURITY_KEY
-from tests.logpage import CHAT, CLOSE
+from tests.support.logpage import CHAT, CLOSE
 
 pytestmark = pytest.mark.gunicorn
 

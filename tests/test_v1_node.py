@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SECURITY_KEY
-from tests.fake_upstream import EMBEDDING, response_events
+from tests.support.fake_upstream import EMBEDDING, response_events
 
 NODE_DIR = Path(__file__).parent / "node"
 pytestmark = [

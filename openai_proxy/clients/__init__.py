@@ -91,6 +91,7 @@ class Client:
 
 
 def key_digest(key: str) -> bytes:
+    """The SHA-256 of a secret (a client key, the access token): how keys are looked up and compared."""
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
 
 

@@ -11,20 +11,16 @@ from typing import Any
 
 from werkzeug.datastructures import Headers
 
+from openai_proxy.clients import key_digest
 from openai_proxy.errors import Forbidden
 
-
-def _digest(secret: str) -> bytes:
-    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()
-
-
 # The configured secrets are few and fixed: hash them once, not on every request.
-_expected_digest = functools.lru_cache(maxsize=16)(_digest)
+_expected_digest = functools.lru_cache(maxsize=16)(key_digest)
 
 
 def constant_time_equal(provided: str, expected: str) -> bool:
     """Compare secrets without leaking their content or length through timing."""
-    return hmac.compare_digest(_digest(provided), _expected_digest(expected))
+    return hmac.compare_digest(key_digest(provided), _expected_digest(expected))
 
 
 def bearer_token(headers: Headers) -> str | None:

@@ -122,8 +122,11 @@ def _whole_answer(body: bytes, forwarded: Forwarded, record: Any, headers: list[
     status = forwarded.response.status_code
     if status >= 400:
         body, summary = passthrough.redacted_error_body(body)
-        record.result = "upstream_api_error"
-        record.error = {**summary, "upstream": {"status": status, "requestId": record.upstream_request_id}}
+        record.fail(
+            "upstream_api_error",
+            **summary,
+            upstream={"status": status, "requestId": record.upstream_request_id},
+        )
     elif body[:1] == b"{":
         with contextlib.suppress(jsonio.JSONDecodeError):
             data = jsonio.loads(body)

@@ -140,9 +140,7 @@ class Relay:
             cancel(self._greenlet)
 
     def _note_error(self, error: ProxyError) -> None:
-        record = self._record
-        record.result = error.result
-        record.error = {"message": error.message, "type": error.type, "code": error.code}
+        error.note_on(self._record)
 
     def _cancel(self) -> None:
         self._done = True

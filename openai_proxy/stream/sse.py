@@ -131,8 +131,9 @@ def note_terminal(record: Any, kind: str, event: dict[str, Any]) -> None:
     note_answer(record, event)
     if kind in FAILED_EVENTS:
         error = event.get("error") or (event.get("response") or {}).get("error") or {}
-        record.result = "upstream_api_error"
-        record.error = {"message": str(error.get("message", kind)) if isinstance(error, dict) else kind}
+        record.fail(
+            "upstream_api_error", str(error.get("message", kind)) if isinstance(error, dict) else kind
+        )
 
 
 class EventRelay(Relay):
@@ -159,9 +160,12 @@ class EventRelay(Relay):
 
     def on_failure(self, error: ProxyError) -> bytes:
         record = self._record
-        body = error.body(record.request_id, record.incoming_request_id)
-        record.error = {k: v for k, v in body["error"].items() if k not in ("requestId", "incomingRequestId")}
-        return b"event: error\ndata: " + jsonio.dumps(body) + b"\n\n"
+        error.note_on(record)
+        return (
+            b"event: error\ndata: "
+            + jsonio.dumps(error.body(record.request_id, record.incoming_request_id))
+            + b"\n\n"
+        )
 
     def _frame(self, data: bytes) -> bytes | None:
         if data == b"[DONE]":

@@ -26,7 +26,7 @@ import openai
 
 from openai_proxy.config import Config
 from openai_proxy.keys.pool import KeyPool
-from openai_proxy.upstream.call import Credentials, RetrySink, UpstreamCall
+from openai_proxy.upstream.call import Credentials, RetrySink, UpstreamCall, authorization
 from openai_proxy.upstream.client import UpstreamClient, UpstreamResponse
 from openai_proxy.upstream.failover import PoolCall
 from openai_proxy.upstream.sdk import (
@@ -103,16 +103,14 @@ class Upstream:
         if call.credentials.pooled:
             body = call.body
             response = self._pool_call(call).send(
-                lambda key: self._send_plain(call, target, [*headers, ("Authorization", f"Bearer {key}")]),
+                lambda key: self._send_plain(call, target, [*headers, authorization(key)]),
                 replayable=body is None
                 or isinstance(body, bytes | bytearray)
                 or getattr(body, "replayable", False),
             )
         else:
             response = self._send_plain(call, target, headers)
-        record = call.record
-        record.upstream_headers_at = time.perf_counter()
-        record.upstream_request_id = response.headers.get("x-request-id") or record.upstream_request_id
+        call.record.note_upstream_answer(response.headers)
         return response
 
     def _send_plain(
@@ -142,7 +140,7 @@ class Upstream:
         pool_call = self._pool_call(call) if creds.pooled else None
         attempts = Attempts(call.record, call.timeout.seconds, self.retry_sinks, pool=pool_call)
         headers: dict[str, Any] = {
-            "Authorization": f"Bearer {creds.api_key}" if creds.api_key else openai.omit,
+            "Authorization": authorization(creds.api_key)[1] if creds.api_key else openai.omit,
             "OpenAI-Project": creds.project or openai.omit,
             "OpenAI-Organization": creds.organization or openai.omit,
             # Hand back the response unread, whatever the method: the pipeline reads or relays it.

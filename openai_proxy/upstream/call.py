@@ -14,6 +14,11 @@ from openai_proxy.redact import redact_text
 log = logging.getLogger("openai_proxy.upstream")
 
 
+def authorization(key: str) -> tuple[str, str]:
+    """The upstream `Authorization` header for an API key: the one place it is spelled."""
+    return ("Authorization", f"Bearer {key}")
+
+
 @dataclass(frozen=True)
 class Credentials:
     """Who the upstream call is made as: overrides from the request, else the configured values.
@@ -33,7 +38,7 @@ class Credentials:
 
     def header_list(self) -> list[tuple[str, str]]:
         """`Authorization`, `OpenAI-Project`, `OpenAI-Organization`: only those that are set."""
-        out = [("Authorization", f"Bearer {self.api_key}")] if self.api_key else []
+        out = [authorization(self.api_key)] if self.api_key else []
         if self.project:
             out.append(("OpenAI-Project", self.project))
         if self.organization:

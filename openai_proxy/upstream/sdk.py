@@ -10,7 +10,6 @@ attempt's wait for response headers and logs each retry with the request id.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import httpx2
 
 from openai_proxy.record import RequestRecord
-from openai_proxy.upstream.call import RetrySink, report_retry
+from openai_proxy.upstream.call import RetrySink, authorization, report_retry
 from openai_proxy.upstream.client import MAX_ERROR_BODY, UpstreamClient, UpstreamResponse
 
 if TYPE_CHECKING:
@@ -108,7 +107,7 @@ class WireTransport(httpx2.BaseTransport):
         size = int(length) if length is not None else None
 
         def send(key: str | None) -> UpstreamResponse:
-            sent = headers if key is None else [*headers, ("Authorization", f"Bearer {key}")]
+            sent = headers if key is None else [*headers, authorization(key)]
             return self.client.send(
                 request.method,
                 target,
@@ -130,9 +129,7 @@ class WireTransport(httpx2.BaseTransport):
         except httpx2.TransportError as exc:
             attempts.last_failure = f"{type(exc).__name__}: {exc}"
             raise
-        record = attempts.record
-        record.upstream_headers_at = time.perf_counter()
-        record.upstream_request_id = wire.headers.get("x-request-id") or record.upstream_request_id
+        attempts.record.note_upstream_answer(wire.headers)
         if wire.status_code >= 400:
             attempts.last_failure = f"HTTP {wire.status_code}"
         return httpx2.Response(

@@ -39,6 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.support.servers import free_port
+
 # What `Via` says, so a test can tell from the upstream's side that a request came through us.
 VIA_NAME = "forward-proxy-under-test"
 
@@ -50,12 +52,6 @@ def tinyproxy_path() -> str | None:
     """The tinyproxy binary, or None when the Debian package is not installed."""
     # Debian ships it in /usr/bin; some layouts use sbin, which is not always on a user's PATH.
     return shutil.which("tinyproxy") or shutil.which("tinyproxy", path="/usr/sbin:/usr/local/sbin")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _unprivileged_user() -> tuple[str, str] | None:
@@ -100,7 +96,7 @@ class ForwardProxy:
         last_error = ""
         # A free port can be taken between choosing and binding it; a few tries make that harmless.
         for _ in range(5):
-            self.port = _free_port()
+            self.port = free_port()
             conf = self.dir / "tinyproxy.conf"
             conf.write_text(self._config())
             stderr = open(self.dir / "stderr.log", "ab")  # noqa: SIM115 - owned by the child's lifetime

@@ -17,16 +17,12 @@ import time
 
 import pytest
 
+from tests.support.servers import free_port
+
 
 def redis_server_path() -> str | None:
     """The redis-server binary, or None when the Debian package is not installed."""
     return shutil.which("redis-server") or shutil.which("redis-server", path="/usr/sbin:/usr/local/bin")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:
@@ -34,7 +30,7 @@ class RedisServer:
 
     def __init__(self, binary: str) -> None:
         self.binary = binary
-        self.port = _free_port()
+        self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="openai-proxy-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -1,6 +1,6 @@
 """A raw-socket "upstream" that answers the proxy with exactly the bytes a test scripts.
 
-The regular fake (`tests/fake_upstream.py`) speaks correct HTTP; this one is for what a correct
+The regular fake (`tests/support/fake_upstream.py`) speaks correct HTTP; this one is for what a correct
 server never sends: broken status lines and framing, oversized heads, endless events, answers given
 before the request body was read. It reads each request head (and, unless told not to, the body),
 takes the next scripted `Answer`, writes its bytes and then keeps the connection, closes it, or holds
@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 import gevent
 from gevent.server import StreamServer
 
-from tests.fake_upstream import chat_completion, response_events, response_object
+from tests.support.fake_upstream import chat_completion, response_events, response_object
 
 # How long a held connection waits for the proxy to hang up. A proxy that rejects a malformed answer
 # closes at once; one that waits for more bytes gets EOF after this and then fails the test.

@@ -19,7 +19,6 @@ import itertools
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -27,6 +26,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
+from tests.support.servers import free_port
 
 SERVER_USER = "postgres"
 _names = itertools.count(1)
@@ -41,18 +42,12 @@ def postgres_bin_dir() -> str | None:
     return os.path.dirname(newest)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class PostgresServer:
     """One PostgreSQL cluster: initdb once, then start and stop at will on the same port."""
 
     def __init__(self, bin_dir: str) -> None:
         self.bin_dir = bin_dir
-        self.port = _free_port()
+        self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="openai-proxy-pg-")
         self.data = os.path.join(self.dir, "data")
         self.logfile = os.path.join(self.dir, "server.log")

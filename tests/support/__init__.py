@@ -1,0 +1,1 @@
+"""What the tests stand on: the fake upstream, real servers the suite starts, and small helpers."""
