@@ -216,36 +216,42 @@ OpenAIProxy(app, url_prefix="/ai")
 """
 
 
-@pytest.fixture(scope="module")
-def host_gunicorn(fake_server, tmp_path_factory):
-    """`gunicorn -k gevent -w 2 app:app` in a directory whose own package is `app` (no config of ours)."""
-    home = tmp_path_factory.mktemp("host")
-    (home / "app").mkdir()
-    (home / "app" / "__init__.py").write_text(textwrap.dedent(HOST_PACKAGE.format(security_key=SECURITY_KEY)))
+def start_host(home, fake, args: list[str], log_name: str, env: dict[str, str]):
+    """The host's own `gunicorn <args> app:app` in `home`, with the proxy limited to 2 calls at once;
+    (process, url, log file) once its `/ai/ready` answers."""
     port = free_port()
     inherited = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "SECURITY_KEY"))}
-    env = {
+    full_env = {
         **inherited,
-        **base_env(fake_server, SECURITY_KEY=None),
-        "OPENAI_PROXY_RUNTIME_DIR": str(home / "run"),
-        "OPENAI_PROXY_LOG_DB": str(home / "log.sqlite3"),
+        **base_env(fake, SECURITY_KEY=None),
         "OPENAI_PROXY_MAX_PARALLEL_REQUESTS": "2",
+        **env,
     }
-    log = open(home / "gunicorn.log", "wb")  # noqa: SIM115
+    log = open(home / log_name, "wb")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", "2", "-b", f"127.0.0.1:{port}", "app:app"],
-        cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT,
+        [sys.executable, "-m", "gunicorn", *args, "-b", f"127.0.0.1:{port}", "app:app"],
+        cwd=home, env=full_env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
             if requests.get(url + "/ai/ready", timeout=1).status_code == 200:
-                break
+                return proc, url, log
         except requests.RequestException:
             time.sleep(0.1)
-    else:
-        raise RuntimeError((home / "gunicorn.log").read_text())
+    proc.kill()
+    raise RuntimeError((home / log_name).read_text())
+
+
+@pytest.fixture(scope="module")
+def host_gunicorn(fake_server, tmp_path_factory):
+    """`gunicorn -k gevent -w 2 app:app` in a directory whose own package is `app` (no config of ours)."""
+    home = tmp_path_factory.mktemp("host")
+    (home / "app").mkdir()
+    (home / "app" / "__init__.py").write_text(textwrap.dedent(HOST_PACKAGE.format(security_key=SECURITY_KEY)))
+    env = {"OPENAI_PROXY_RUNTIME_DIR": str(home / "run"), "OPENAI_PROXY_LOG_DB": str(home / "log.sqlite3")}
+    proc, url, log = start_host(home, fake_server, ["-k", "gevent", "-w", "2"], "gunicorn.log", env)
     yield url, home
     proc.terminate()
     proc.wait(timeout=15)
@@ -338,29 +344,9 @@ def test_the_proxys_hooks_in_a_hosts_own_gunicorn_config(host_gunicorn, fake_ser
     SIGTERM turns /ready to 503 while the drain delay runs."""
     _, home = host_gunicorn
     (home / "host.conf.py").write_text(HOST_CONF)
-    port = free_port()
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "SECURITY_KEY"))}
-    env = {
-        **inherited,
-        **base_env(fake_server, SECURITY_KEY=None),
-        "OPENAI_PROXY_LOG_DB": str(home / "log2.sqlite3"),
-        "OPENAI_PROXY_MAX_PARALLEL_REQUESTS": "2",
-        "OPENAI_PROXY_DRAIN_DELAY_S": "2",
-    }
-    log = open(home / "gunicorn2.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", "host.conf.py", "-b", f"127.0.0.1:{port}", "app:app"],
-        cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    env = {"OPENAI_PROXY_LOG_DB": str(home / "log2.sqlite3"), "OPENAI_PROXY_DRAIN_DELAY_S": "2"}
+    proc, url, log = start_host(home, fake_server, ["-c", "host.conf.py"], "gunicorn2.log", env)
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(url + "/ai/ready", timeout=1).status_code == 200:
-                    break
-            except requests.RequestException:
-                time.sleep(0.1)
         fake_server.reset()
         fake_server.push("POST", "/v1/chat/completions", fu.delay(2.0), times=None)
 
