@@ -64,6 +64,9 @@ class RequestRecord:
     result: str | None = None
     error: dict[str, Any] | None = None
     finished: bool = False
+    # The request's spans when tracing is on: an `openai_proxy.observe.tracing.RequestTrace` (not
+    # imported here, which sits below it), ended with the record.
+    trace: Any = None
 
     def upstream_ms(self) -> float | None:
         """Time until upstream response headers (streams) or until its whole answer (JSON)."""

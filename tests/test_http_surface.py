@@ -175,7 +175,8 @@ def test_completion_record_fields(client, records, capsys):
     assert set(entry) == {"event", "requestId", "incomingRequestId", "upstreamRequestId", "endpoint", "method",
                           "model", "stream", "timeoutMs", "timeoutSource", "start", "durationMs", "upstreamMs",
                           "result", "status", "retries", "overloaded", "cancelled", "usage", "error", "pid",
-                          "client", "attempts", "upstreamModel", "costUsd", "host"}  # fmt: skip
+                          "client", "attempts", "upstreamModel", "costUsd", "host", "traceId"}  # fmt: skip
+    assert entry["traceId"] is None  # tracing is off (tests/test_tracing.py)
     assert entry["event"] == "completion"
     assert entry["host"] == socket.gethostname()  # OPENAI_PROXY_HOST_NAME's default
     assert entry["requestId"] == r.headers["X-Proxy-Request-Id"]
