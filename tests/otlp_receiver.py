@@ -64,11 +64,11 @@ def _attributes(pairs: Any) -> dict[str, Any]:
 
 
 class OTLPReceiver:
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.bodies: list[bytes] = []
         self.spans: list[Span] = []
         self.refused: list[str] = []
-        self._server = WSGIServer(("127.0.0.1", 0), self._app, log=None)
+        self._server = WSGIServer(("127.0.0.1", port), self._app, log=None)
 
     def start(self) -> OTLPReceiver:
         self._server.start()
@@ -145,3 +145,27 @@ class OTLPReceiver:
                 return found
             assert time.monotonic() < deadline, f"timed out waiting for {what}: got {self.spans}"
             gevent.sleep(0.05)
+
+
+def main() -> None:
+    """`python -m tests.otlp_receiver --port 4318`: a receiver for a manual run or the bench (it keeps
+    only a count, so a long run does not grow it), printing the spans received every few seconds."""
+    import argparse
+
+    from gevent import monkey
+
+    monkey.patch_all()
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--port", type=int, default=4318)
+    args = parser.parse_args()
+    receiver = OTLPReceiver(args.port).start()
+    total = 0
+    while True:
+        gevent.sleep(5)
+        total += len(receiver.spans)
+        receiver.reset()
+        print(f"{total} spans received", flush=True)
+
+
+if __name__ == "__main__":
+    main()

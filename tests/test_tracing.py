@@ -108,7 +108,6 @@ def test_the_request_continues_the_callers_trace_and_each_attempt_is_named_upstr
         "gen_ai.usage.output_tokens": 7,
         "server.address": "127.0.0.1",
         "server.port": fake.port,
-        "http.request.method": "POST",
         "http.response.status_code": 200,
         "openai_proxy.client": "default",
     }

@@ -177,7 +177,6 @@ class RequestTrace:
             "gen_ai.operation.name": operation,
             "server.address": settings.host,
             "server.port": settings.port,
-            "http.request.method": method,
         }
         if model:
             attributes["gen_ai.request.model"] = model
@@ -200,12 +199,14 @@ class RequestTrace:
         span = self.span
         status = entry.get("status")
         result = entry.get("result")
+        attributes: dict[str, Any] = {}  # set at once: each call takes the span's lock
         if isinstance(status, int):
-            span.set_attribute("http.response.status_code", status)
+            attributes["http.response.status_code"] = status
         if entry.get("client"):
-            span.set_attribute("openai_proxy.client", entry["client"])
+            attributes["openai_proxy.client"] = entry["client"]
         if result:
-            span.set_attribute("openai_proxy.result", result)
+            attributes["openai_proxy.result"] = result
+        span.set_attributes(attributes)
         # A server span fails on a 5xx only: a 4xx is the caller's error, a 499 the caller leaving.
         if isinstance(status, int) and status >= 500:
             _fail(span, result or str(status))
@@ -255,13 +256,15 @@ class AttemptTrace:
             return
         span = self.span
         if self.status is not None and self.status < 400:
+            attributes: dict[str, Any] = {}
             if entry.get("upstreamModel"):
-                span.set_attribute("gen_ai.response.model", entry["upstreamModel"])
+                attributes["gen_ai.response.model"] = entry["upstreamModel"]
             usage = entry.get("usage") or {}
             if isinstance(usage.get("prompt_tokens"), int):
-                span.set_attribute("gen_ai.usage.input_tokens", usage["prompt_tokens"])
+                attributes["gen_ai.usage.input_tokens"] = usage["prompt_tokens"]
             if isinstance(usage.get("completion_tokens"), int):
-                span.set_attribute("gen_ai.usage.output_tokens", usage["completion_tokens"])
+                attributes["gen_ai.usage.output_tokens"] = usage["completion_tokens"]
+            span.set_attributes(attributes)
             result = entry.get("result")
             if result and result != "ok":  # the stream broke, or the client left during it
                 _fail(span, result)
