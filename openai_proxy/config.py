@@ -85,7 +85,18 @@ class Config:
     safety_secret: str | None = None
     # The upstream key pool (OPENAI_API_KEYS, with OPENAI_API_KEY): empty means no pool.
     upstream_keys: tuple[KeySpec, ...] = ()
+    # OpenTelemetry's own `OTEL_*` variables, as (name, value) pairs from the same sources as every
+    # other setting; tracing is on when an OTLP endpoint is among them (`openai_proxy.observe.tracing`).
+    otel: tuple[tuple[str, str], ...] = ()
     warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def tracing(self) -> bool:
+        """Whether spans are exported: an OTLP endpoint is set and the SDK is not switched off."""
+        values = dict(self.otel)
+        if values.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+            return False
+        return any(values.get(name) for name in OTEL_ENDPOINT_VARS)
 
     @property
     def effective_max_timeout_ms(self) -> int:
@@ -106,6 +117,8 @@ class Config:
                 value = _without_userinfo(value)
             elif f.name == "log_db":
                 value = logurl.shown(value)
+            elif f.name == "otel":
+                value = {name: _otel_shown(name, v) for name, v in value}
             elif f.name == "upstream_keys":
                 value = [{"name": k.name, "weight": k.weight, "models": sorted(k.models) if k.models else None}
                          for k in value]  # fmt: skip
@@ -127,6 +140,13 @@ class Config:
     def pages_limits_uri(self) -> str:
         """flask-limiter's storage for the page rate limits: OPENAI_PROXY_LIMITS_URI wins when set."""
         return self.limits_uri or self.ratelimit_storage_uri
+
+
+def _otel_shown(name: str, value: str) -> str:
+    """An `OTEL_*` value as a page may show it: headers (API keys, often) only as `set`."""
+    if name.endswith("_HEADERS"):
+        return "set"
+    return _without_userinfo(value) if name.endswith("_ENDPOINT") else value
 
 
 def _without_userinfo(url: str) -> str:
@@ -206,10 +226,17 @@ _OTHER_VARS = (
     "OPENAI_PROXY_CONFIG_REPORTED",
     "OPENAI_PROXY_OWNED_RUNTIME_DIR",
 )
+# Tracing: OpenTelemetry's standard variables. Any `OTEL_*` variable is handed to the SDK (the names
+# below are the ones the proxy itself looks at); an endpoint switches tracing on.
+OTEL_PREFIX = "OTEL_"
+OTEL_ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+OTEL_HEADER_VARS = ("OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS")
+_OTEL_PROTOCOL_VARS = ("OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+_OTEL_VARS = (*OTEL_ENDPOINT_VARS, *OTEL_HEADER_VARS, *_OTEL_PROTOCOL_VARS, "OTEL_SDK_DISABLED")
 # Every variable the proxy reads: settings may be given under these names in the environment, the
-# dotenv files, or a host app's `app.config`.
+# dotenv files, or a host app's `app.config` (there any `OTEL_*` name too).
 KNOWN_VARIABLES = frozenset(
-    [*_INT_VARS, *(name for names in _STR_VARS.values() for name in names), *_OTHER_VARS]
+    [*_INT_VARS, *(name for names in _STR_VARS.values() for name in names), *_OTHER_VARS, *_OTEL_VARS]
 )
 PREFIX = "OPENAI_PROXY_"
 
@@ -406,6 +433,37 @@ def _switch(values: Mapping[str, str], var: str, default: bool, warnings: list[s
     return value
 
 
+def _otel(values: Mapping[str, str], warnings: list[str]) -> tuple[tuple[str, str], ...]:
+    """The `OTEL_*` variables that are set; an endpoint that is not a URL stops the server, and a
+    protocol other than OTLP/HTTP with protobuf (the only one shipped) is named in a warning."""
+    found = tuple(
+        sorted(
+            (name, value.strip())
+            for name, value in values.items()
+            if name.startswith(OTEL_PREFIX) and value.strip()
+        )
+    )
+    settings = dict(found)
+    for name in OTEL_ENDPOINT_VARS:
+        raw = settings.get(name)
+        if raw is None:
+            continue
+        parts = urlsplit(raw)
+        try:
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError:
+            parts = parts._replace(scheme="")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(
+                f"{name}={_without_userinfo(raw)!r} is not an http:// or https:// URL like http://collector:4318"
+            )
+    for name in _OTEL_PROTOCOL_VARS:
+        protocol = settings.get(name)
+        if protocol is not None and protocol != "http/protobuf":
+            warnings.append(f"{name}={protocol!r}: spans are only sent as OTLP over HTTP (http/protobuf)")
+    return found
+
+
 def read_environment(
     environ: Mapping[str, str] | None = None, directory: str | os.PathLike[str] | None = None
 ) -> dict[str, str]:
@@ -505,6 +563,7 @@ def build_config(values: Mapping[str, str]) -> Config:
     kwargs["safety_identifier"] = _switch(
         values, "OPENAI_PROXY_SAFETY_IDENTIFIER", defaults.safety_identifier, warnings
     )
+    kwargs["otel"] = _otel(values, warnings)
     config = Config(**kwargs)  # type: ignore[arg-type]
     drain_delay_s = _drain_delay(values, config.graceful_timeout_s, warnings)
     config = dataclasses.replace(config, drain_delay_s=drain_delay_s)

@@ -20,6 +20,9 @@ from openai_proxy.clients import ClientsFileError, load_clients
 from openai_proxy.clients.admission import charge
 from openai_proxy.config import (
     KNOWN_VARIABLES,
+    OTEL_ENDPOINT_VARS,
+    OTEL_HEADER_VARS,
+    OTEL_PREFIX,
     Config,
     ConfigError,
     build_config,
@@ -89,9 +92,8 @@ def config_from_app(app: Flask) -> Config:
     """Settings from `app.config` under the environment's names, the environment and dotenv files as
     fallback; a value of None in `app.config` counts as unset."""
     values = read_environment()
-    for name in KNOWN_VARIABLES:
-        value = app.config.get(name)
-        if value is not None:
+    for name, value in app.config.items():
+        if value is not None and (name in KNOWN_VARIABLES or name.startswith(OTEL_PREFIX)):
             values[name] = str(value)
     return build_config(values)
 
@@ -155,6 +157,11 @@ def _install(app: Flask, config: Config, prefix: str, *, whole_app: bool) -> Pro
         url_prefix=prefix,
         prices=prices,
     )
+    if config.tracing:
+        # Imported only now: with tracing off no OpenTelemetry module is loaded at all.
+        from openai_proxy.observe.tracing import Tracing
+
+        st.tracing = Tracing(config)
     # Observability hangs off the existing hooks: finished requests, retries, new parallel peaks.
     st.completion_log.sinks += [st.log_store.append, st.metrics.observe, functools.partial(charge, st)]
     st.upstream.retry_sinks.append(st.log_store.append_retry)
@@ -209,6 +216,15 @@ def configured_secrets(config: Config) -> dict[str, str]:
         found[f"the password in {name}"] = unquote(password) if password else None
     for i, password in enumerate(logurl.secrets(config.log_db)):
         found[f"password {i + 1} in OPENAI_PROXY_LOG_DB"] = password
+    otel = dict(config.otel)
+    for name in OTEL_HEADER_VARS:
+        # `name=value,...`, values percent-encoded: an exporter's API key, typically.
+        for i, item in enumerate((otel.get(name) or "").split(",")):
+            found[f"header {i + 1} in {name}"] = unquote(item.partition("=")[2].strip())
+    for name in OTEL_ENDPOINT_VARS:
+        url = otel.get(name) or ""
+        password = urlsplit(url).password if "@" in url else None
+        found[f"the password in {name}"] = unquote(password) if password else None
     for spec in config.upstream_keys:
         found[f"the upstream key {spec.name}"] = spec.key
     return {name: value for name, value in found.items() if value}
@@ -296,12 +312,15 @@ def _register_record_hooks(api: Blueprint, state: ProxyState, prefix: str) -> No
         if endpoint is None:
             # Records name the route as the contract does (`/openai`), whatever the mount prefix.
             endpoint = endpoints[rule.rule] = _CONVERTER.sub(r"<\1>", rule.rule.removeprefix(prefix))
-        ctx.record = RequestRecord(
+        rec = ctx.record = RequestRecord(
             endpoint=endpoint,
             method=req.method,
             request_id=ctx.request_id,
             incoming_request_id=ctx.incoming_request_id,
         )
+        tracing = state.tracing
+        if tracing is not None:
+            rec.trace = tracing.start_request(rec, req.environ, prefix + endpoint)
         state.metrics.request_started()
 
     @api.after_request

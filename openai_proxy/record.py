@@ -86,6 +86,9 @@ class RequestRecord:
     result: str | None = None
     error: dict[str, Any] | None = None
     finished: bool = False
+    # The request's spans when tracing is on: an `openai_proxy.observe.tracing.RequestTrace` (not
+    # imported here, which sits below it), ended with the record.
+    trace: Any = None
 
     def note_upstream_answer(self, headers: Any) -> None:
         """Upstream's response head arrived: when, and its request id (kept from an earlier attempt

@@ -254,6 +254,8 @@ class ServerRuntime:
         state = getattr(worker.wsgi, "extensions", {}).get("openai_proxy")
         if state is not None:
             state.log_store.close()
+            if state.tracing is not None:
+                state.tracing.close()  # spans still queued in this worker go out too
 
     def child_exit(self, server: Any, worker: Any) -> None:
         # A dead worker's in-flight gauge must not be summed any more (its counters still count).

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from flask import current_app
 from flask_limiter import Limiter
@@ -20,6 +21,9 @@ from openai_proxy.observe.metrics import Metrics
 from openai_proxy.observe.prices import PriceTable
 from openai_proxy.runtime import server_stopping
 from openai_proxy.upstream import Upstream
+
+if TYPE_CHECKING:
+    from openai_proxy.observe.tracing import Tracing
 
 # The proxy's blueprint in an app: its endpoints are `openai_proxy.api.chat.<view>`, `openai_proxy.pages.<view>`,
 # ..., clear of a host app's own blueprints (a host's `api` or `pages` is common).
@@ -43,6 +47,8 @@ class ProxyState:
     # Where the proxy is mounted in its app ("/ai"); "" when it is the whole app.
     url_prefix: str = ""
     prices: PriceTable | None = None
+    # Set only when tracing is on (OTEL_EXPORTER_OTLP_ENDPOINT): None costs a request one `if`.
+    tracing: Tracing | None = None
     started_at: float = field(default_factory=time.time)
 
     def draining(self) -> bool:

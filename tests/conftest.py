@@ -122,6 +122,8 @@ def make_app(fake, tmp_path):
         app.extensions["openai_proxy"].upstream.close()
         app.extensions["openai_proxy"].log_store.close()
         app.extensions["openai_proxy"].gate.close()
+        if app.extensions["openai_proxy"].tracing is not None:
+            app.extensions["openai_proxy"].tracing.close()
 
 
 @pytest.fixture

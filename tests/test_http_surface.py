@@ -176,7 +176,8 @@ def test_completion_record_fields(client, records, capsys):
                           "model", "stream", "timeoutMs", "timeoutSource", "start", "durationMs", "upstreamMs",
                           "result", "status", "retries", "overloaded", "cancelled", "usage", "error", "pid",
                           "client", "attempts", "upstreamModel", "costUsd", "host", "usageSource",
-                          "serviceTier"}  # fmt: skip
+                          "serviceTier", "traceId"}  # fmt: skip
+    assert entry["traceId"] is None  # tracing is off (tests/test_tracing.py)
     assert entry["event"] == "completion"
     assert entry["host"] == socket.gethostname()  # OPENAI_PROXY_HOST_NAME's default
     assert entry["requestId"] == r.headers["X-Proxy-Request-Id"]

@@ -125,7 +125,7 @@ def test_chat_stream_bytes_are_upstream_framing(server, fake):
     )
     assert r.status_code == 200 and r.headers["content-type"] == "text/event-stream"
     expected = b"".join(b"data: " + json.dumps(c, separators=(",", ":")).encode() + b"\n\n"
-                        for c in __import__("tests.support.fake_upstream").fake_upstream.chat_chunks("m", True))  # fmt: skip
+                        for c in __import__("tests.support.fake_upstream").support.fake_upstream.chat_chunks("m", True))  # fmt: skip
     assert r.content == expected + b"data: [DONE]\n\n"
 
 

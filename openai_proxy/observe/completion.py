@@ -38,6 +38,8 @@ def build_entry(
         "requestId": record.request_id,
         "incomingRequestId": redact_text(record.incoming_request_id),
         "upstreamRequestId": redact_text(record.upstream_request_id),
+        # The W3C trace id of the request's spans (its traceparent's), None when tracing is off.
+        "traceId": record.trace.trace_id if record.trace is not None else None,
         "client": record.client,
         "endpoint": record.endpoint,
         "method": record.method,
@@ -135,6 +137,12 @@ class CompletionLog:
             entry = build_entry(record, self._prices, self.host)
         finally:
             end_of_request()  # the request's own secrets were needed up to here, and not after
+        if record.trace is not None:
+            # The response has really ended (the record goes out when it is closed): so do its spans.
+            try:
+                record.trace.finish(entry)
+            except Exception:
+                log.exception("ending the spans of request %s failed", record.request_id)
         out = self._stream or sys.stdout
         try:
             out.write(dumps_text(entry) + "\n")

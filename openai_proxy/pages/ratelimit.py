@@ -16,8 +16,6 @@ from flask import Blueprint, Flask, Response
 from flask_limiter import Limiter, RateLimitExceeded
 from flask_limiter.util import get_remote_address
 from limits.errors import ConfigurationError
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from openai_proxy.config import Config
 from openai_proxy.errors import RateLimited, render
@@ -42,6 +40,11 @@ def init_limiter(app: Flask, config: Config, root: Blueprint) -> Limiter:
     }
     uri = config.pages_limits_uri
     if uri.startswith(("redis://", "rediss://")):
+        # Imported only for a Redis storage: redis-py loads OpenTelemetry's SDK when it is installed,
+        # which a proxy without Redis or tracing need not carry.
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
         options["storage_options"] = {
             "socket_timeout": REDIS_TIMEOUT_S,
             "socket_connect_timeout": REDIS_TIMEOUT_S,

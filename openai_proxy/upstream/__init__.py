@@ -123,6 +123,7 @@ class Upstream:
             call.body,
             header_timeout=call.timeout.seconds,
             content_length=call.content_length,
+            trace=call.record.trace,
         )
 
     def _pool_call(self, call: UpstreamCall) -> PoolCall:

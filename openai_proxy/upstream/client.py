@@ -17,7 +17,7 @@ import select
 import ssl
 import zlib
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import gevent
 import httpx2
@@ -82,6 +82,28 @@ class Headers:
         return self._raw
 
 
+class AttemptTrace(Protocol):
+    """The span of one attempt (`openai_proxy.observe.tracing`): its trace headers, and how it went."""
+
+    headers: list[tuple[str, str]]
+
+    def answered(self, status: int) -> None: ...
+
+    def failed(self, exc: BaseException) -> None: ...
+
+    def closed(self) -> None: ...
+
+
+class CallTrace(Protocol):
+    """A request's trace, which gives each of its upstream attempts a span (None: tracing is off)."""
+
+    def start_attempt(self, method: str, target: str, settings: ClientSettings) -> AttemptTrace: ...
+
+
+# Trace headers a client sent (`/v1` forwards its headers) give way to the attempt's own.
+TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
+
+
 class UpstreamResponse(HTTPSocketPoolResponse):
     """One upstream response: llhttp parses it; the body is handed on as it arrives.
 
@@ -92,6 +114,7 @@ class UpstreamResponse(HTTPSocketPoolResponse):
 
     def __init__(self, sock: Any, client: UpstreamClient, method: str) -> None:
         self.lease: Any = None
+        self.attempt: AttemptTrace | None = None
         self._replay: bytes | None = None
         self._failed = False
         self._head_size = 0
@@ -271,13 +294,17 @@ class UpstreamResponse(HTTPSocketPoolResponse):
         super().release()
 
     def close(self) -> None:
-        """Give the connection back if the body was read to its end, else close it; end the lease."""
+        """Give the connection back if the body was read to its end, else close it; end the lease
+        (and the attempt's span)."""
         try:
             self.release()
         finally:
             lease, self.lease = self.lease, None
             if lease is not None:
                 lease.release()
+            attempt, self.attempt = self.attempt, None
+            if attempt is not None:
+                attempt.closed()
 
 
 def _reason(exc: HTTPParseError) -> str:
@@ -361,13 +388,18 @@ class UpstreamClient(HTTPClient):
         *,
         header_timeout: float,
         content_length: int | None = None,
+        trace: CallTrace | None = None,
     ) -> UpstreamResponse:
         """Send a request; return once the response headers are in (any status).
 
         `header_timeout` bounds connecting, sending a bytes body and waiting for the response head.
         A streamed body (an iterable, sent with `content_length` if known, else chunked) is sent as
-        it is produced first; the timer starts once it is all upstream.
+        it is produced first; the timer starts once it is all upstream. With `trace`, the attempt
+        has its own span, named to upstream in its `traceparent` (every attempt of every call,
+        failovers and SDK retries included, comes through here).
         """
+        if trace is not None:
+            return self._send_traced(trace, method, target, headers, body, header_timeout, content_length)
         streamed = body is not None and not isinstance(body, bytes | bytearray)
         if streamed and content_length is not None:
             body = _Sized(body, content_length)  # type: ignore[arg-type]
@@ -410,6 +442,30 @@ class UpstreamClient(HTTPClient):
             raise httpx2.ProxyError(
                 f"the outbound proxy {self.settings.proxy} refused: 407 Proxy Authentication Required"
             )
+        return response
+
+    def _send_traced(
+        self,
+        trace: CallTrace,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        body: bytes | Iterable[bytes] | None,
+        header_timeout: float,
+        content_length: int | None,
+    ) -> UpstreamResponse:
+        """`send`, as one attempt with its own span, whose context goes upstream in `traceparent`."""
+        attempt = trace.start_attempt(method, target, self.settings)
+        headers = [h for h in headers if h[0].lower() not in TRACE_HEADERS] + attempt.headers
+        try:
+            response = self.send(
+                method, target, headers, body, header_timeout=header_timeout, content_length=content_length
+            )
+        except BaseException as exc:
+            attempt.failed(exc)
+            raise
+        attempt.answered(response.status_code)
+        response.attempt = attempt  # its span ends when the response is closed
         return response
 
     def _connect(self) -> Any:

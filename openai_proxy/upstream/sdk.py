@@ -115,6 +115,7 @@ class WireTransport(httpx2.BaseTransport):
                 body,
                 header_timeout=attempts.header_timeout_s,
                 content_length=size,
+                trace=attempts.record.trace,
             )
 
         try:
