@@ -111,8 +111,8 @@ class Tracing:
     def start_request(self, record: RequestRecord, environ: Mapping[str, Any], route: str) -> RequestTrace:
         """The SERVER span of an API request, child of the caller's `traceparent` if it sent one."""
         if self._pid != os.getpid():
-            # First use in this process, or a fork since: the parent's batch processor does not
-            # export from here (its thread is not in this process), so this process starts its own.
+            # First use in this process, or a fork since: an SDK started before the fork is the
+            # parent's (its export thread, its queue, its process.pid), so this process starts its own.
             self._start()
         parent = None
         traceparent = environ.get("HTTP_TRACEPARENT")
