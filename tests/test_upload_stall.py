@@ -116,8 +116,11 @@ def spool_files(server, spool_dir: Path) -> list[str]:
 
 
 def readable(sock: socket.socket) -> bool:
-    """Whether the proxy has answered (or closed) on `sock` yet."""
-    return bool(select.select([sock], [], [], 0)[0])
+    """Whether the proxy has answered (or closed) on `sock` yet (poll: select() fails on descriptors
+    past 1023, which a long test run's process reaches)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 @pytest.mark.parametrize("path", ["/v1/files", "/v1/audio/transcriptions"])
