@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SECURITY_KEY = "test-security-key"
 ACCESS_TOKEN = "test-access-token"
 UPSTREAM_KEY = "sk-test-upstream-0123456789abcdef"
+# Every time the proxy writes (pages, /health, records): ISO 8601 UTC, milliseconds, Z.
+ISO_MS = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,7 @@ from openai_proxy.limits import rules
 from openai_proxy.limits.local import LocalLimitStore
 from openai_proxy.limits.reservations import Ledger, Reservation
 from openai_proxy.limits.rules import ALLOWED, Admission, Limits
+from openai_proxy.times import iso_or_none
 
 log = logging.getLogger("openai_proxy.limits")
 
@@ -374,7 +375,7 @@ class RedisLimitStore:
             "uri": self.uri,
             "reachable": not down,
             "usingFallback": down,
-            "downSince": self._down_since,
+            "downSince": iso_or_none(self._down_since),
             "lastError": self.last_error,
             "fallback": self._local.status(),
         }
