@@ -40,7 +40,9 @@ def test_each_record_names_its_host_and_pages_filter_by_host(log_db, make_app, f
         **dict.fromkeys([*from_b, retried], "web-2.eu"),
     }
     assert '<select name="host">' in html
-    assert '<option value="web-1.eu">web-1.eu</option>' in html and any(c.startswith("web-2.eu ") for c in column(html, "host"))
+    assert '<option value="web-1.eu">web-1.eu</option>' in html and any(
+        c.startswith("web-2.eu ") for c in column(html, "host")
+    )
     assert [r for r, _ in row_hosts(html_of(ca, query="host=web-2.eu"))] == [retried, *from_b]
     assert [r for r, _ in row_hosts(html_of(cb, query="host=web-1.eu&per_page=1&page=2"))] == [from_a[0]]
     paged = html_of(cb, query="host=web-1.eu&per_page=1")

@@ -182,3 +182,37 @@ def test_a_page_reads_records_once_and_not_at_all_when_nothing_can_match(log_db)
         assert (page.records, page.total, counting.reads) == ([], 0, [])  # the totals say: none
         page = logdb.read_page(counting, "info", LogFilter(request_id="r0003"), 10)
         assert page.total is None and len(counting.reads) == 1  # ids are not in the totals: looked up
+
+
+def test_sqlite_walks_the_index_the_totals_choose(tmp_path):
+    """SQLite keeps no statistics: left alone it walks the status index for `status=200` (most of a
+    level) when the client's index finds a rare client's page at once, and sorts every 2xx record
+    of a level. The totals say which index to walk; the query lets it use no other."""
+    path = str(tmp_path / "log.sqlite3")
+    rng = random.Random(3)
+    items = [("completion", {**entry(n, rng), "status": 200, "client": "common"}, T + n) for n in range(3000)]
+    items += [
+        ("completion", {**entry(n, rng), "status": 200, "client": "rare"}, T + n + 0.5) for n in range(3)
+    ]
+    with opened(path) as db:
+        logdb.write_batch(db, Batch("w:1:a", 1, "h1", 1, items, 0, 0, False, T), 10**6)
+        totals = [(*r[:4], int(r[4])) for r in
+                  db.execute("SELECT endpoint, client, host, status, n FROM record_totals WHERE level = 'info'")]  # fmt: skip
+
+        def plan(where: LogFilter) -> tuple[str, str]:
+            walk = logdb.choose_walk(where, totals, 51)
+            sql, args = where.where("info", walk)
+            steps = db.execute(f"EXPLAIN QUERY PLAN SELECT id FROM records WHERE {sql} ORDER BY ts DESC, id DESC "
+                               "LIMIT 51", args).fetchall()  # fmt: skip
+            return walk, " | ".join(step[3] for step in steps)
+
+        walk, steps = plan(LogFilter(client="rare", status=200))
+        assert walk == "client" and "records_level_client_ts" in steps and "TEMP B-TREE" not in steps
+        walk, steps = plan(LogFilter(client="common", status_class=2))
+        assert walk == "client" and "TEMP B-TREE" not in steps  # not every 2xx record, sorted
+        walk, steps = plan(LogFilter(status_class=2))
+        assert walk == "level" and "records_level_ts_id" in steps and "TEMP B-TREE" not in steps
+        walk, steps = plan(LogFilter(request_id="r0001"))
+        assert walk == "request_id" and "records_request_id" in steps
+        rows = logdb.read_page(db, "info", LogFilter(client="rare", status=200), 50).records
+        assert [r["client"] for r in rows] == ["rare"] * 3

@@ -47,7 +47,7 @@ SCHEMA = (
         data TEXT NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS records_level_id ON records (level, id)",
-    "CREATE INDEX IF NOT EXISTS records_level_ts ON records (level, ts)",
+    "CREATE INDEX IF NOT EXISTS records_level_ts_id ON records (level, ts, id)",
     # How many records each level holds per endpoint, client, host and status, kept by every write
     # and trim: the pages' totals and filter choices, and the retention trim, never count `records`.
     # NULLs are '' and 0 here (part of the key).
@@ -80,9 +80,16 @@ ADDED_COLUMNS = {
 # page (keyset pagination): without them a filter that matches a few records among a million reads
 # all the others. (A log of a million records made by an older version builds them once, at start.)
 INDEXES = (
+    # Replaced by records_level_ts_id: with the id in it, a page number's offset is skipped in the
+    # index alone on PostgreSQL too (an index-only scan), and the order needs no sort for ties.
+    "DROP INDEX IF EXISTS records_level_ts",
     "CREATE INDEX IF NOT EXISTS records_level_client_ts ON records (level, client, ts, id)",
     "CREATE INDEX IF NOT EXISTS records_level_status_ts ON records (level, status, ts, id)",
     "CREATE INDEX IF NOT EXISTS records_level_endpoint_ts ON records (level, endpoint, ts, id)",
+    # A request id (the proxy's, the client's or upstream's) finds its records at once.
+    "CREATE INDEX IF NOT EXISTS records_request_id ON records (request_id)",
+    "CREATE INDEX IF NOT EXISTS records_incoming_request_id ON records (incoming_request_id)",
+    "CREATE INDEX IF NOT EXISTS records_upstream_request_id ON records (upstream_request_id)",
 )
 WRITERS_KEEP_S = 30 * 24 * 3600
 
@@ -457,17 +464,27 @@ class LogFilter:
     host: str | None = None
     client: str | None = None
 
-    def where(self, level: str) -> tuple[str, list[Any]]:
-        sql, args = ["level = ?"], [level]
+    def where(self, level: str, walk: str | None = None) -> tuple[str, list[Any]]:
+        """The SQL condition and its arguments. `walk`: the one filter column whose index the query
+        may use (`choose_walk`; "level": none of them, only the level's index in time order); the
+        others are written as expressions (`status + 0`, `client || ''`), which no index serves, so
+        the database cannot pick an index the totals say is worse. None: any (the database chooses)."""
+
+        def col(name: str) -> str:
+            if walk is None or walk == name or (name == "level" and walk != "request_id"):
+                return name
+            return f"({name} + 0)" if name == "status" else f"({name} || '')"
+
+        sql, args = [f"{col('level')} = ?"], [level]
         if self.status is not None:
-            sql.append("status = ?")
+            sql.append(f"{col('status')} = ?")
             args.append(self.status)
         if self.status_class is not None:
-            sql.append("status BETWEEN ? AND ?")
+            sql.append(f"{col('status')} BETWEEN ? AND ?")
             args += [self.status_class * 100, self.status_class * 100 + 99]
         for column in ("endpoint", "host", "client"):
             if getattr(self, column):
-                sql.append(f"{column} = ?")
+                sql.append(f"{col(column)} = ?")
                 args.append(getattr(self, column))
         if self.request_id:
             # Spelled out (not `? IN (...)`), so that each database can use an index per column.
@@ -556,11 +573,52 @@ _COLUMNS = "SELECT id, ts, kind, host, data FROM records"
 _NEWEST_FIRST = "ORDER BY ts DESC, id DESC"
 
 
-def _select_records(db: Database, level: str, where: LogFilter, at: Position, per_page: int) -> list[Any]:
+# The filter columns with an index of their own, (level, column, ts, id): see INDEXES.
+WALKABLE = ("client", "endpoint", "status")
+# Reading every record of a status class and sorting them costs about this many walked index entries
+# each (a range of (level, status, ts) is not in time order).
+SORT_COST = 3
+
+
+def choose_walk(where: LogFilter, totals: list[tuple[str, str, str, int, int]], wanted: int) -> str:
+    """Which index a page's query should walk to find `wanted` records (the page, and any offset
+    before it), judged from the exact totals the database's planner does not have: the level's
+    index in time order ("level"), or the index of one filter column ("client", "request_id"...). Walking an index in time order
+    reads about `wanted` x (its records / the records that pass) entries; a status class, whose
+    range is not in time order, reads all of its records and sorts them. Without this, SQLite (no
+    statistics) walks the status index for `status=200` when `client=` would find a rare client's
+    page at once, or sorts every 2xx record of a level."""
+    if where.request_id:
+        return "request_id"  # its own indexes find a handful of records (SQLite would walk the level)
+    passing = sum(n for e, c, h, s, n in totals if where.matches(e, c, h, s))
+    if not passing:
+        return "level"
+    level = sum(n for *_, n in totals)
+    best, cost = "level", wanted * level / passing
+    for column in WALKABLE:
+        if column == "status" and where.status is None and where.status_class is None:
+            continue
+        if column != "status" and getattr(where, column) is None:
+            continue
+        alone = LogFilter(**{k: getattr(where, k) for k in (("status", "status_class") if column == "status"
+                                                            else (column,))})  # fmt: skip
+        in_index = sum(n for e, c, h, s, n in totals if alone.matches(e, c, h, s))
+        if column == "status" and where.status is None:
+            walked = SORT_COST * in_index
+        else:
+            walked = min(in_index, wanted * in_index / passing)
+        if walked < cost:
+            best, cost = column, walked
+    return best
+
+
+def _select_records(
+    db: Database, level: str, where: LogFilter, at: Position, per_page: int, walk: str | None = None
+) -> list[Any]:
     """One query: the page's records and one more (which says whether there is a page beyond),
     newest first, walking an index from the cursor (keyset pagination): the same cost on page 1 and
     page 20,000. `page` skips in the index alone (the ids), then reads that page's rows."""
-    sql, args = where.where(level)
+    sql, args = where.where(level, walk)
     if at.after is not None:  # the page above: walked oldest first from the cursor, then turned
         rows = db.execute(
             f"{_COLUMNS} WHERE {sql} AND ts >= ? AND (ts > ? OR id > ?) ORDER BY ts, id LIMIT ?",
@@ -589,9 +647,11 @@ def read_page(db: Database, level: str, where: LogFilter, per_page: int, at: Pos
         totals = db.execute(
             "SELECT endpoint, client, host, status, n FROM record_totals WHERE level = ? AND n > 0", (level,)
         ).fetchall()
-        found = [(e, c, h, s, int(n)) for e, c, h, s, n in totals if where.matches(e, c, h, s)]
+        totals = [(e, c, h, s, int(n)) for e, c, h, s, n in totals]
+        found = [row for row in totals if where.matches(*row[:4])]
         # Nothing passes the filter: no need to look (an index walk that finds nothing reads it all).
-        rows = _select_records(db, level, where, at, per_page) if found or where.request_id else []
+        walk = choose_walk(where, totals, at.page * per_page + 1) if db.plans_blind else None
+        rows = _select_records(db, level, where, at, per_page, walk) if found or where.request_id else []
         # Every host that has written to this log, on both pages (a small table; no scan of records).
         hosts = db.execute("SELECT host, dropped, rejected FROM log_hosts ORDER BY host").fetchall()
         counters = read_counters(db)
