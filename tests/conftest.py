@@ -21,6 +21,8 @@ from tests.support.servers import ROOT, GunicornServer, free_port  # noqa: E402,
 SECURITY_KEY = "test-security-key"
 ACCESS_TOKEN = "test-access-token"
 UPSTREAM_KEY = "sk-test-upstream-0123456789abcdef"
+# Every time the proxy writes (pages, /health, records): ISO 8601 UTC, milliseconds, Z.
+ISO_MS = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
 
 
 # Markers by what a test stands on, so a quick run can leave the slow real servers out:

@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from tests.conftest import SECURITY_KEY, error_of, post_json
+from tests.conftest import ISO_MS, SECURITY_KEY, error_of, post_json
 
 CORS = {
     "Access-Control-Allow-Origin": "*",
@@ -186,7 +186,7 @@ def test_completion_record_fields(client, records, capsys):
     assert entry["endpoint"] == "/openai" and entry["method"] == "POST"
     assert entry["model"] == "gpt-4o-mini" and entry["stream"] is False
     assert entry["timeoutMs"] == 5000 and entry["timeoutSource"] == "provided"
-    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", entry["start"])
+    assert re.fullmatch(ISO_MS, entry["start"])  # the one time format (openai_proxy.jsonio.iso)
     assert entry["durationMs"] >= entry["upstreamMs"] >= 0
     assert entry["result"] == "ok" and entry["status"] == 200
     assert entry["retries"] == 0 and entry["overloaded"] is False and entry["cancelled"] is False

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import time
 
@@ -15,6 +16,7 @@ from openai_proxy.config import build_config
 from openai_proxy.limits import Limits, LocalLimitStore, Reservation, open_limit_store
 from openai_proxy.limits.reservations import LEASE_S
 from openai_proxy.limits.shared import KEY_PREFIX, RedisLimitStore
+from tests.conftest import ISO_MS
 from tests.support.limits_contract import NOW, StoreContract, allowed, refused, trio
 from tests.support.logpage import AUTH
 from tests.test_limits import SPAWN, gone, hang_with_a_reservation, run_processes
@@ -152,7 +154,7 @@ def test_redis_down_falls_back_to_the_host_and_comes_back(store, redis_server, c
     assert store.admit("c", lim, NOW + 60).limit == "daily_usd"
     status = store.status()
     assert (status["backend"], status["reachable"], status["usingFallback"]) == ("redis", False, True)
-    assert status["lastError"].startswith("ConnectionError: ") and status["downSince"] > 0
+    assert status["lastError"].startswith("ConnectionError: ") and re.fullmatch(ISO_MS, status["downSince"])
     assert status["fallback"]["backend"] == "local" and status["uri"] == redis_server.url
     warnings = [r.getMessage() for r in caplog.records if r.name == LIMITS_LOG]
     assert len(warnings) == 1, warnings  # once per outage, not once per request

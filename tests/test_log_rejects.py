@@ -114,7 +114,7 @@ def test_a_refused_record_is_written_without_its_bad_values_and_its_batch_with_i
         store.append(entry("c", usage={"prompt_tokens": 7}))
         assert store.flush() is True
         assert (store.written, store.rejected, told) == (3, 1, [1])
-        page = store.page("info", logdb.LogFilter(), 1, 50)
+        page = store.page("info", logdb.LogFilter(), 50)
         assert [r["requestId"] for r in page.records] == ["c", "bad", "a"]
         bad = page.records[1]
         assert bad["usage"] == {"prompt_tokens": None, "completion_tokens": 3}
@@ -138,7 +138,7 @@ def test_a_record_that_cannot_be_written_even_cleaned_is_skipped_and_counted(log
         store.append(entry("bad", endpoint="x\x00y" if log_db.startswith("postgresql") else 2**64))
         store.append(entry("c"))
         assert store.flush() is True and (store.written, store.rejected) == (2, 1)
-        page = store.page("info", logdb.LogFilter(), 1, 50)
+        page = store.page("info", logdb.LogFilter(), 50)
         assert [r["requestId"] for r in page.records] == ["c", "a"]
         assert page.rejected == {"h1": 1} and page.counters["request_count"] == 2
     finally:
@@ -164,7 +164,7 @@ def test_a_spend_row_past_bigint_costs_the_aggregates_of_its_records_not_the_rec
     # Which aggregate refused is not known to the store: those records add to neither.
     assert postgres_db.query("SELECT SUM(requests) FROM minute_stats") == [(1,)]
     (record,) = [r for r in app.extensions["openai_proxy"].log_store.page(
-        "info", logdb.LogFilter(), 1, 1).records]  # fmt: skip
+        "info", logdb.LogFilter(), 1).records]  # fmt: skip
     assert record["logRejected"] == "NumericValueOutOfRange: bigint out of range"
 
 

@@ -20,9 +20,10 @@ from markupsafe import escape
 
 from openai_proxy.inbound.auth import SESSION_COOKIE, session_cookie_valid, session_cookie_value
 from openai_proxy.pages.views import HTML_CSP
-from tests.conftest import ACCESS_TOKEN, SECURITY_KEY, UPSTREAM_KEY, free_port, post_json
+from openai_proxy.runtime import write_reload_status
+from tests.conftest import ACCESS_TOKEN, ISO_MS, SECURITY_KEY, UPSTREAM_KEY, free_port, post_json
 from tests.support.fake_upstream import error
-from tests.support.logpage import AUTH, CHAT, CLOSE, TOKEN, counters, rows
+from tests.support.logpage import AUTH, CHAT, CLOSE, TOKEN, counters, link, rows
 from tests.support.webdriver import CHROMEDRIVER, Browser
 
 GUARDED = ("/health", "/health2", "/log", "/log_errors", "/debug/runtime", "/metrics")
@@ -129,9 +130,9 @@ def test_a_signed_in_page_carries_no_token_in_links_forms_or_pagers(client, fake
         )
         assert '<form class="signout" method="post" action="/signout">' in html
     html = client.get("/log?per_page=2&page=2", headers=BROWSER).get_data(as_text=True)
-    assert (
-        'href="/log?per_page=2" rel="prev"' in html and 'href="/log?per_page=2&amp;page=3" rel="next"' in html
-    )
+    assert link(html, "first") == "/log?per_page=2"
+    assert link(html, "prev").startswith("/log?per_page=2&after=")
+    assert link(html, "next").startswith("/log?per_page=2&before=")
     assert '<input type="hidden" name="per_page" value="2">' in html
     assert '<a href="/log">Requests</a>' not in html  # the current tab is marked, the other plain
     assert '<a href="/log_errors">Errors</a>' in html and '<a href="/log">Clear</a>' in html
@@ -291,7 +292,11 @@ def test_pages_are_rate_limited_with_the_json_error(make_app, fake):
     client = make_app(
         OPENAI_PROXY_PAGES_RATE_LIMIT="2/minute", OPENAI_PROXY_HEALTH2_RATE_LIMIT="1/minute"
     ).test_client()
-    assert [client.get("/health", headers=AUTH).status_code for _ in range(2)] == [200, 200]
+    answers = [client.get("/health", headers=AUTH) for _ in range(2)]
+    assert [r.status_code for r in answers] == [200, 200]
+    # Retry-After asks a client to come back later: a 429 or a 503 says it, a 200 never does.
+    assert [("Retry-After" in r.headers, r.headers["X-RateLimit-Remaining"]) for r in answers] == [
+        (False, "1"), (False, "0")]  # fmt: skip
     r = client.get("/health", headers=AUTH)
     assert r.status_code == 429
     assert r.get_json() == expected_error(
@@ -371,13 +376,26 @@ def test_filters_and_pagination(log_db, make_app, fake):
     assert ids("/log_errors", "&status=403") == [denied]
     assert len(ids("/log_errors", "&status=4xx")) == 2
     page2 = client.get("/log?per_page=2&page=2&status=2xx", headers=AUTH).get_data(as_text=True)
-    assert [rid for _, rid, _ in rows(page2)] == ok[:0:-1] and "page 2 of 3" in page2
-    assert 'href="/log?status=2xx&amp;per_page=2&amp;page=3"' in page2  # links keep filters
-    assert 'href="/log?status=2xx&amp;per_page=2"' in page2
+    assert [rid for _, rid, _ in rows(page2)] == ok[:0:-1] and "5 records · page 2 of 3" in page2
+    # Older and newer pages start at a record of this one (keyset), and the links keep the filters.
+    older, newer = link(page2, "next"), link(page2, "prev")
+    assert older.startswith("/log?status=2xx&per_page=2&before=")
+    assert newer.startswith("/log?status=2xx&per_page=2&after=")
+    assert link(page2, "first") == "/log?status=2xx&per_page=2"
+    assert ids("/log", older.partition("?")[2]) == [ok[0]]
+    assert ids("/log", newer.partition("?")[2]) == [tagged, emb]
+    last = client.get(older, headers=AUTH).get_data(as_text=True)
+    assert link(last, "next") is None and link(last, "prev") and "5 records ·" in last
+    first = client.get(link(last, "prev"), headers=AUTH).get_data(as_text=True)
+    assert [rid for _, rid, _ in rows(first)] == ok[:0:-1]  # back where we came from
     for query, message in (
         ("&status=abc", "status must be a code like 404 or a class like 4xx"),
         ("&page=0", "page must be an integer from 1 to 1000000"),
         ("&per_page=501", "per_page must be an integer from 1 to 500"),
+        ("&before=abc", "before must be a place in the log as the page's links give it"),
+        ("&before=nan_3", "before must be a place in the log as the page's links give it"),
+        ("&after=1.5_%D9%A3", "after must be a place in the log as the page's links give it"),
+        ("&before=1.5_3&after=1.5_3", "give before or after, not both"),
     ):
         r = client.get(f"/log?{query}", headers=AUTH)
         assert r.status_code == 400
@@ -417,6 +435,26 @@ def test_health_stays_up_when_upstream_is_down_and_health2_reports_it(make_app, 
     assert body["status"] == "fail" and body["baseUrl"] == dead
     assert (body["error"]["type"], body["error"]["code"]) == ("upstream_transport", "OPENAI_PROXY_TRANSPORT")
     assert body["error"]["message"].startswith("Could not reach OpenAI")
+
+
+def test_every_time_on_health_is_iso_utc_with_milliseconds(make_app, fake, tmp_path):
+    """One time format (openai_proxy.jsonio.iso): /health used to mix ISO strings and Unix seconds."""
+    app = make_app()
+    client = app.test_client()
+    st = app.extensions["openai_proxy"]
+    assert post_json(client, "/openai", CHAT).status_code == 200
+    st.log_store.flush()
+    at = 1_796_000_000.25
+    write_reload_status(st.runtime_dir, [{"file": "clients", "problem": "clients.toml:3: no key"}], at=at)
+    body = client.get("/health", headers=AUTH).get_json()
+    times = {"startedAt": body["startedAt"], "reload.at": body["reload"]["at"],
+             "logStore.lastWriteAt": body["logStore"]["lastWriteAt"]}  # fmt: skip
+    assert all(re.fullmatch(ISO_MS, value) for value in times.values()), times
+    assert body["reload"]["at"] == "2026-11-30T00:53:20.250Z"
+    assert body["reasons"] == ["reload at 2026-11-30T00:53:20.250Z: the clients file was refused, the previous "
+                               "clients stay in use: clients.toml:3: no key"]  # fmt: skip
+    assert isinstance(body["uptimeS"], float)  # durations stay numbers
+    assert re.fullmatch(ISO_MS, client.get("/debug/runtime", headers=AUTH).get_json()["startedAt"])
 
 
 def test_health2_reports_an_upstream_error_and_a_full_gate(make_app, fake):
@@ -508,7 +546,7 @@ def test_sign_in_page_through_filter_and_sign_out_in_a_real_browser(gunicorn_ser
         )  # fmt: skip
         assert ACCESS_TOKEN not in cookie["value"]
         html = browser.source
-        assert "page 1 of 3" in html and "access_token" not in html and ACCESS_TOKEN not in html
+        assert "5 records · page 1 of 3" in html and "access_token" not in html and ACCESS_TOKEN not in html
         assert [rid for _, rid, _ in rows(html)] == ok_ids[:2]
         assert "Request count: 6" in html  # the counters, as scripts scrape them
         # Spend and the last hour's chart, drawn on the server: rendered with no script allowed.
@@ -519,19 +557,13 @@ def test_sign_in_page_through_filter_and_sign_out_in_a_real_browser(gunicorn_ser
         )
         assert browser.text("#spend") == "Spend · every host · UTC days · USD at the price table's prices"
         browser.screenshot("1-signed-in-page-1")
-        # 2. Page through with the pager links.
-        browser.click("a[rel=next]")
-        assert (
-            browser.wait_for_url(f"{server.url}/log?per_page=2&page=2")
-            == f"{server.url}/log?per_page=2&page=2"
-        )
-        assert [rid for _, rid, _ in rows(browser.source)] == ok_ids[2:4]
-        browser.click("a[rel=next]")
-        assert (
-            browser.wait_for_url(f"{server.url}/log?per_page=2&page=3")
-            == f"{server.url}/log?per_page=2&page=3"
-        )
-        assert [rid for _, rid, _ in rows(browser.source)] == ok_ids[4:]
+        # 2. Page through with the pager links (each starts after the last record shown).
+        for expected in (ok_ids[2:4], ok_ids[4:]):
+            older = f"{server.url}{link(browser.source, 'next')}"
+            assert older.startswith(f"{server.url}/log?per_page=2&before=")
+            browser.click("a[rel=next]")
+            assert browser.wait_for_url(older) == older
+            assert [rid for _, rid, _ in rows(browser.source)] == expected
         browser.screenshot("2-page-3")
         # 3. The errors tab, filtered with the form.
         browser.click("nav a:not([aria-current])")

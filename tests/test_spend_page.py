@@ -6,10 +6,13 @@ import re
 import textwrap
 from datetime import date
 
+import pytest
+
 from openai_proxy.log.stats import BOUNDS_MS, BUCKETS, MinuteRow, SpendRow
-from openai_proxy.pages.spend import Minute, _ms_label, hour_chart, spend_periods
+from openai_proxy.pages.spend import Minute, _ms_label, exact_usd, hour_chart, spend_periods, usd
 from tests.conftest import ACCESS_TOKEN, SECURITY_KEY, post_json
 from tests.support.fake_upstream import error
+from tests.support.logpage import column
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 PAGE = {"Authorization": f"Bearer {ACCESS_TOKEN}"}
@@ -40,9 +43,21 @@ def test_periods_add_up_the_right_days():
 
 def test_usd_is_never_shown_as_zero_when_it_is_not():
     (period, *_) = spend_periods([row("2026-11-30", "a", "m", 1, 7.725e-06)], date(2026, 11, 30))
-    assert period.total.usd == "0.000008"
+    assert period.total.usd == "$0.000008"
     (period, *_) = spend_periods([row("2026-11-30", "a", "m", 1, 1234.5)], date(2026, 11, 30))
-    assert period.total.usd == "1,234.50"
+    assert period.total.usd == "$1,234.50"
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [(5.625e-06, "$0.000006"), (0.0, "$0.000000"), (0.02316, "$0.023160"), (12.5, "$12.500000"),
+     (100.0, "$100.00"), (1234567.891, "$1,234,567.89"), (2e-08, "$0.00000002"), (3.5e-07, "$0.00000035"),
+     (None, "\u2014"), (float("nan"), "\u2014")],
+)  # fmt: skip
+def test_costs_are_fixed_point_dollars_everywhere(value, shown):
+    """One format for a cost on every page: never an exponent (`5.625e-06`), never 0 for a cost."""
+    assert usd(value) == shown
+    assert "e" not in exact_usd(value) or value is None or value != value
 
 
 def histogram(*durations_ms: float) -> tuple[int, ...]:
@@ -108,13 +123,16 @@ def test_log_shows_spend_per_client_and_model_and_the_chart(make_app, fake, tmp_
     assert page.status_code == 200
     html = page.get_data(as_text=True)
     assert spend_rows(html, "client") == [
-        ["alpha", "3", "75", "9", "21", f"{3 * ONE_CHAT_USD:.6f}".rstrip("0"), "0"],
-        ["default", "3", "50", "6", "14", f"{ONE_CHAT_USD:.6f}".rstrip("0"), "1"],
+        ["alpha", "3", "$0.000023", "75", "9", "21", "0"],  # 3 x 7.725e-06, six decimals
+        ["default", "3", "$0.000008", "50", "6", "14", "1"],
     ]
     assert spend_rows(html, "model") == [
-        ["gpt-4o-mini", "5", "100", "12", "28", f"{4 * ONE_CHAT_USD:.6f}".rstrip("0"), "0"],
-        ["my-local-model", "1", "25", "3", "7", "0", "1"],
+        ["gpt-4o-mini", "5", "$0.000031", "100", "12", "28", "0"],
+        ["my-local-model", "1", "$0.000000", "25", "3", "7", "1"],
     ]
+    # The same format in the records' cost column; no price is a dash, never 0 or an exponent.
+    assert column(html, "cost") == ["\u2014", *["$0.000008"] * 4]
+    assert "e-06" not in html.split("<pre")[0]
     assert "<strong>Today</strong>: 6 requests" in html and "1 unpriced" in html
     svg = re.search(r'<svg class="chart".*?</svg>', html, re.S).group(0)
     bars = re.findall(r"<title>(\d+) requests, (\d+) errors</title>", svg)  # one or two minutes

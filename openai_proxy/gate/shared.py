@@ -45,7 +45,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -53,6 +52,7 @@ from redis.exceptions import RedisError
 
 from openai_proxy.gate import Slot
 from openai_proxy.gate.local import Gate
+from openai_proxy.jsonio import iso_or_none
 from openai_proxy.redact import redact_text
 from openai_proxy.redis_link import RedisLink
 
@@ -217,9 +217,7 @@ class RedisGate:
             "redis": {
                 "uri": self.uri,
                 "reachable": down is None,
-                "unreachableSince": None
-                if down is None
-                else datetime.fromtimestamp(down, UTC).isoformat(timespec="seconds"),
+                "unreachableSince": iso_or_none(down),
                 "lastError": self._last_error,
             },
         }

@@ -19,10 +19,10 @@ import hashlib
 import math
 import time
 from collections.abc import Collection, Sequence
-from datetime import UTC, datetime
 from operator import add, truediv
 from typing import Any
 
+from openai_proxy.jsonio import iso
 from openai_proxy.keys.specs import KeySpec
 from openai_proxy.keys.state import KeyTable, state_path
 
@@ -232,21 +232,15 @@ class KeyPool:
             entry: dict[str, Any] = {"name": spec.name, "last4": spec.last4, "weight": spec.weight,
                                      "inFlight": in_flight, "state": "active", "restingUntil": None}  # fmt: skip
             if revoked:
-                entry.update(
-                    state="revoked", reason=_REVOKED_BECAUSE.get(revoked), revokedAt=_iso(revoked_at)
-                )
+                entry.update(state="revoked", reason=_REVOKED_BECAUSE.get(revoked), revokedAt=iso(revoked_at))
             elif until > now:
                 entry.update(
-                    state="resting", restingUntil=_iso(wall + until - now), restingForS=round(until - now, 3)
+                    state="resting", restingUntil=iso(wall + until - now), restingForS=round(until - now, 3)
                 )
             if spec.models is not None:
                 entry["models"] = sorted(spec.models)
             out.append(entry)
         return out
-
-
-def _iso(wall: float) -> str:
-    return datetime.fromtimestamp(wall, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _no_key_message(model: str | None, allowed: Collection[str] | None) -> str:

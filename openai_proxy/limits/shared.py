@@ -24,6 +24,7 @@ from redis.commands.core import Script
 from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
+from openai_proxy.jsonio import iso_or_none
 from openai_proxy.limits import rules
 from openai_proxy.limits.local import LocalLimitStore
 from openai_proxy.limits.reservations import Ledger, Reservation
@@ -374,7 +375,7 @@ class RedisLimitStore:
             "uri": self.uri,
             "reachable": not down,
             "usingFallback": down,
-            "downSince": self._down_since,
+            "downSince": iso_or_none(self._down_since),
             "lastError": self.last_error,
             "fallback": self._local.status(),
         }

@@ -47,7 +47,15 @@ SCHEMA = (
         data TEXT NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS records_level_id ON records (level, id)",
-    "CREATE INDEX IF NOT EXISTS records_level_ts ON records (level, ts)",
+    "CREATE INDEX IF NOT EXISTS records_level_ts_id ON records (level, ts, id)",
+    # How many records each level holds per endpoint, client, host and status, kept by every write
+    # and trim: the pages' totals and filter choices, and the retention trim, never count `records`.
+    # NULLs are '' and 0 here (part of the key).
+    """CREATE TABLE IF NOT EXISTS record_totals (
+        level TEXT NOT NULL, endpoint TEXT NOT NULL, client TEXT NOT NULL, host TEXT NOT NULL,
+        status INTEGER NOT NULL, n BIGINT NOT NULL,
+        PRIMARY KEY (level, endpoint, client, host, status)
+    )""",
     "CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value {float} NOT NULL)",
     # One row per store (a worker's lifetime): the number of the last batch it wrote.
     """CREATE TABLE IF NOT EXISTS log_writers (
@@ -68,6 +76,21 @@ ADDED_COLUMNS = {
     "records": (("host", "TEXT"), ("client", "TEXT")),
     "log_hosts": (("rejected", "BIGINT NOT NULL DEFAULT 0"),),
 }
+# Made after the added columns. A filtered page walks one of these newest first and stops after a
+# page (keyset pagination): without them a filter that matches a few records among a million reads
+# all the others. (A log of a million records made by an older version builds them once, at start.)
+INDEXES = (
+    # Replaced by records_level_ts_id: with the id in it, a page number's offset is skipped in the
+    # index alone on PostgreSQL too (an index-only scan), and the order needs no sort for ties.
+    "DROP INDEX IF EXISTS records_level_ts",
+    "CREATE INDEX IF NOT EXISTS records_level_client_ts ON records (level, client, ts, id)",
+    "CREATE INDEX IF NOT EXISTS records_level_status_ts ON records (level, status, ts, id)",
+    "CREATE INDEX IF NOT EXISTS records_level_endpoint_ts ON records (level, endpoint, ts, id)",
+    # A request id (the proxy's, the client's or upstream's) finds its records at once.
+    "CREATE INDEX IF NOT EXISTS records_request_id ON records (request_id)",
+    "CREATE INDEX IF NOT EXISTS records_incoming_request_id ON records (incoming_request_id)",
+    "CREATE INDEX IF NOT EXISTS records_upstream_request_id ON records (upstream_request_id)",
+)
 WRITERS_KEEP_S = 30 * 24 * 3600
 
 _INSERT = (
@@ -93,10 +116,25 @@ _HOST = (
     " rejected = log_hosts.rejected + excluded.rejected,"
     " last_write = GREATEST(log_hosts.last_write, excluded.last_write)"
 )
-# Keep the `retention` newest records of a level: delete from the (retention+1)-th newest down.
+# Keep the `retention` newest records of a level: the totals say how many there are, so the trim
+# reads only the oldest ones it deletes (finding the (retention+1)-th newest read `retention` index
+# entries per batch: a million, four times a second, on a full log of a million).
+_LEVEL_COUNT = "SELECT COALESCE(SUM(n), 0) FROM record_totals WHERE level = ?"
 _TRIM = (
-    "DELETE FROM records WHERE level = ? AND id <= "
-    "(SELECT id FROM records WHERE level = ? ORDER BY id DESC LIMIT 1 OFFSET ?)"
+    "DELETE FROM records WHERE id IN (SELECT id FROM records WHERE level = ? ORDER BY id LIMIT ?)"
+    " RETURNING level, endpoint, client, host, status"
+)
+_ADD_TOTAL = (
+    "INSERT INTO record_totals (level, endpoint, client, host, status, n) VALUES (?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (level, endpoint, client, host, status) DO UPDATE SET n = record_totals.n + excluded.n"
+)
+_SUBTRACT_TOTAL = "UPDATE record_totals SET n = n - ? WHERE level = ? AND endpoint = ? AND client = ? AND host = ? AND status = ?"
+# The totals of a log written before they were kept (run once, the first time it is opened since).
+_TOTALS_MISSING = "SELECT EXISTS (SELECT 1 FROM records) AND NOT EXISTS (SELECT 1 FROM record_totals)"
+_BACKFILL_TOTALS = (
+    "INSERT INTO record_totals (level, endpoint, client, host, status, n)"
+    " SELECT level, SUBSTR(COALESCE(endpoint, ''), 1, 200), SUBSTR(COALESCE(client, ''), 1, 200),"
+    " SUBSTR(COALESCE(host, ''), 1, 200), COALESCE(status, 0), COUNT(*) FROM records GROUP BY 1, 2, 3, 4, 5"
 )
 # Cumulative counters: sums only grow, maxima only rise. `max_parallel` comes from the gate.
 SUMS = (
@@ -145,6 +183,13 @@ def create_schema(db: Database, extra: Iterable[str] = ()) -> None:
             for name, kind in added:
                 if name not in have:
                     db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+        for statement in INDEXES:
+            db.execute(statement)
+        # Records but no totals: a log written before totals were kept. (Asked after the statements
+        # above, which take SQLite's write lock only when they create something: a read first would
+        # pin a snapshot that another worker's schema write makes stale, and fail.)
+        if db.execute(_TOTALS_MISSING).fetchone()[0]:
+            db.execute(_BACKFILL_TOTALS)
         db.commit()
     except BaseException:
         db.rollback()
@@ -319,8 +364,13 @@ def _write_record(
 
 
 def _insert(db: Database, prepared: list[Prepared], *, aggregates: bool = True) -> None:
-    """Records, their counters and (unless told not to) their spend and minute aggregates."""
+    """Records, their totals, their counters and (unless told not to) their spend and minute aggregates."""
     db.insert_rows(_INSERT, [row for _, _, _, row in prepared])
+    totals: dict[tuple[Any, ...], int] = {}
+    for _, _, level, row in prepared:
+        key = total_key(level, row[6], row[10], row[9], row[7])
+        totals[key] = totals.get(key, 0) + 1
+    db.executemany(_ADD_TOTAL, [(*key, n) for key, n in sorted(totals.items())])
     completions = [(entry, row[0]) for kind, entry, _, row in prepared if kind == "completion"]
     if not completions:
         return
@@ -337,10 +387,34 @@ def _finish(db: Database, batch: Batch, levels: set[str], rejected: int, retenti
         db.execute(_RAISE, ("max_parallel", float(batch.peak)))
     db.execute(_HOST, (batch.host, batch.dropped, rejected, batch.at))
     for level in sorted(levels):
-        db.execute(_TRIM, (level, level, retention))
+        _trim(db, level, retention)
     if batch.prune:
         logstats.prune(db, batch.at)
         db.execute("DELETE FROM log_writers WHERE updated < ?", (batch.at - WRITERS_KEEP_S,))
+
+
+def total_key(
+    level: str, endpoint: Any, client: Any, host: Any, status: Any
+) -> tuple[str, str, str, str, int]:
+    """A record's row in `record_totals` (as `_BACKFILL_TOTALS` makes it from a stored record)."""
+
+    def text(value: Any) -> str:
+        return logstats.key_text(value) if value is not None else ""
+
+    return level, text(endpoint), text(client), text(host), status if status is not None else 0
+
+
+def _trim(db: Database, level: str, retention: int) -> None:
+    """Delete a level's oldest records beyond `retention`, and take them off the totals."""
+    excess = int(db.execute(_LEVEL_COUNT, (level,)).fetchone()[0]) - retention
+    if excess <= 0:
+        return
+    gone: dict[tuple[Any, ...], int] = {}
+    for row in db.execute(_TRIM, (level, excess)).fetchall():
+        key = total_key(*row)
+        gone[key] = gone.get(key, 0) + 1
+    db.executemany(_SUBTRACT_TOTAL, [(n, *key) for key, n in sorted(gone.items())])
+    db.execute("DELETE FROM record_totals WHERE level = ? AND n <= 0", (level,))
 
 
 _SIGNOUT = "signout_epoch"
@@ -390,22 +464,81 @@ class LogFilter:
     host: str | None = None
     client: str | None = None
 
-    def where(self, level: str) -> tuple[str, list[Any]]:
-        sql, args = ["level = ?"], [level]
+    def where(self, level: str, walk: str | None = None) -> tuple[str, list[Any]]:
+        """The SQL condition and its arguments. `walk`: the one filter column whose index the query
+        may use (`choose_walk`; "level": none of them, only the level's index in time order); the
+        others are written as expressions (`status + 0`, `client || ''`), which no index serves, so
+        the database cannot pick an index the totals say is worse. None: any (the database chooses)."""
+
+        def col(name: str) -> str:
+            if walk is None or walk == name or (name == "level" and walk != "request_id"):
+                return name
+            return f"({name} + 0)" if name == "status" else f"({name} || '')"
+
+        sql, args = [f"{col('level')} = ?"], [level]
         if self.status is not None:
-            sql.append("status = ?")
+            sql.append(f"{col('status')} = ?")
             args.append(self.status)
         if self.status_class is not None:
-            sql.append("status BETWEEN ? AND ?")
+            sql.append(f"{col('status')} BETWEEN ? AND ?")
             args += [self.status_class * 100, self.status_class * 100 + 99]
         for column in ("endpoint", "host", "client"):
             if getattr(self, column):
-                sql.append(f"{column} = ?")
+                sql.append(f"{col(column)} = ?")
                 args.append(getattr(self, column))
         if self.request_id:
-            sql.append("? IN (request_id, incoming_request_id, upstream_request_id)")
-            args.append(self.request_id)
+            # Spelled out (not `? IN (...)`), so that each database can use an index per column.
+            sql.append("(request_id = ? OR incoming_request_id = ? OR upstream_request_id = ?)")
+            args += [self.request_id] * 3
         return " AND ".join(sql), args
+
+    def matches(self, endpoint: str, client: str, host: str, status: int) -> bool:
+        """Whether records of this `record_totals` row pass the filter (the request id aside)."""
+        if self.status is not None and status != self.status:
+            return False
+        if self.status_class is not None and status // 100 != self.status_class:
+            return False
+        return all(
+            wanted is None or wanted[: logstats.MAX_KEY_CHARS] == have
+            for wanted, have in ((self.endpoint, endpoint), (self.client, client), (self.host, host))
+        )
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """A record's place in the pages' order (newest first: finish time, then id): where the next
+    or previous page starts. Written `<ts>_<id>` in links; the time as Python writes a float, so it
+    reads back exactly."""
+
+    ts: float
+    id: int
+
+    def __str__(self) -> str:
+        return f"{self.ts!r}_{self.id}"
+
+    @classmethod
+    def parse(cls, text: str) -> Cursor:
+        """The cursor `text` names; ValueError when it names none."""
+        ts, sep, ident = text.partition("_")
+        if not sep or not ident.isascii() or not ident.isdigit() or len(ident) > 19:
+            raise ValueError(text)
+        value = float(ts)
+        if not math.isfinite(value) or not ts.isascii():
+            raise ValueError(text)
+        return cls(value, int(ident))
+
+
+@dataclass(frozen=True)
+class Position:
+    """Which page: the newest (default), the records older than `before`, those newer than `after`,
+    or the `page`-th page counted from the newest (an offset: links use cursors, bookmarks may not)."""
+
+    before: Cursor | None = None
+    after: Cursor | None = None
+    page: int = 1
+
+
+NEWEST = Position()
 
 
 @dataclass
@@ -413,7 +546,7 @@ class LogPage:
     """One page of records (newest first) and what the page shows around them."""
 
     records: list[dict[str, Any]]
-    total: int
+    total: int | None  # records that pass the filter, from the totals; None with a request id
     counters: dict[str, float]
     endpoints: list[str]
     hosts: list[str] = field(default_factory=list)  # every host that has written to the log
@@ -422,6 +555,8 @@ class LogPage:
     rejected: dict[str, int] = field(
         default_factory=dict
     )  # per host: records the database refused as they were
+    older: Cursor | None = None  # where the next older page starts, if there is one
+    newer: Cursor | None = None  # where the next newer page ends, if there is one
 
 
 def empty_counters() -> dict[str, float]:
@@ -434,24 +569,89 @@ def read_counters(db: Database) -> dict[str, float]:
     return counters
 
 
-def _distinct(db: Database, column: str, level: str) -> list[str]:
-    sql = f"SELECT DISTINCT {column} FROM records WHERE level = ? AND {column} IS NOT NULL ORDER BY 1"
-    return [value for (value,) in db.execute(sql, (level,))]
+_COLUMNS = "SELECT id, ts, kind, host, data FROM records"
+_NEWEST_FIRST = "ORDER BY ts DESC, id DESC"
 
 
-def read_page(db: Database, level: str, where: LogFilter, page: int, per_page: int) -> LogPage:
-    """Records of one level, newest first, with the counters, the endpoints and clients seen at that
-    level, the hosts that write to the log and the records each of them dropped."""
-    sql, args = where.where(level)
-    # One read transaction, so the counters, the total and the rows agree with each other.
+# The filter columns with an index of their own, (level, column, ts, id): see INDEXES.
+WALKABLE = ("client", "endpoint", "status")
+# Reading every record of a status class and sorting them costs about this many walked index entries
+# each (a range of (level, status, ts) is not in time order).
+SORT_COST = 3
+
+
+def choose_walk(where: LogFilter, totals: list[tuple[str, str, str, int, int]], wanted: int) -> str:
+    """Which index a page's query should walk to find `wanted` records (the page, and any offset
+    before it), judged from the exact totals the database's planner does not have: the level's
+    index in time order ("level"), or the index of one filter column ("client", "request_id"...). Walking an index in time order
+    reads about `wanted` x (its records / the records that pass) entries; a status class, whose
+    range is not in time order, reads all of its records and sorts them. Without this, SQLite (no
+    statistics) walks the status index for `status=200` when `client=` would find a rare client's
+    page at once, or sorts every 2xx record of a level."""
+    if where.request_id:
+        return "request_id"  # its own indexes find a handful of records (SQLite would walk the level)
+    passing = sum(n for e, c, h, s, n in totals if where.matches(e, c, h, s))
+    if not passing:
+        return "level"
+    level = sum(n for *_, n in totals)
+    best, cost = "level", wanted * level / passing
+    for column in WALKABLE:
+        if column == "status" and where.status is None and where.status_class is None:
+            continue
+        if column != "status" and getattr(where, column) is None:
+            continue
+        alone = LogFilter(**{k: getattr(where, k) for k in (("status", "status_class") if column == "status"
+                                                            else (column,))})  # fmt: skip
+        in_index = sum(n for e, c, h, s, n in totals if alone.matches(e, c, h, s))
+        if column == "status" and where.status is None:
+            walked = SORT_COST * in_index
+        else:
+            walked = min(in_index, wanted * in_index / passing)
+        if walked < cost:
+            best, cost = column, walked
+    return best
+
+
+def _select_records(
+    db: Database, level: str, where: LogFilter, at: Position, per_page: int, walk: str | None = None
+) -> list[Any]:
+    """One query: the page's records and one more (which says whether there is a page beyond),
+    newest first, walking an index from the cursor (keyset pagination): the same cost on page 1 and
+    page 20,000. `page` skips in the index alone (the ids), then reads that page's rows."""
+    sql, args = where.where(level, walk)
+    if at.after is not None:  # the page above: walked oldest first from the cursor, then turned
+        rows = db.execute(
+            f"{_COLUMNS} WHERE {sql} AND ts >= ? AND (ts > ? OR id > ?) ORDER BY ts, id LIMIT ?",
+            [*args, at.after.ts, at.after.ts, at.after.id, per_page + 1],
+        ).fetchall()
+        return rows[::-1]
+    if at.before is not None:
+        sql += " AND ts <= ? AND (ts < ? OR id < ?)"
+        args += [at.before.ts, at.before.ts, at.before.id]
+    if at.page > 1 and at.before is None:
+        return db.execute(
+            f"{_COLUMNS} WHERE id IN (SELECT id FROM records WHERE {sql} {_NEWEST_FIRST} LIMIT ? OFFSET ?)"
+            f" {_NEWEST_FIRST}",
+            [*args, per_page + 1, (at.page - 1) * per_page],
+        ).fetchall()
+    return db.execute(f"{_COLUMNS} WHERE {sql} {_NEWEST_FIRST} LIMIT ?", [*args, per_page + 1]).fetchall()
+
+
+def read_page(db: Database, level: str, where: LogFilter, per_page: int, at: Position = NEWEST) -> LogPage:
+    """Records of one level, newest first, with the counters, the number of records that pass the
+    filter, the endpoints and clients seen at that level, the hosts that write to the log and the
+    records each of them dropped. One query reads `records`; the rest comes from small tables."""
+    # One read transaction, so the counters, the totals and the rows agree with each other.
     db.begin_read()
     try:
-        total = db.execute(f"SELECT COUNT(*) FROM records WHERE {sql}", args).fetchone()[0]
-        rows = db.execute(
-            f"SELECT id, ts, kind, host, data FROM records WHERE {sql} ORDER BY ts DESC, id DESC LIMIT ? OFFSET ?",
-            [*args, per_page, (page - 1) * per_page],
+        totals = db.execute(
+            "SELECT endpoint, client, host, status, n FROM record_totals WHERE level = ? AND n > 0", (level,)
         ).fetchall()
-        seen = {column: _distinct(db, column, level) for column in ("endpoint", "client")}
+        totals = [(e, c, h, s, int(n)) for e, c, h, s, n in totals]
+        found = [row for row in totals if where.matches(*row[:4])]
+        # Nothing passes the filter: no need to look (an index walk that finds nothing reads it all).
+        walk = choose_walk(where, totals, at.page * per_page + 1) if db.plans_blind else None
+        rows = _select_records(db, level, where, at, per_page, walk) if found or where.request_id else []
         # Every host that has written to this log, on both pages (a small table; no scan of records).
         hosts = db.execute("SELECT host, dropped, rejected FROM log_hosts ORDER BY host").fetchall()
         counters = read_counters(db)
@@ -459,11 +659,27 @@ def read_page(db: Database, level: str, where: LogFilter, page: int, per_page: i
         db.rollback()
         raise
     db.commit()
+    more = len(rows) > per_page
+    if at.after is not None:
+        rows, newer_beyond = rows[-per_page:], more
+    else:
+        rows, newer_beyond = rows[:per_page], at.before is not None or at.page > 1
     records = []
     for i, ts, kind, host, data in rows:
         record = {**loads(data), "id": i, "ts": ts, "kind": kind}
         record.setdefault("host", host)  # records from before hosts were recorded have none
         records.append(record)
-    return LogPage(records, int(total), counters, seen["endpoint"], [host for host, _, _ in hosts],
-                   seen["client"], {host: int(n) for host, n, _ in hosts if n},
-                   {host: int(n) for host, _, n in hosts if n})  # fmt: skip
+    first, last = (records[0], records[-1]) if records else (None, None)
+    older_beyond = more if at.after is None else bool(records)
+    return LogPage(
+        records,
+        None if where.request_id else sum(n for *_, n in found),
+        counters,
+        sorted({e for e, *_ in totals if e}),
+        [host for host, _, _ in hosts],
+        sorted({c for _, c, *_ in totals if c}),
+        {host: int(n) for host, n, _ in hosts if n},
+        {host: int(n) for host, _, n in hosts if n},
+        older=Cursor(last["ts"], last["id"]) if last and older_beyond else None,
+        newer=Cursor(first["ts"], first["id"]) if first and newer_beyond else None,
+    )

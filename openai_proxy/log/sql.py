@@ -61,6 +61,9 @@ class Database:
     kind = ""
     float_type = "REAL"
     identity = ""
+    # Whether its query planner works without statistics about the data, so a query had better say
+    # which index to walk (`openai_proxy.log.db.choose_walk`). PostgreSQL keeps statistics (autovacuum).
+    plans_blind = False
 
     def __init__(self) -> None:
         self._sql: dict[str, str] = {}
@@ -141,6 +144,7 @@ class SQLiteDatabase(Database):
 
     kind = "sqlite"
     identity = "INTEGER PRIMARY KEY AUTOINCREMENT"
+    plans_blind = True  # no ANALYZE is ever run: it assumes every index equally selective
     PROBE_BUSY_TIMEOUT_MS = 200
 
     def __init__(self, path: str, busy_timeout_ms: int) -> None:

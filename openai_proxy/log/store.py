@@ -35,10 +35,11 @@ from gevent.event import Event
 from gevent.lock import Semaphore
 from gevent.threadpool import ThreadPool
 
+from openai_proxy.jsonio import iso_or_none
 from openai_proxy.log import db as logdb
 from openai_proxy.log import stats as logstats
 from openai_proxy.log import url as logurl
-from openai_proxy.log.db import Batch, LogFilter, LogPage, Queued
+from openai_proxy.log.db import NEWEST, Batch, LogFilter, LogPage, Position, Queued
 from openai_proxy.log.sql import Database, open_database
 from openai_proxy.log.stats import MinuteRow, SpendRow
 from openai_proxy.redact import redact
@@ -237,13 +238,13 @@ class LogStore:
         self.side.close()
 
     # -- reads (pages, /health, the operator's spend page) ------------------------------------------
-    def page(self, level: str, where: LogFilter, page: int, per_page: int) -> LogPage:
-        """Records of one level, newest first, with the counters and the endpoints seen.
+    def page(self, level: str, where: LogFilter, per_page: int, at: Position = NEWEST) -> LogPage:
+        """Records of one level, newest first, from `at`, with the counters and the endpoints seen.
 
         Records are stored redacted; they are masked once more on the way out, with the secrets known
         now, since rows written by an older version of the proxy may still hold one in clear.
         """
-        result = self._call(self._with_db, lambda db: logdb.read_page(db, level, where, page, per_page))
+        result = self._call(self._with_db, lambda db: logdb.read_page(db, level, where, per_page, at))
         result.records = redact(result.records)
         return result
 
@@ -305,7 +306,7 @@ class LogStore:
             "writeFailures": self.write_failures,
             "alreadyWritten": self.already_written,
             "lastError": self.last_error,
-            "lastWriteAt": self.last_write_at,
+            "lastWriteAt": iso_or_none(self.last_write_at),
             "consecutiveFailures": self.consecutive_failures,
             "writingForS": None
             if self._writing_since is None

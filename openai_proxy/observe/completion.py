@@ -7,10 +7,9 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from openai_proxy.jsonio import dumps_text
+from openai_proxy.jsonio import dumps_text, iso
 from openai_proxy.observe.prices import PriceTable
 from openai_proxy.record import RequestRecord
 from openai_proxy.redact import end_of_request, redact, redact_text
@@ -48,7 +47,7 @@ def build_entry(
         "stream": record.stream,
         "timeoutMs": timeout.ms if timeout else None,
         "timeoutSource": timeout.source if timeout else None,
-        "start": datetime.fromtimestamp(record.started_at, UTC).isoformat(timespec="milliseconds"),
+        "start": iso(record.started_at),
         "durationMs": round((time.perf_counter() - record.started) * 1000.0, 1),
         "upstreamMs": round(upstream_ms, 1) if upstream_ms is not None else None,
         "result": record.result,

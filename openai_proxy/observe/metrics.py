@@ -21,6 +21,8 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 900)
 MAX_MODELS = 100
 MAX_TOKENS = 2**53
+# The attempt outcomes that were a 429 from upstream (openai_proxy.keys.pool's names).
+KEY_429_OUTCOMES = ("rate_limited", "insufficient_quota")
 
 
 def multiprocess_dir(runtime_dir: str) -> str:
@@ -226,6 +228,31 @@ class Metrics:
                 return "other"
             self._models.add(model)
         return model
+
+    def key_calls_by_key(self) -> dict[str, dict[str, int]]:
+        """Per pool key: upstream attempts and the 429s among them (rate limited or out of quota),
+        every worker of this server since it started (`openai_proxy_upstream_key_calls_total`)."""
+        if self._own is not None:
+            metrics = self._own.collect()
+        else:
+            import glob
+
+            from prometheus_client.multiprocess import MultiProcessCollector
+
+            # Counters only: the histograms' files are most of the directory and say nothing here.
+            metrics = MultiProcessCollector.merge(glob.glob(os.path.join(self.dir, "counter_*.db")))
+        out: dict[str, dict[str, int]] = {}
+        for metric in metrics:
+            if metric.name != "openai_proxy_upstream_key_calls":
+                continue
+            for sample in metric.samples:
+                if not sample.name.endswith("_total"):
+                    continue
+                counts = out.setdefault(sample.labels["key"], {"calls": 0, "rateLimited": 0})
+                counts["calls"] += int(sample.value)
+                if sample.labels["outcome"] in KEY_429_OUTCOMES:
+                    counts["rateLimited"] += int(sample.value)
+        return out
 
     def exposition(self) -> tuple[bytes, str]:
         """The Prometheus text of every worker's metrics, and its content type."""

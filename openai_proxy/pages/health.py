@@ -15,13 +15,13 @@ import platform
 import re
 import sqlite3
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 from flask import Flask
 
 from openai_proxy import jsonio, pipeline
 from openai_proxy.errors import ProxyError
+from openai_proxy.jsonio import iso
 from openai_proxy.record import RequestRecord, TimeoutDecision
 from openai_proxy.runtime import reload_status
 from openai_proxy.state import API_ENDPOINTS, ProxyState
@@ -58,7 +58,7 @@ def _uptime(st: ProxyState) -> dict[str, Any]:
     return {
         "version": __version__,
         "pid": os.getpid(),
-        "startedAt": datetime.fromtimestamp(st.started_at, UTC).isoformat(timespec="seconds"),
+        "startedAt": iso(st.started_at),
         "uptimeS": round(time.time() - st.started_at, 1),
     }
 
@@ -78,7 +78,7 @@ def liveness(st: ProxyState) -> dict[str, Any]:
     objects = st.objects.stats()
     store_error = st.log_store.probe()
     not_written = st.log_store.not_written()
-    reload = reload_status(st.runtime_dir)
+    reload = last_reload(st.runtime_dir)
     reasons = degraded_reasons(len(st.clients) > 0, gate, limits, keys, store_error, not_written, reload)
     if objects["pending"]:
         reasons.append(
@@ -140,12 +140,21 @@ def degraded_reasons(
     if keys["allRevoked"]:
         reasons.append("upstream keys: every key of the pool is revoked (401, 403 or insufficient_quota)")
     if reload and not reload.get("ok"):
-        at = datetime.fromtimestamp(float(reload.get("at") or 0), UTC).isoformat(timespec="seconds")
+        at = reload.get("at")
         for refused in reload.get("problems") or ():
             what = refused.get("file", "a")
             reasons.append(f"reload at {at}: the {what} file was refused, the previous {what} stay in use: "
                            f"{refused.get('problem')}")  # fmt: skip
     return reasons
+
+
+def last_reload(runtime_dir: str) -> dict[str, Any] | None:
+    """The last reload of the clients and prices files (`at`, `ok`, `problems`), its time in ISO."""
+    status = reload_status(runtime_dir)
+    if status is None:
+        return None
+    at = status.get("at")
+    return {**status, "at": iso(float(at)) if isinstance(at, int | float) else None}
 
 
 def upstream_keys(st: ProxyState) -> dict[str, Any]:

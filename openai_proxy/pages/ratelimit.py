@@ -11,6 +11,7 @@ the pages count in memory until it is back. API routes and `/` are never throttl
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from flask import Blueprint, Flask, Response
 from flask_limiter import Limiter, RateLimitExceeded
@@ -33,7 +34,8 @@ def init_limiter(app: Flask, config: Config, root: Blueprint) -> Limiter:
     for /health2. Its hooks run for the pages under `root` (the proxy's blueprint) only, and its 429
     is answered there, so a host app's own routes and limiter are left alone."""
     options = {
-        "headers_enabled": True,  # Retry-After and X-RateLimit-* on the pages
+        # X-RateLimit-* on the pages; Retry-After only where it means something (`_retry_after_only_when_refused`).
+        "headers_enabled": True,
         # A storage outage (e.g. redis down) falls back to counting in memory, never fails the page.
         "in_memory_fallback_enabled": True,
         "swallow_errors": True,
@@ -83,7 +85,24 @@ def _scope_hooks_to_pages(app: Flask, limiter: Limiter, pages_name: str) -> None
         if not mine:
             continue
         hooks[None] = [f for f in hooks[None] if f not in mine]
+        if hooks is app.after_request_funcs:
+            mine = [_retry_after_only_when_refused(f) for f in mine]
         hooks.setdefault(pages_name, [])[:0] = mine
+
+
+# The answers that ask a client to come back later; flask-limiter would put `Retry-After` on every
+# answer of a limited page, a 200 included, where it means nothing (and reads as a refusal).
+RETRY_AFTER_STATUSES = (429, 503)
+
+
+def _retry_after_only_when_refused(inject: Callable[[Response], Response]) -> Callable[[Response], Response]:
+    def inject_headers(response: Response) -> Response:
+        response = inject(response)
+        if response.status_code not in RETRY_AFTER_STATUSES:
+            response.headers.pop("Retry-After", None)
+        return response
+
+    return inject_headers
 
 
 def _is_limiter_partial(func: object, limiter: Limiter) -> bool:

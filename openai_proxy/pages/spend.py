@@ -8,6 +8,7 @@ written into the SVG is a number we computed or a fixed label; nothing from clie
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, timedelta
@@ -17,6 +18,27 @@ from markupsafe import Markup
 from openai_proxy.log.stats import MinuteRow, SpendRow, p50_p95
 
 PERIODS = (("Today", 1), ("7 days", 7), ("30 days", 30))
+NO_COST = "\u2014"  # an em dash: no price, or no usage to price
+
+
+def usd(value: float | None) -> str:
+    """A cost as every page writes it: fixed-point US dollars, never an exponent. Six decimals below
+    $100 (a request costs millionths: `$0.000006`), cents from $100 (`$1,234.50`), and more digits
+    only for a cost below a millionth, which would otherwise read as zero. None: an em dash."""
+    if value is None or not math.isfinite(value):
+        return NO_COST
+    if abs(value) >= 100:
+        return f"${value:,.2f}"
+    if 0 < abs(value) < 0.0000005:
+        return "$" + f"{value:.12f}".rstrip("0")
+    return f"${value:.6f}"
+
+
+def exact_usd(value: float | None) -> str:
+    """All the digits of a cost, fixed-point (for a title: what the rounded figure stands for)."""
+    if value is None or not math.isfinite(value):
+        return "no cost"
+    return "$" + f"{value:.12f}".rstrip("0").rstrip(".")
 
 
 @dataclass
@@ -33,12 +55,7 @@ class Totals:
 
     @property
     def usd(self) -> str:
-        """The cost for a page: cents for big sums, enough digits that a small one is not 0.0000."""
-        return (
-            f"{self.cost_usd:,.2f}"
-            if self.cost_usd >= 100
-            else f"{self.cost_usd:.6f}".rstrip("0").rstrip(".")
-        )
+        return usd(self.cost_usd)
 
     def add(self, row: SpendRow) -> None:
         self.requests += row.requests
@@ -174,11 +191,15 @@ def hour_chart(minutes: Sequence[Minute], now_minute: int) -> Markup:
             for x, v in points:
                 parts.append(f'<circle cx="{x:.1f}" cy="{y_ms(v):.1f}" r="2" class="{name}">'
                              f"<title>{name} {_ms_label(round(v))}</title></circle>")  # fmt: skip
+    # The legend draws each series as it is drawn: bars as squares, latencies as lines.
     legend = (("req", "requests / min"), ("err", "errors"), ("p50", "p50 latency"), ("p95", "p95 latency"))
     x = LEFT
     for css, text in legend:
-        parts.append(f'<rect x="{x}" y="2" width="10" height="8" class="key {css}"/>'
-                     f'<text x="{x + 14}" y="10" class="axis">{text}</text>')  # fmt: skip
+        if css in ("p50", "p95"):
+            parts.append(f'<line x1="{x}" x2="{x + 10}" y1="6" y2="6" class="key {css}"/>')
+        else:
+            parts.append(f'<rect x="{x}" y="2" width="10" height="8" class="key {css}"/>')
+        parts.append(f'<text x="{x + 14}" y="10" class="axis">{text}</text>')
         x += 24 + 7 * len(text)
     parts.append("</svg>")
     return Markup("".join(parts))  # built from numbers and fixed labels only

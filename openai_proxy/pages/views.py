@@ -44,10 +44,11 @@ from openai_proxy.inbound.auth import (
     require_access_token,
     session_cookie_value,
 )
-from openai_proxy.log.db import LogFilter, LogPage, empty_counters
+from openai_proxy.jsonio import iso
+from openai_proxy.log.db import NEWEST, Cursor, LogFilter, LogPage, Position, empty_counters
 from openai_proxy.log.store import SIGNOUT_READ_DEADLINE_S
 from openai_proxy.pages import spend as spend_view
-from openai_proxy.pages.health import deep_check, liveness, runtime_info
+from openai_proxy.pages.health import deep_check, last_reload, liveness, runtime_info, upstream_keys
 from openai_proxy.state import state
 from openai_proxy.version import __version__
 
@@ -311,7 +312,7 @@ def _json(body: Any, status: int = 200) -> Response:
 def _log_page(level: str, title: str) -> Response:
     st = state()
     try:
-        where, page, per_page = log_query(request.args)
+        where, at, per_page = log_query(request.args)
     except BadRequest as exc:
         if not wants_html():
             raise  # scripts get the JSON error
@@ -320,26 +321,27 @@ def _log_page(level: str, title: str) -> Response:
     st.log_store.flush()
     error = None
     try:
-        result = st.log_store.page(level, where, page, per_page)
+        result = st.log_store.page(level, where, per_page, at)
     except Exception as exc:
         error = f"The log store cannot be read: {type(exc).__name__}: {exc}"
         result = LogPage([], 0, empty_counters(), [])
     filters = {"status": request.args.get("status", "").strip(), "endpoint": where.endpoint,
                "host": where.host, "client": where.client, "request_id": where.request_id,
                "per_page": per_page if per_page != PER_PAGE else None}  # fmt: skip
-    pages = max(1, -(-result.total // per_page))
 
-    def here(page: int) -> str:
-        params = {**filters, "page": page if page > 1 else None}
+    def here(**position: Any) -> str:
+        params = {**filters, **position}
         return page_url(request.script_root + request.path, [(k, str(v)) for k, v in params.items() if v])
 
     spend, chart = _activity(st) if level == "info" and not error else (None, None)
     store = st.log_store.stats()
     # Fleet-wide: what every host saved in the database, plus what this worker could not save yet.
     dropped = sum(result.dropped.values()) + store["unsavedDropped"]
+    first_page = at == NEWEST
     html = render_template(
         "openai_proxy/log.html",
         title=title,
+        errors=level == "error",
         counters=[
             *counter_lines(result.counters, st.gate.in_use(), st.gate.peak),
             ("Dropped log records", str(dropped)),
@@ -350,10 +352,11 @@ def _log_page(level: str, title: str) -> Response:
         rejected_by_host=result.rejected,
         records=[_shown(r) for r in result.records],
         total=result.total,
-        page=page,
-        pages=pages,
-        newer=here(page - 1) if page > 1 else None,
-        older=here(page + 1) if page < pages else None,
+        page=at.page if at.before is None and at.after is None else None,
+        pages=None if result.total is None else max(1, -(-result.total // per_page)),
+        newest=None if first_page else here(),
+        newer=here(after=result.newer) if result.newer else None,
+        older=here(before=result.older) if result.older else None,
         tabs=[(name, url_for(f".{ep}"), ep == view()) for name, ep in TABS],
         clear=url_for(f".{view()}"),
         signout=url_for(".signout"),
@@ -362,10 +365,14 @@ def _log_page(level: str, title: str) -> Response:
         clients=result.clients,
         spend=spend,
         chart=chart,
+        keys=keys_panel(st),
+        reloads=reload_panel(st),
         filters=filters,
         hidden={"per_page": per_page} if filters["per_page"] else {},
         error=error,
         store=store,
+        usd=spend_view.usd,
+        exact_usd=spend_view.exact_usd,
         pid=os.getpid(),
         version=__version__,
     )
@@ -378,7 +385,8 @@ def _bad_query(title: str, message: str) -> Response:
     filters = {**typed, "per_page": None}
     html = render_template(
         "openai_proxy/log.html", title=title, invalid=True, error=message, counters=[], dropped_by_host={},
-        rejected_by_host={}, records=[], total=0, page=1, pages=1, newer=None, older=None,
+        rejected_by_host={}, records=[], total=0, page=1, pages=1, newest=None, newer=None, older=None,
+        keys=None, reloads=None, usd=spend_view.usd, exact_usd=spend_view.exact_usd,
         tabs=[(name, url_for(f".{ep}"), ep == view()) for name, ep in TABS],
         clear=url_for(f".{view()}"), signout=url_for(".signout"), endpoints=[], hosts=[],
         clients=[], spend=None, chart=None, filters=filters, hidden={}, store=state().log_store.stats(),
@@ -410,8 +418,44 @@ def _activity(st: Any) -> tuple[list[spend_view.Period] | None, Markup | None]:
 def _shown(record: dict[str, Any]) -> dict[str, Any]:
     """A stored record plus its display time and its full JSON (escaped by the template like all else)."""
     data = {k: v for k, v in record.items() if k not in ("id", "ts", "kind")}
-    when = datetime.fromtimestamp(record["ts"], UTC).isoformat(sep=" ", timespec="milliseconds")[:23]
-    return {**record, "time": when, "pretty": json.dumps(data, indent=2, ensure_ascii=False)}
+    flags = [name for name in ("stream", "overloaded", "cancelled") if record.get(name)]
+    if record.get("timeoutSource") in ("clamped", "invalid"):
+        flags.append(f"timeout {record['timeoutSource']}")
+    retries = record.get("retries")
+    if isinstance(retries, int) and retries > 0:  # rare: a flag says it better than a column of zeros
+        flags.append(f"{retries} retr{'y' if retries == 1 else 'ies'}")
+    cost = record.get("costUsd")
+    return {**record, "time": iso(record["ts"]), "flags": flags,
+            "costUsd": cost if isinstance(cost, int | float) and not isinstance(cost, bool) else None,
+            "pretty": json.dumps(data, indent=2, ensure_ascii=False)}  # fmt: skip
+
+
+def keys_panel(st: Any) -> dict[str, Any]:
+    """The upstream key pool as this server sees it: each key's state, resting time, and its calls
+    and 429s since the server started (every worker's), for the panel beside the counters."""
+    pool = upstream_keys(st)
+    calls = st.metrics.key_calls_by_key() if pool["pooled"] else {}
+    rows = [{**key, **calls.get(key["name"], {"calls": 0, "rateLimited": 0})} for key in pool["keys"]]
+    return {"pooled": pool["pooled"], "keys": rows}
+
+
+def reload_panel(st: Any) -> list[dict[str, Any]]:
+    """The clients and prices files: which file, and what the last reload (`kill -HUP`) made of it."""
+    config = st.config
+    reload = last_reload(st.runtime_dir)
+    refused = {p.get("file"): p.get("problem") for p in (reload or {}).get("problems") or ()}
+    out = []
+    for what, path, without in (("clients", config.clients_file, "no file: SECURITY_KEY's client only"),
+                                ("prices", config.prices_file, "no file: the shipped price table")):  # fmt: skip
+        if what in refused:
+            result = f"refused, the previous {what} stay in use: {refused[what]}"
+        elif path:
+            result = "reloaded" if reload else "loaded at start"
+        else:
+            result = without
+        out.append({"file": what.capitalize(), "path": path or "—", "ok": what not in refused, "result": result,
+                    "at": reload["at"] if reload else iso(st.started_at)})  # fmt: skip
+    return out
 
 
 # ASCII only: `str.isdigit` and `\d` also take "²" or "٣", which `int()` then refuses (a 500).
@@ -425,7 +469,7 @@ MAX_FILTER_CHARS = 200
 MAX_PAGE = 1_000_000
 
 
-def log_query(args: Any) -> tuple[LogFilter, int, int]:
+def log_query(args: Any) -> tuple[LogFilter, Position, int]:
     """Filters and pagination from the query string; nonsense gets a 400 that says what is expected."""
     status = _text_filter(args, "status")
     where: dict[str, Any] = {}
@@ -439,7 +483,20 @@ def log_query(args: Any) -> tuple[LogFilter, int, int]:
         where[name] = _text_filter(args, name)[:MAX_FILTER_CHARS] or None
     page = _positive(args.get("page"), "page", 1, MAX_PAGE)
     per_page = _positive(args.get("per_page"), "per_page", PER_PAGE, MAX_PER_PAGE)
-    return LogFilter(**where), page, per_page
+    before, after = _cursor(args, "before"), _cursor(args, "after")
+    if before and after:
+        raise BadRequest("give before or after, not both")
+    return LogFilter(**where), Position(before, after, 1 if before or after else page), per_page
+
+
+def _cursor(args: Any, name: str) -> Cursor | None:
+    text = _text_filter(args, name)
+    if not text:
+        return None
+    try:
+        return Cursor.parse(text[:MAX_FILTER_CHARS])
+    except ValueError:
+        raise BadRequest(f"{name} must be a place in the log as the page's links give it") from None
 
 
 def _text_filter(args: Any, name: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html as htmllib
 import re
 
 from tests.conftest import ACCESS_TOKEN, SECURITY_KEY
@@ -49,6 +50,18 @@ def rows(html: str) -> list[tuple[str, str, int]]:
 def row_hosts(html: str) -> list[tuple[str, str]]:
     """(request id, host) of each record shown, top to bottom."""
     return _HOST_ROW.findall(html)
+
+
+def column(html: str, name: str) -> list[str]:
+    """The text of one column (`host`, `client`, `cost`...) of each record shown, top to bottom."""
+    cells = re.findall(rf'<td class="(?:num )?c-{name}\b[^"]*"[^>]*>(.*?)</td>', html, re.S)
+    return [re.sub(r"<[^>]+>", "", cell).strip() for cell in cells]
+
+
+def link(html: str, rel: str) -> str | None:
+    """The pager's link (`next`: older records, `prev`: newer, `first`: the newest), as a browser follows it."""
+    match = re.search(rf'<a href="([^"]*)" rel="{rel}">', html)
+    return htmllib.unescape(match.group(1)) if match else None
 
 
 def served_by(html: str) -> int:

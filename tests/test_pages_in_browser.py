@@ -1,0 +1,185 @@
+"""/log, /log_errors and the sign-in page as a browser lays them out, at a desktop width (1,400 px) and
+a phone's (390 px), with a log of 10,000 records: facts measured in headless Chromium, and a
+screenshot of each page (the path is printed) to look at."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+from gevent.pywsgi import WSGIServer
+
+from openai_proxy.runtime import write_reload_status
+from tests.conftest import ACCESS_TOKEN, ISO_MS, SECURITY_KEY, free_port
+from tests.support.fake_upstream import error
+from tests.support.logfill import fill, records
+from tests.support.logpage import CHAT, TOKEN, link
+from tests.support.webdriver import CHROMEDRIVER, CHROMIUM, Browser
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        CHROMIUM is None or CHROMEDRIVER is None,
+        reason="Chromium and its WebDriver are not installed (Debian packages `chromium` and `chromium-driver`), "
+        "so the pages' layout cannot be measured in a real browser",
+    ),
+]
+WIDTHS = (1400, 390)
+ONE_LINE_PX = 40  # a record row at 1,400 px: one line of text and its padding
+CARD_PX = 200  # a record at 390 px: a card of a few short lines
+USD = re.compile(r"\$[0-9][0-9,]*\.[0-9]+|\u2014")
+
+# What the page says about itself, measured where it is drawn.
+MEASURE = """
+const box = e => e.getBoundingClientRect();
+const rows = [...document.querySelectorAll('tr[data-kind]')];
+const spend = [...document.querySelectorAll('.spend-table tbody tr')].map(r => box(r).height);
+const line = n => document.querySelector('polyline.' + n);
+const tables = [...document.querySelectorAll('.spend-table')].slice(0, 2).map(t => box(t).top);
+return {
+  innerWidth: window.innerWidth, scrollWidth: document.documentElement.scrollWidth,
+  rowHeights: rows.map(r => box(r).height),
+  rightmost: Math.max(0, ...[...document.querySelectorAll('main *')].filter(e => !e.closest('.scroll'))
+                                                                   .map(e => box(e).right)),
+  times: rows.map(r => r.querySelector('.c-time summary').textContent),
+  costs: [...document.querySelectorAll('td.c-cost')].map(c => c.textContent.trim()),
+  spendHeights: spend, spendTops: tables,
+  fills: Object.fromEntries(['p50', 'p95'].map(n => [n, line(n) && getComputedStyle(line(n)).fill])),
+  barFill: document.querySelector('rect.req') && getComputedStyle(document.querySelector('rect.req')).fill,
+  keys: [...document.querySelectorAll('.keys-table tbody tr')].map(r => [...r.cells].map(c => c.textContent.trim())),
+  files: [...document.querySelectorAll('.reload-table tbody tr')].map(r => r.textContent.replace(/\\s+/g, ' ').trim()),
+};
+"""
+
+
+@pytest.fixture
+def server(make_app, fake, tmp_path):
+    """An app on a real socket over a log of 10,000 records, a pool of two keys (one resting after a
+    429) and a reload that refused the prices file."""
+    log = str(tmp_path / "openai-proxy.sqlite3")
+    started = time.monotonic()
+    assert fill(log, records(10_000, time.time(), 3 * 86400)) == 10_000
+    print(f"10,000 records written in {time.monotonic() - started:.1f} s")
+    app = make_app(OPENAI_PROXY_LOG_DB=log, OPENAI_PROXY_LOG_RETENTION="100000", OPENAI_API_KEY=None,
+                   OPENAI_API_KEYS="alpha=sk-alpha-0123456789abcd,beta=sk-beta-0123456789wxyz")  # fmt: skip
+    client = app.test_client()
+    fake.push(
+        "POST",
+        "/v1/chat/completions",
+        error(429, "Rate limit reached for requests", headers={"Retry-After": "600"}),
+        times=1,
+    )
+    for _ in range(3):
+        assert client.post("/openai", json={**CHAT, "security_key": SECURITY_KEY}).status_code == 200
+    st = app.extensions["openai_proxy"]
+    write_reload_status(
+        st.runtime_dir, [{"file": "prices", "problem": "prices.toml, line 3: not valid TOML"}]
+    )
+    port = free_port()
+    wsgi = WSGIServer(("127.0.0.1", port), app, log=None)
+    wsgi.start()
+    yield f"http://127.0.0.1:{port}"
+    wsgi.stop()
+
+
+@pytest.fixture
+def browser(tmp_path):
+    browser = Browser(tmp_path / "profile", tmp_path / "screenshots")
+    yield browser
+    browser.close()
+    print(f"screenshots in {tmp_path / 'screenshots'}")
+
+
+def measure(browser: Browser, name: str) -> dict:
+    browser.execute("document.querySelectorAll('details.period').forEach(d => d.open = true)")
+    facts = browser.execute(MEASURE)
+    browser.screenshot(f"{name}-top")
+    browser.full_screenshot(f"{name}-full")
+    return facts
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_the_log_pages_at_desktop_and_phone_widths(server, browser, width):
+    browser.set_viewport(width)
+    browser.get(f"{server}/log?{TOKEN}")
+    assert browser.title == "openai-proxy · Requests"
+    for path in ("/log", "/log_errors", "/log?client=rare-client&status=2xx"):
+        browser.get(server + path)
+        name = f"{width}{path.replace('/', '-').replace('?', '-').replace('&', '-').replace('=', '_')}"
+        facts = measure(browser, name)
+        # Nothing wider than the screen: no sideways scrolling of the page (a wide table scrolls in its box).
+        assert facts["innerWidth"] == width and facts["scrollWidth"] <= width, (name, facts["scrollWidth"])
+        assert facts["rightmost"] <= width, name
+        heights = facts["rowHeights"]
+        assert heights, name
+        if width > 1000:  # one line per record
+            assert max(heights) <= ONE_LINE_PX, (name, max(heights))
+        else:
+            assert max(heights) <= CARD_PX, (name, max(heights))
+        assert all(re.fullmatch(ISO_MS, t) for t in facts["times"]), facts["times"][:3]
+        if path.startswith("/log?") or path == "/log":
+            # Lines are lines and bars are bars: an open polyline with a fill is a wedge.
+            assert facts["fills"] == {"p50": "none", "p95": "none"}
+            assert facts["barFill"] not in (None, "none")
+            # Costs in fixed-point dollars, a dash for none, never an exponent.
+            assert facts["costs"] and all(USD.fullmatch(c) for c in facts["costs"]), facts["costs"][:5]
+            # Each spend row as tall as its own text: the shorter table is not stretched to the other.
+            spend = facts["spendHeights"]
+            assert max(spend) - min(spend) < 2, spend
+            if width > 1000:
+                assert facts["spendTops"][0] == facts["spendTops"][1]  # side by side
+        # The key pool and the files' last reload, beside the counters on both pages.
+        alpha, beta = facts["keys"]
+        # (Counts are the server's since it started: in this one test process, every app's so far.)
+        assert (alpha[0], alpha[1]) == ("alpha …abcd", "resting") and alpha[3] == alpha[4] != "0"
+        assert re.fullmatch(ISO_MS, alpha[2]) and (beta[1], beta[2], beta[4]) == ("active", "—", "0")
+        assert int(beta[3]) >= 3
+        assert facts["files"][1].startswith("Prices") and "refused, the previous prices stay in use: " \
+            "prices.toml, line 3: not valid TOML" in facts["files"][1]  # fmt: skip
+
+    # The full record: one click on its time opens it under the record.
+    browser.get(f"{server}/log_errors")
+    browser.click("tr[data-kind] summary")
+    shown = browser.execute(
+        "const row = document.querySelector('tr.record-json');"
+        "return [getComputedStyle(row).display, row.getBoundingClientRect().height, row.textContent];"
+    )
+    assert shown[0] in ("table-row", "block") and shown[1] > 100 and '"requestId"' in shown[2]
+    browser.screenshot(f"{width}-log_errors-record-open")
+
+    # Older pages, through the pager's links (keyset: each starts after the last record shown).
+    browser.get(f"{server}/log?per_page=20")
+    first = browser.execute(MEASURE)["times"]
+    older = server + link(browser.source, "next")
+    assert older.startswith(f"{server}/log?per_page=20&before=")
+    browser.click("a[rel=next]")
+    assert browser.wait_for_url(older) == older
+    second = browser.execute(MEASURE)["times"]
+    assert len(second) == 20 and second[0] <= first[-1]
+
+    # An empty filter says so; the page keeps its shape.
+    browser.get(f"{server}/log?client=nobody")
+    assert browser.text(".empty") == "No records match these filters."
+    facts = measure(browser, f"{width}-log-empty")
+    assert facts["scrollWidth"] <= width and facts["rowHeights"] == []
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_the_sign_in_page_at_desktop_and_phone_widths(server, browser, width):
+    browser.set_viewport(width)
+    browser.get(f"{server}/log")
+    assert browser.title == "openai-proxy · Sign in"
+    browser.type("input[name=access_token]", "not-the-token")
+    browser.click("form button[type=submit]")
+    assert browser.wait_for_url(f"{server}/signin") == f"{server}/signin"
+    assert browser.text(".banner") == "That access token is not valid."
+    facts = browser.execute(
+        "const b = document.querySelector('main').getBoundingClientRect();"
+        "return [window.innerWidth, document.documentElement.scrollWidth, b.left, b.right];"
+    )
+    assert facts[0] == width and facts[1] <= width and facts[2] >= 8 and facts[3] <= width - 8, facts
+    browser.screenshot(f"{width}-signin-refused")
+    browser.type("input[name=access_token]", ACCESS_TOKEN)
+    browser.click("form button[type=submit]")
+    assert browser.wait_for_url(f"{server}/log") == f"{server}/log"
