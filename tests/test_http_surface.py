@@ -185,7 +185,7 @@ def test_completion_record_fields(client, records, capsys):
     assert entry["endpoint"] == "/openai" and entry["method"] == "POST"
     assert entry["model"] == "gpt-4o-mini" and entry["stream"] is False
     assert entry["timeoutMs"] == 5000 and entry["timeoutSource"] == "provided"
-    assert re.fullmatch(ISO_MS, entry["start"])  # the one time format (openai_proxy.times)
+    assert re.fullmatch(ISO_MS, entry["start"])  # the one time format (openai_proxy.jsonio.iso)
     assert entry["durationMs"] >= entry["upstreamMs"] >= 0
     assert entry["result"] == "ok" and entry["status"] == 200
     assert entry["retries"] == 0 and entry["overloaded"] is False and entry["cancelled"] is False

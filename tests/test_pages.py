@@ -438,7 +438,7 @@ def test_health_stays_up_when_upstream_is_down_and_health2_reports_it(make_app, 
 
 
 def test_every_time_on_health_is_iso_utc_with_milliseconds(make_app, fake, tmp_path):
-    """One time format (openai_proxy.times): /health used to mix ISO strings and Unix seconds."""
+    """One time format (openai_proxy.jsonio.iso): /health used to mix ISO strings and Unix seconds."""
     app = make_app()
     client = app.test_client()
     st = app.extensions["openai_proxy"]

@@ -52,9 +52,9 @@ from redis.exceptions import RedisError
 
 from openai_proxy.gate import Slot
 from openai_proxy.gate.local import Gate
+from openai_proxy.jsonio import iso_or_none
 from openai_proxy.redact import redact_text
 from openai_proxy.redis_link import RedisLink
-from openai_proxy.times import iso_or_none
 
 log = logging.getLogger("openai_proxy.gate")
 

@@ -22,9 +22,9 @@ from collections.abc import Collection, Sequence
 from operator import add, truediv
 from typing import Any
 
+from openai_proxy.jsonio import iso
 from openai_proxy.keys.specs import KeySpec
 from openai_proxy.keys.state import KeyTable, state_path
-from openai_proxy.times import iso
 
 # What one attempt with a key came to (completion records, metrics, the key's state).
 OK = "ok"

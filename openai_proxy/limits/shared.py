@@ -24,11 +24,11 @@ from redis.commands.core import Script
 from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
+from openai_proxy.jsonio import iso_or_none
 from openai_proxy.limits import rules
 from openai_proxy.limits.local import LocalLimitStore
 from openai_proxy.limits.reservations import Ledger, Reservation
 from openai_proxy.limits.rules import ALLOWED, Admission, Limits
-from openai_proxy.times import iso_or_none
 
 log = logging.getLogger("openai_proxy.limits")
 

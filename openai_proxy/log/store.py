@@ -35,6 +35,7 @@ from gevent.event import Event
 from gevent.lock import Semaphore
 from gevent.threadpool import ThreadPool
 
+from openai_proxy.jsonio import iso_or_none
 from openai_proxy.log import db as logdb
 from openai_proxy.log import stats as logstats
 from openai_proxy.log import url as logurl
@@ -42,7 +43,6 @@ from openai_proxy.log.db import NEWEST, Batch, LogFilter, LogPage, Position, Que
 from openai_proxy.log.sql import Database, open_database
 from openai_proxy.log.stats import MinuteRow, SpendRow
 from openai_proxy.redact import redact
-from openai_proxy.times import iso_or_none
 
 log = logging.getLogger("openai_proxy.logstore")
 

@@ -9,11 +9,10 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from openai_proxy.jsonio import dumps_text
+from openai_proxy.jsonio import dumps_text, iso
 from openai_proxy.observe.prices import PriceTable
 from openai_proxy.record import RequestRecord
 from openai_proxy.redact import end_of_request, redact, redact_text
-from openai_proxy.times import iso
 
 log = logging.getLogger("openai_proxy.completion")
 

@@ -21,10 +21,10 @@ from flask import Flask
 
 from openai_proxy import jsonio, pipeline
 from openai_proxy.errors import ProxyError
+from openai_proxy.jsonio import iso
 from openai_proxy.record import RequestRecord, TimeoutDecision
 from openai_proxy.runtime import reload_status
 from openai_proxy.state import API_ENDPOINTS, ProxyState
-from openai_proxy.times import iso
 from openai_proxy.upstream import CONNECT_TIMEOUT_S, JSON_HEADERS, RETRIES_IDEMPOTENT, UpstreamCall
 from openai_proxy.version import __version__
 

@@ -44,12 +44,12 @@ from openai_proxy.inbound.auth import (
     require_access_token,
     session_cookie_value,
 )
+from openai_proxy.jsonio import iso
 from openai_proxy.log.db import NEWEST, Cursor, LogFilter, LogPage, Position, empty_counters
 from openai_proxy.log.store import SIGNOUT_READ_DEADLINE_S
 from openai_proxy.pages import spend as spend_view
 from openai_proxy.pages.health import deep_check, last_reload, liveness, runtime_info, upstream_keys
 from openai_proxy.state import state
-from openai_proxy.times import iso
 from openai_proxy.version import __version__
 
 logger = logging.getLogger("openai_proxy.pages")
