@@ -1,5 +1,7 @@
-"""JSON encoding and decoding in one place (orjson: fast, exact floats, key order kept), and the one
-format for moments in what the proxy writes out (`iso`)."""
+"""JSON encoding and decoding in one place (orjson: fast, exact floats, key order kept), and how a
+moment is written in it and everywhere else: ISO 8601 in UTC, to the millisecond, with `Z`
+(`2026-12-07T10:00:00.000Z`). Every page, every time field of `/health` and `/debug/runtime`, and the
+completion record's `start` use `iso`; durations stay numbers (`uptimeS`, `restingForS`)."""
 
 from __future__ import annotations
 
@@ -24,11 +26,6 @@ def dumps(value: Any) -> bytes:
 def dumps_text(value: Any) -> str:
     """Compact JSON as text, for log lines."""
     return orjson.dumps(value, default=str).decode()
-
-
-# How the proxy writes a moment: ISO 8601 in UTC, to the millisecond, with `Z`
-# (`2026-12-07T10:00:00.000Z`). Every page, every time field of `/health` and `/debug/runtime`, and
-# the completion record's `start` use it; durations stay numbers (`uptimeS`, `restingForS`).
 
 
 def iso(ts: float) -> str:

@@ -4,6 +4,8 @@ trim instead of a COUNT(*) per page view. Both backends."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -216,3 +218,38 @@ def test_sqlite_walks_the_index_the_totals_choose(tmp_path):
         assert walk == "request_id" and "records_request_id" in steps
         rows = logdb.read_page(db, "info", LogFilter(client="rare", status=200), 50).records
         assert [r["client"] for r in rows] == ["rare"] * 3
+
+
+def open_temp_files() -> list[str]:
+    """SQLite's temporary files this process holds open (named etilqs_..., unlinked at once)."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if "etilqs_" in target:
+                found.append(target)
+    return found
+
+
+def test_a_sqlite_write_keeps_no_temp_file_open(tmp_path):
+    """A write transaction's statement journal outgrew SQLite's in-memory 64 KiB with the totals and
+    the indexes, and became a file in TMPDIR (the upload spool's directory) for the rest of each
+    transaction; `temp_store = MEMORY` keeps it in memory."""
+    with opened(str(tmp_path / "log.sqlite3")) as db:
+        seen: list[str] = []
+        execute, executemany = db.execute, db.executemany
+
+        def watched(run):
+            def call(text, args=()):
+                result = run(text, args)
+                seen.extend(open_temp_files())
+                return result
+
+            return call
+
+        db.execute, db.executemany = watched(execute), watched(executemany)
+        fill_rng = random.Random(5)
+        for seq in range(1, 21):
+            items = [("completion", entry(n, fill_rng), T + n) for n in range(seq * 10, seq * 10 + 10)]
+            logdb.write_batch(db, Batch("w:1:a", seq, "h1", 1, items, 0, 0, False, T), 1_000_000)
+        assert seen == []

@@ -457,6 +457,49 @@ def test_every_time_on_health_is_iso_utc_with_milliseconds(make_app, fake, tmp_p
     assert re.fullmatch(ISO_MS, client.get("/debug/runtime", headers=AUTH).get_json()["startedAt"])
 
 
+def test_the_log_pages_show_the_key_pool_and_the_files_last_reload(make_app, fake, monkeypatch):
+    app = make_app(
+        OPENAI_API_KEY=None, OPENAI_API_KEYS="alpha=sk-alpha-0123456789abcd,beta=sk-beta-0123456789wxyz"
+    )
+    client = app.test_client()
+    fake.push(
+        "POST", "/v1/chat/completions", error(429, "Slow down", headers={"Retry-After": "600"}), times=1
+    )
+    assert post_json(client, "/openai", CHAT).status_code == 200  # alpha refused, beta answered
+    assert post_json(client, "/openai", CHAT).status_code == 200  # beta (alpha rests)
+
+    def panel(path: str = "/log") -> tuple[list[list[str]], list[str]]:
+        html = client.get(path, headers=AUTH).get_data(as_text=True)
+        keys = re.search(r'<table class="keys-table">(.*?)</table>', html, re.S).group(1).split("<tbody>")[1]
+        files = re.search(r'<table class="reload-table">(.*?)</table>', html, re.S).group(1)
+        text = lambda cell: htmllib.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", "", cell)).strip())  # noqa: E731
+        return ([[text(c) for c in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
+                 for row in re.findall(r"<tr[^>]*>(.*?)</tr>", keys, re.S)],
+                [text(row) for row in re.findall(r"<tr[^>]*>(.*?)</tr>", files, re.S)])  # fmt: skip
+
+    keys, files = panel()
+    (alpha, beta) = keys
+    assert (alpha[0], alpha[1]) == ("alpha …abcd", "resting") and re.fullmatch(ISO_MS, alpha[2])
+    assert (beta[0], beta[1], beta[2]) == ("beta …wxyz", "active", "—")
+    # Calls and 429s: every worker of this server since it started (this test process's, here).
+    assert alpha[3] == alpha[4] != "0" and beta[4] == "0" and int(beta[3]) >= 2
+    assert files[0].startswith("Clients — ok no file: SECURITY_KEY's client only ")
+    assert files[1].startswith("Prices — ok no file: the shipped price table ")
+    st = app.extensions["openai_proxy"]
+    write_reload_status(st.runtime_dir, [{"file": "prices", "problem": "prices.toml, line 3: not valid TOML"}],
+                        at=1_796_000_000.25)  # fmt: skip
+    _, files = panel("/log_errors")
+    assert files[1] == ("Prices — refused refused, the previous prices stay in use: prices.toml, line 3: "
+                        "not valid TOML 2026-11-30T00:53:20.250Z")  # fmt: skip
+
+    def broken():
+        raise OSError("metrics files gone")
+
+    monkeypatch.setattr(st.metrics, "key_calls_by_key", broken)
+    keys, _ = panel()
+    assert [(k[0], k[3], k[4]) for k in keys] == [("alpha …abcd", "?", "?"), ("beta …wxyz", "?", "?")]
+
+
 def test_health2_reports_an_upstream_error_and_a_full_gate(make_app, fake):
     app = make_app(OPENAI_PROXY_MAX_PARALLEL_REQUESTS="1")
     client = app.test_client()

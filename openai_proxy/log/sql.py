@@ -159,6 +159,11 @@ class SQLiteDatabase(Database):
         try:
             self.conn.execute("PRAGMA journal_mode = WAL")
             self.conn.execute("PRAGMA synchronous = NORMAL")
+            # A write transaction's statement journal (what undoes one statement of it) outgrows
+            # SQLite's 64 KiB in memory now that a record touches nine indexes and its totals; on
+            # disk it would be a file in TMPDIR, open while the transaction lasts, beside the
+            # upload spool (tests/test_audio.py watches that directory). Kept in memory instead.
+            self.conn.execute("PRAGMA temp_store = MEMORY")
         except BaseException:
             self.conn.close()
             raise

@@ -434,9 +434,18 @@ def keys_panel(st: Any) -> dict[str, Any]:
     """The upstream key pool as this server sees it: each key's state, resting time, and its calls
     and 429s since the server started (every worker's), for the panel beside the counters."""
     pool = upstream_keys(st)
-    calls = st.metrics.key_calls_by_key() if pool["pooled"] else {}
-    rows = [{**key, **calls.get(key["name"], {"calls": 0, "rateLimited": 0})} for key in pool["keys"]]
-    return {"pooled": pool["pooled"], "keys": rows}
+    calls: dict[str, dict[str, Any]] = {}
+    none: dict[str, Any] = {"calls": 0, "rateLimited": 0}
+    if pool["pooled"]:
+        try:
+            calls = st.metrics.key_calls_by_key()
+        except Exception:  # the counts are a nicety: the page and the keys' states still show
+            logger.exception("the upstream keys' call counts cannot be read")
+            none = {"calls": "?", "rateLimited": "?"}
+    return {
+        "pooled": pool["pooled"],
+        "keys": [{**key, **calls.get(key["name"], none)} for key in pool["keys"]],
+    }
 
 
 def reload_panel(st: Any) -> list[dict[str, Any]]:
