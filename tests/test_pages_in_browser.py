@@ -5,6 +5,7 @@ screenshot of each page (the path is printed) to look at."""
 from __future__ import annotations
 
 import re
+import secrets
 import time
 
 import pytest
@@ -61,8 +62,10 @@ def server(make_app, fake, tmp_path):
     started = time.monotonic()
     assert fill(log, records(10_000, time.time(), 3 * 86400)) == 10_000
     print(f"10,000 records written in {time.monotonic() - started:.1f} s")
+    # The pool's keys get names of their own: their counts are the process's, every app's of the run.
+    names = (f"alpha{secrets.token_hex(3)}", f"beta{secrets.token_hex(3)}")
     app = make_app(OPENAI_PROXY_LOG_DB=log, OPENAI_PROXY_LOG_RETENTION="100000", OPENAI_API_KEY=None,
-                   OPENAI_API_KEYS="alpha=sk-alpha-0123456789abcd,beta=sk-beta-0123456789wxyz")  # fmt: skip
+                   OPENAI_API_KEYS=f"{names[0]}=sk-alpha-0123456789abcd,{names[1]}=sk-beta-0123456789wxyz")  # fmt: skip
     client = app.test_client()
     fake.push(
         "POST",
@@ -79,7 +82,7 @@ def server(make_app, fake, tmp_path):
     port = free_port()
     wsgi = WSGIServer(("127.0.0.1", port), app, log=None)
     wsgi.start()
-    yield f"http://127.0.0.1:{port}"
+    yield f"http://127.0.0.1:{port}", names
     wsgi.stop()
 
 
@@ -101,6 +104,7 @@ def measure(browser: Browser, name: str) -> dict:
 
 @pytest.mark.parametrize("width", WIDTHS)
 def test_the_log_pages_at_desktop_and_phone_widths(server, browser, width):
+    server, (alpha_name, beta_name) = server
     browser.set_viewport(width)
     browser.get(f"{server}/log?{TOKEN}")
     assert browser.title == "openai-proxy · Requests"
@@ -131,10 +135,8 @@ def test_the_log_pages_at_desktop_and_phone_widths(server, browser, width):
                 assert facts["spendTops"][0] == facts["spendTops"][1]  # side by side
         # The key pool and the files' last reload, beside the counters on both pages.
         alpha, beta = facts["keys"]
-        # (Counts are the server's since it started: in this one test process, every app's so far.)
-        assert (alpha[0], alpha[1]) == ("alpha …abcd", "resting") and alpha[3] == alpha[4] != "0"
-        assert re.fullmatch(ISO_MS, alpha[2]) and (beta[1], beta[2], beta[4]) == ("active", "—", "0")
-        assert int(beta[3]) >= 3
+        assert (alpha[0], alpha[1], alpha[3], alpha[4]) == (f"{alpha_name} …abcd", "resting", "1", "1")
+        assert re.fullmatch(ISO_MS, alpha[2]) and beta == [f"{beta_name} …wxyz", "active", "—", "3", "0"]
         assert facts["files"][1].startswith("Prices") and "refused, the previous prices stay in use: " \
             "prices.toml, line 3: not valid TOML" in facts["files"][1]  # fmt: skip
 
@@ -167,6 +169,7 @@ def test_the_log_pages_at_desktop_and_phone_widths(server, browser, width):
 
 @pytest.mark.parametrize("width", WIDTHS)
 def test_the_sign_in_page_at_desktop_and_phone_widths(server, browser, width):
+    server, _ = server
     browser.set_viewport(width)
     browser.get(f"{server}/log")
     assert browser.title == "openai-proxy · Sign in"
