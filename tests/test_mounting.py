@@ -289,18 +289,23 @@ def test_sign_in_redirects_under_the_prefix_in_the_hosts_server(host_gunicorn):
     assert (signed.status_code, signed.headers["Location"]) == (303, "/ai/log")
 
 
-def test_the_gate_is_exact_across_the_hosts_workers_with_a_shared_runtime_dir(host_gunicorn, fake_server):
-    url, _ = host_gunicorn
-    fake_server.reset()
-    fake_server.push("POST", "/v1/chat/completions", fu.delay(2.0), times=None)
+def six_slow_calls_at_once(url: str, fake) -> list[requests.Response]:
+    """Six `/ai/openai` calls that upstream holds for 2 s, each on a new connection (so gunicorn spreads
+    them over its workers), all at once."""
+    fake.reset()
+    fake.push("POST", "/v1/chat/completions", fu.delay(2.0), times=None)
 
     def call(_):
-        # A new connection each time, so gunicorn spreads the calls over both workers.
         with requests.Session() as s:
             return s.post(url + "/ai/openai", json={**CHAT, "security_key": SECURITY_KEY}, timeout=20)
 
     with ThreadPoolExecutor(6) as pool:
-        answers = list(pool.map(call, range(6)))
+        return list(pool.map(call, range(6)))
+
+
+def test_the_gate_is_exact_across_the_hosts_workers_with_a_shared_runtime_dir(host_gunicorn, fake_server):
+    url, _ = host_gunicorn
+    answers = six_slow_calls_at_once(url, fake_server)
     statuses = sorted(a.status_code for a in answers)
     assert statuses == [200, 200, 503, 503, 503, 503], [a.text for a in answers]
     refused = next(a for a in answers if a.status_code == 503)
@@ -347,15 +352,7 @@ def test_the_proxys_hooks_in_a_hosts_own_gunicorn_config(host_gunicorn, fake_ser
     env = {"OPENAI_PROXY_LOG_DB": str(home / "log2.sqlite3"), "OPENAI_PROXY_DRAIN_DELAY_S": "2"}
     proc, url, log = start_host(home, fake_server, ["-c", "host.conf.py"], "gunicorn2.log", env)
     try:
-        fake_server.reset()
-        fake_server.push("POST", "/v1/chat/completions", fu.delay(2.0), times=None)
-
-        def call(_):
-            with requests.Session() as s:
-                return s.post(url + "/ai/openai", json={**CHAT, "security_key": SECURITY_KEY}, timeout=20)
-
-        with ThreadPoolExecutor(6) as pool:
-            statuses = sorted(a.status_code for a in pool.map(call, range(6)))
+        statuses = sorted(a.status_code for a in six_slow_calls_at_once(url, fake_server))
         assert statuses == [200, 200, 503, 503, 503, 503]
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.5)
