@@ -372,3 +372,40 @@ def test_without_a_shared_runtime_dir_the_gate_says_it_holds_per_process(mounted
     if os.environ.get("OPENAI_PROXY_RUNTIME_DIR"):
         pytest.skip("the environment names a runtime dir")
     assert alone.extensions["openai_proxy"].gate.status()["scope"] == "process"
+
+
+def test_the_client_boundary_holds_under_the_prefix(mounted, fake, tmp_path):
+    """Rules are judged in the form that goes upstream, whatever the mount: a model a client may not
+    use (also escaped in the path), and another client's stored response."""
+    from tests.support.files import write_clients
+    from tests.test_objects import creates_response
+
+    clients = write_clients(
+        tmp_path,
+        """\
+        [[client]]
+        name = "mini"
+        key = "mini-client-key-0123456789"
+        models = ["gpt-4o-mini"]
+
+        [[client]]
+        name = "other"
+        key = "other-client-key-0123456789"
+        """,
+    )
+    client = mounted(OPENAI_PROXY_CLIENTS_FILE=clients).test_client()
+    mini = {"Authorization": "Bearer mini-client-key-0123456789"}
+    other = {"Authorization": "Bearer other-client-key-0123456789"}
+    for path in ("/ai/v1/chat/completions", "/ai/v1/chat/%63ompletions"):
+        r = client.post(path, json={**CHAT, "model": "gpt-4o"}, headers=mini)
+        assert r.status_code == 403, (path, r.get_data())
+    assert fake.count("/v1/chat/completions") == 0
+    creates_response(fake, "resp_mounted")
+    assert (
+        client.post("/ai/v1/responses", json={"model": "gpt-4o-mini", "input": "x"}, headers=mini).status_code
+        == 200
+    )
+    assert client.get("/ai/v1/responses/resp_mounted", headers=other).status_code == 404
+    assert client.get("/ai/openai2/resp_mounted", headers=other).status_code == 404
+    assert fake.count("/v1/responses/resp_mounted") == 0
+    assert client.get("/ai/v1/responses/resp_mounted", headers=mini).status_code == 200
