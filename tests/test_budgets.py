@@ -433,8 +433,21 @@ def test_twenty_simultaneous_calls_on_two_hosts_sharing_redis(gunicorn_server, f
     assert served + statuses.count(429) == 20 and fake.count("/v1/chat/completions") == served
     spent, charged = wait_for_records(hosts, served)
     assert charged == served
-    assert BUDGET - BIG_CALL_COST < spent <= BUDGET + BIG_CALL_COST, (served, spent)
+    assert spent <= BUDGET + BIG_CALL_COST, (served, spent)
     print(f"\n20 calls on 2 hosts, budget ${BUDGET}: {served} served, ${spent:.7f} spent")
+    # In Redis, a worker writes its reservations before Redis has judged them all, so a burst can be
+    # held below the budget by the estimates still being judged (fail closed): 7 to 9 served. Nothing
+    # is lost: once they settle, calls one at a time spend the rest, to within one call.
+    while True:
+        r = requests.post(hosts[served % 2].url + "/openai", json=BIG_CALL, headers=as_client(LIMITED_KEY),
+                          timeout=30)  # fmt: skip
+        if r.status_code == 429:
+            break
+        assert r.status_code == 200, r.text
+        served += 1
+        spent, charged = wait_for_records(hosts, served)
+    assert int(r.headers["Retry-After"]) > 1  # the day is spent, not held by calls in flight
+    assert BUDGET - BIG_CALL_COST < spent <= BUDGET + BIG_CALL_COST, (served, spent)
     store = RedisLimitStore(redis_server.url, redis_server.url, LocalLimitStore(str(tmp_path / "fallback")))
     assert store.reserved("limited") == 0.0
     store.close()

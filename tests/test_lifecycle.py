@@ -265,7 +265,8 @@ def _until_refused(port: int, signalled: float, within: float) -> None:
     while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        except ConnectionRefusedError:
+        except (ConnectionRefusedError, ConnectionResetError):
+            # Reset: the connection reached the backlog of a listener that closed before accepting it.
             return
         assert time.monotonic() - signalled < within, "still accepting connections"
         gevent.sleep(0.005)
