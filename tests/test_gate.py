@@ -94,6 +94,50 @@ HOLDER = textwrap.dedent(
 )
 
 
+SLOTS_HOLDER = textwrap.dedent(
+    """
+    import fcntl, os, sys, time
+    fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+    for slot in sys.argv[2].split(","):
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, int(slot), os.SEEK_SET)
+    print("held", flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def test_in_use_counts_every_slot_of_many_holders_without_asking_slot_by_slot(tmp_path):
+    # Three other processes hold runs of adjacent slots (merged into one lock each by the kernel), lone
+    # slots, the first and the last slot, interleaved; this process holds some between them.
+    path, limit = str(tmp_path / "gate.slots"), 2000
+    held = {"0,1,2,3,500,1999": 6, "4,700,701,702,1500": 5, "10,11,12,13,14,15,16,17,18,19,1998": 11}
+    children = [subprocess.Popen([sys.executable, "-c", SLOTS_HOLDER, path, slots], stdout=subprocess.PIPE,
+                                 text=True) for slots in held]  # fmt: skip
+    try:
+        for child in children:
+            assert child.stdout.readline().startswith("held")
+        gate = Gate(path, limit)
+        mine = [gate.try_acquire() for _ in range(30)]
+        assert None not in mine and len(set(mine)) == 30
+        assert gate.in_use() == sum(held.values()) + 30
+        assert len(holders(path, limit)) == sum(held.values())  # what one probe per slot sees
+        calls = []
+        real = fcntl.fcntl
+        try:
+            fcntl.fcntl = lambda *args: calls.append(args) or real(*args)
+            assert gate.in_use() == sum(held.values()) + 30
+        finally:
+            fcntl.fcntl = real
+        assert len(calls) <= 2 * 8 + 1  # about two per lock held elsewhere (8 locks), not 2,000
+        children[1].kill()
+        children[1].wait()
+        assert gate.in_use() == sum(held.values()) - 5 + 30
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
+
+
 def test_another_process_holds_slots_and_sigkill_gives_them_back(tmp_path):
     path = str(tmp_path / "gate.slots")
     child = subprocess.Popen(
