@@ -54,8 +54,15 @@ NOT_FOUND = b'{"error":{"message":"unknown path","type":"invalid_request_error",
 CHUNKED_END = b"0\r\n\r\n"
 
 
-def sse_events(n: int) -> list[bytes]:
-    """`n` Responses stream events (created, deltas, completed), each one chunk of a chunked body."""
+def sse_events(n: int, full: bool = False) -> list[bytes]:
+    """`n` Responses stream events (created, deltas, completed), each one chunk of a chunked body.
+
+    `full` (n >= 4): the stream a client that rebuilds the response needs, as OpenAI sends it: the
+    output item and its content part announced before the deltas, which name them, and the whole
+    response in `response.completed` (the openai Node SDK's stream helper, which the original
+    proxy relays through, fails on the second event of the short form)."""
+    if full and n >= 4:
+        return [_frame(ev) for ev in _full_events(n)]
     created = {
         "type": "response.created",
         "sequence_number": 0,
@@ -75,11 +82,42 @@ def sse_events(n: int) -> list[bytes]:
             },
         }
     )
-    out = []
-    for ev in events[:n]:
-        frame = b"event: " + ev["type"].encode() + b"\ndata: " + compact(ev) + b"\n\n"
-        out.append(b"%x\r\n%s\r\n" % (len(frame), frame))
-    return out
+    return [_frame(ev) for ev in events[:n]]
+
+
+def _frame(ev: dict) -> bytes:
+    frame = b"event: " + ev["type"].encode() + b"\ndata: " + compact(ev) + b"\n\n"
+    return b"%x\r\n%s\r\n" % (len(frame), frame)
+
+
+def _full_events(n: int) -> list[dict]:
+    """created, output_item.added, content_part.added, n - 4 deltas, completed: n events."""
+    tokens = [f"tok{i} " for i in range(n - 4)]
+    part = {"type": "output_text", "text": "", "annotations": []}
+    item = {"id": "msg_1", "type": "message", "role": "assistant", "status": "in_progress", "content": []}
+    where = {"item_id": "msg_1", "output_index": 0, "content_index": 0}
+    events: list[dict] = [
+        {"type": "response.created", "response": {"id": "resp_bench", "object": "response",
+                                                  "status": "in_progress", "model": "m", "output": []}},
+        {"type": "response.output_item.added", "output_index": 0, "item": item},
+        {"type": "response.content_part.added", **where, "part": part},
+    ]  # fmt: skip
+    events += [{"type": "response.output_text.delta", **where, "delta": t} for t in tokens]
+    done = {**item, "status": "completed", "content": [{**part, "text": "".join(tokens)}]}
+    events.append(
+        {
+            "type": "response.completed",
+            "response": {
+                "id": "resp_bench",
+                "object": "response",
+                "status": "completed",
+                "model": "m",
+                "output": [done],
+                "usage": {"input_tokens": 5, "output_tokens": n, "total_tokens": n + 5},
+            },
+        }
+    )
+    return [{"type": ev.pop("type"), "sequence_number": i, **ev} for i, ev in enumerate(events)]
 
 
 def head(status: int, length: int | None, content_type: bytes) -> bytes:

@@ -342,7 +342,7 @@ def serve(
     opts: argparse.Namespace, sock: socket.socket, lateness: Lateness, connections: Connections
 ) -> None:
     async def main() -> None:
-        events = sse_events(opts.events)
+        events = sse_events(opts.events, full=opts.full_stream)
         loop = asyncio.get_running_loop()
         wheel = Wheel()
         context = server_ssl_context(opts.tls_cert) if opts.tls_cert else None
@@ -367,6 +367,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--procs", type=int, default=1, help=f"processes sharing the socket (1-{MAX_PROCS})")
     parser.add_argument(
         "--tls-cert", metavar="PEM", help="serve HTTPS with this private key and certificate chain"
+    )
+    parser.add_argument(
+        "--full-stream",
+        action="store_true",
+        help="streams announce their output item and content part, as a client rebuilding them needs",
     )
     opts = parser.parse_args(argv)
     opts.procs = min(max(opts.procs, 1), MAX_PROCS)
