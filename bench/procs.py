@@ -34,9 +34,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_port(port: int, timeout: float = 20.0) -> None:
+def wait_port(port: int, timeout: float = 20.0, popen: subprocess.Popen | None = None) -> None:
+    """Wait until something listens on `port`; give up at once if `popen` (the server) has exited."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if popen is not None and popen.poll() is not None:
+            raise RuntimeError(f"the server exited ({popen.returncode}) before listening on port {port}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
@@ -146,7 +149,7 @@ class Proc:
         self.popen = subprocess.Popen(args, cwd=cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         self.pid = self.popen.pid
         try:
-            wait_port(port)
+            wait_port(port, popen=self.popen)
         except RuntimeError:
             self.stop()
             raise RuntimeError(f"{name} did not start:\n{log.read_text()[-3000:]}") from None
@@ -178,6 +181,7 @@ class FakeSettings:
     gap_ms: float = 20.0
     procs: int = 1
     tls: bool = False  # HTTPS, with a certificate from the run's throwaway CA (see tls_files)
+    full_stream: bool = False  # streams as a client that rebuilds them needs (see fake_answers.sse_events)
 
 
 def tls_files(workdir: Path) -> tuple[Path, Path]:
@@ -228,6 +232,8 @@ def start_upstream(workdir: Path, settings: FakeSettings) -> FakeProc:
         "--latency-ms", str(settings.latency_ms), "--events", str(settings.events),
         "--gap-ms", str(settings.gap_ms), "--procs", str(settings.procs),
     ]  # fmt: skip
+    if settings.full_stream:
+        args.append("--full-stream")
     ca_pem = None
     if settings.tls:
         ca_pem, server_pem = tls_files(workdir)
@@ -240,14 +246,20 @@ def fake_lateness(fake: FakeProc) -> list[int]:
     return fake.stats()["late"]
 
 
-def proxy_env(workdir: Path, port: int, upstream: FakeProc, max_parallel: int) -> dict[str, str]:
-    """The environment of the proxy: only what the bench must set, nothing from the caller's OPENAI_*."""
-    env = {
+def clean_env() -> dict[str, str]:
+    """The caller's environment without anything that could change what a proxy does: no OPENAI_*,
+    keys, tokens or forward proxies."""
+    return {
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("OPENAI_", "SECURITY_KEY", "ACCESS_TOKEN", "HTTP_PROXY", "HTTPS_PROXY"))
         and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")
     }
+
+
+def proxy_env(workdir: Path, port: int, upstream: FakeProc, max_parallel: int) -> dict[str, str]:
+    """The environment of the proxy: only what the bench must set, nothing from the caller's OPENAI_*."""
+    env = clean_env()
     env.update(
         PORT=str(port),
         OPENAI_BASE_URL=upstream.url("/v1"),
@@ -277,9 +289,11 @@ def start_redis(workdir: Path) -> Proc:
 
 
 def start_proxy(
-    workdir: Path, upstream: FakeProc, max_parallel: int, extra_env: dict[str, str] | None = None
+    workdir: Path, upstream: FakeProc, max_parallel: int, extra_env: dict[str, str | None] | None = None
 ) -> Proc:
     """gunicorn -c gunicorn.conf.py app.wsgi:app, as ./run.sh starts it, against the fake upstream.
+
+    `extra_env` is added to proxy_env's; a name set to None there is left out instead.
 
     It runs in the temp dir so that a developer's `.env` in the checkout (read from the working
     directory) cannot change what is measured; the code and gunicorn.conf.py are this checkout's.
@@ -288,10 +302,11 @@ def start_proxy(
     """
     port = free_port()
     gunicorn = [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"), "app.wsgi:app"]
+    env = {**proxy_env(workdir, port, upstream, max_parallel), **(extra_env or {})}
     proc = Proc(
         "proxy",
         gunicorn,
-        {**proxy_env(workdir, port, upstream, max_parallel), **(extra_env or {})},
+        {k: v for k, v in env.items() if v is not None},
         port,
         workdir / f"proxy-{port}.log",
         workdir,
@@ -304,7 +319,7 @@ def start_proxy(
     return proc
 
 
-def check_proxy(port: int, timeout_s: float = 20.0) -> None:
+def check_proxy(port: int, timeout_s: float = 20.0, what: str = "the proxy") -> None:
     """Wait until the proxy relays a chat call to the fake: a bench of 403s or 502s measures nothing."""
     body = json.dumps({"security_key": KEY, "model": "gpt-4o-mini", "messages": []}).encode()
     deadline = time.monotonic() + timeout_s
@@ -318,4 +333,103 @@ def check_proxy(port: int, timeout_s: float = 20.0) -> None:
         except OSError as exc:
             last = exc
         time.sleep(0.1)
-    raise RuntimeError(f"the proxy does not relay to the fake upstream: {last}")
+    raise RuntimeError(f"{what} does not relay to the fake upstream: {last}")
+
+
+# ---- the original Node proxy (--original DIR) ---------------------------------------------------------
+
+ORIGINAL_PORT = 3002  # hard-coded in its src/server.ts
+
+
+def node_version(node: str) -> str:
+    try:
+        out = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=10, check=False)
+    except OSError as exc:
+        return f"unknown ({exc})"
+    return out.stdout.strip() or "unknown"
+
+
+def original_entry(directory: Path) -> tuple[str, Path]:
+    """(node binary, build/index.js) of a built checkout of the original, or a clear error."""
+    entry = directory / "build" / "index.js"
+    if not entry.is_file():
+        raise RuntimeError(
+            f"--original {directory}: no build/index.js there; build the original first "
+            "(git clone https://github.com/gsbelarus/chatgpt-proxy && cd chatgpt-proxy && npm ci && npx tsc)"
+        )
+    if not (directory / "node_modules").is_dir():
+        raise RuntimeError(f"--original {directory}: no node_modules there; run npm ci in it first")
+    node = shutil.which("node")
+    if node is None:
+        raise RuntimeError(
+            "--original needs node on PATH (the original's dependencies want Node 22.19 or newer)"
+        )
+    return node, entry
+
+
+def port_taken(port: int) -> bool:
+    """Something listens on `port` or holds it (Node listens on every address, IPv6 and IPv4)."""
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", port)) == 0:
+            return True
+    for family, anywhere in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+        try:
+            s = socket.socket(family)
+        except OSError:  # no IPv6 here
+            continue
+        with s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Node does
+            try:
+                s.bind((anywhere, port))
+            except OSError:
+                return True
+    return False
+
+
+def original_env(upstream: FakeProc, max_parallel: int) -> dict[str, str]:
+    """What the original reads, set as for the proxy: the fake's /v1 URL (the openai Node SDK reads
+    OPENAI_BASE_URL), its own gate at the proxy's limit, the run's CA for an HTTPS fake."""
+    env = {k: v for k, v in clean_env().items() if k != "NODE_EXTRA_CA_CERTS"}
+    env.update(
+        OPENAI_BASE_URL=upstream.url("/v1"),
+        OPENAI_API_KEY="sk-bench-0000000000000000",
+        SECURITY_KEY=KEY,
+        OPENAI_PROXY_MAX_PARALLEL_REQUESTS=str(max_parallel),
+    )
+    if upstream.ca_pem is not None:
+        env["NODE_EXTRA_CA_CERTS"] = str(upstream.ca_pem)
+    return env
+
+
+def start_original(workdir: Path, upstream: FakeProc, max_parallel: int, directory: Path) -> Proc:
+    """`node build/index.js` of a built checkout of the original, against the fake, on port 3002.
+
+    Like the proxy it runs in the run's temp dir (its code is the checkout's): it reads `.env.local`
+    and `.env` from its working directory, and one left in the checkout must not change what is
+    measured.
+    """
+    node, entry = original_entry(directory)
+    if port_taken(ORIGINAL_PORT):
+        raise RuntimeError(
+            f"port {ORIGINAL_PORT} is taken: the original listens there (hard-coded); stop whatever "
+            "holds it (another original proxy?) and run again"
+        )
+    try:
+        proc = Proc(
+            "original",
+            [node, str(entry)],
+            original_env(upstream, max_parallel),
+            ORIGINAL_PORT,
+            workdir / f"original-{upstream.port}.log",
+            workdir,
+        )
+    except RuntimeError as exc:
+        raise RuntimeError(
+            f"{exc}\n(node {node_version(node)} at {node}; the original wants 22.19 or newer)"
+        ) from None
+    try:
+        check_proxy(ORIGINAL_PORT, what="the original")
+    except Exception:
+        proc.stop()
+        raise
+    return proc
