@@ -3,12 +3,14 @@
     ./bench/run.sh                          # every scenario, 3 runs each after a warm-up
     ./bench/run.sh --only c1 streams_steady --json /tmp/bench.json
     ./bench/run.sh --soak-minutes 10        # adds the memory soak
+    ./bench/run.sh --original ../chatgpt-proxy --features   # beside the original, every feature on
 
 Each scenario sends the same load twice per run: through the proxy and directly to the fake
-upstream, so every figure has its baseline from the same minute on the same machine. Load comes
-from wrk (JSON scenarios) and bench/sse_load.py (streams). CPU is read from /proc for the gunicorn
-tree, the fake and the rest of the machine. Everything stays on 127.0.0.1 and every run is bounded
-in time. See bench/README.md for the methodology.
+upstream, so every figure has its baseline from the same minute on the same machine (three times
+with --original: also through the original Node proxy, built by the user, against the same fake).
+Load comes from wrk (JSON scenarios) and bench/sse_load.py (streams). CPU is read from /proc for
+the gunicorn tree, the fake and the rest of the machine. Everything stays on 127.0.0.1 and every
+run is bounded in time. See bench/README.md for the methodology.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,8 +29,17 @@ from pathlib import Path
 
 from bench import report, wrk
 from bench.meter import Meter
-from bench.procs import FakeSettings, raise_open_files_limit, start_upstream
+from bench.procs import (
+    ORIGINAL_PORT,
+    FakeSettings,
+    node_version,
+    original_entry,
+    port_taken,
+    raise_open_files_limit,
+    start_upstream,
+)
 from bench.scenarios import (
+    FEATURE_CLIENTS,
     MIB,
     Scenario,
     ScenarioResult,
@@ -46,6 +58,9 @@ def scenarios(opts: argparse.Namespace) -> list[Scenario]:
     return [
         Scenario("c1", "small /openai chat, c=1", "json", connections=1),
         Scenario("c64_50ms", "/openai c=64, upstream 50 ms", "json", connections=64, latency_ms=50.0),
+        # The same load waiting 500 ms upstream: CPU per request should not depend on the wait (see the
+        # "Waiting" line: c64_0ms, c64_50ms and this one side by side).
+        Scenario("c64_500ms", "/openai c=64, upstream 500 ms", "json", connections=64, latency_ms=500.0),
         Scenario("c64_0ms", "/openai c=64, upstream 0 ms", "json", connections=64),
         Scenario(
             "streams_steady", f"/openai2 {n} streams {each}, steady", "stream", streams=n, mode="steady"
@@ -123,6 +138,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--soak-minutes", type=float, default=0.0, help="also run the memory soak this long")
     p.add_argument("--skip-ceilings", action="store_true", help="do not measure the fake's own ceilings")
     p.add_argument("--json", type=Path, help="also write every figure to this file")
+    p.add_argument(
+        "--original",
+        type=Path,
+        metavar="DIR",
+        help="also measure the original Node proxy from this built checkout (node DIR/build/index.js, "
+        f"port {ORIGINAL_PORT}) as a third side of every scenario",
+    )
+    p.add_argument(
+        "--features",
+        action="store_true",
+        help=f"every proxy run with every feature on: {FEATURE_CLIENTS:,} clients with limits (the load is "
+        "one of them), 3 upstream keys, the request log",
+    )
     return p.parse_args(argv)
 
 
@@ -137,6 +165,18 @@ def machine_line() -> str:
         pass
     return (f"{os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {model}, "
             f"Linux {platform.release()}, {platform.python_implementation()} {platform.python_version()}")  # fmt: skip
+
+
+def original_info(directory: Path) -> dict:
+    """What the original is: where, which node, which commit (when the checkout is a git one)."""
+    node, entry = original_entry(directory)
+    commit = ""
+    if (directory / ".git").exists():
+        out = subprocess.run(["git", "-C", str(directory), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10, check=False)  # fmt: skip
+        commit = out.stdout.strip()
+    return {"dir": str(directory.resolve()), "entry": str(entry), "node": node_version(node), "commit": commit,
+            "port": ORIGINAL_PORT}  # fmt: skip
 
 
 def ceilings(opts: argparse.Namespace, workdir: Path, log) -> dict:
@@ -213,6 +253,15 @@ def main(argv: list[str] | None = None) -> int:
     # Twice the most requests the run ever has in flight: never a 503, and the gate's own work (its
     # slot scans grow with the limit) stays what an operator sizing the limit for this load would see.
     opts.max_parallel = 2 * max(64, opts.streams, opts.compare_streams, 164 if opts.soak_minutes else 0)
+    original = None
+    if opts.original:
+        try:
+            original = original_info(opts.original)
+        except RuntimeError as exc:
+            sys.exit(str(exc))
+        if port_taken(ORIGINAL_PORT):
+            sys.exit(f"port {ORIGINAL_PORT} is taken: the original listens there (hard-coded in it); "
+                     "stop whatever holds it and run again")  # fmt: skip
     before, after = raise_open_files_limit()
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     command = "./bench/run.sh" + "".join(
@@ -225,10 +274,22 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()},
         "open_files_limit": [before, after],
         "max_parallel_requests": opts.max_parallel,
+        "features": "on" if opts.features else "off",
+        "original": original,
     }
     print(f"# openai-proxy bench\n\n`{command}`\n\nmachine: {header['machine']}; started {header['started']}")
     print(f"open-files limit {before} → {after}; OPENAI_PROXY_MAX_PARALLEL_REQUESTS={opts.max_parallel} "
           "(twice the most requests in flight: the gate is a policy, not a speed limit)")  # fmt: skip
+    if opts.features:
+        print(f"features: on (every proxy run: {FEATURE_CLIENTS:,} clients with rpm, tpm, daily and monthly "
+              "limits, the load sending one's key; 3 upstream keys in OPENAI_API_KEYS; the request log)")  # fmt: skip
+    else:
+        print("features: off (SECURITY_KEY, one upstream key; the request log is on in every run)")
+    if original:
+        print(f"original: node {original['node']} {original['entry']}"
+              f"{' at ' + original['commit'] if original['commit'] else ''}, port {ORIGINAL_PORT}, "
+              f"OPENAI_PROXY_MAX_PARALLEL_REQUESTS={opts.max_parallel}, SECURITY_KEY alone; a third side "
+              "of every scenario (the fake then sends full Responses streams to all three)")  # fmt: skip
     started = time.monotonic()
     results: dict[str, ScenarioResult] = {}
     ceiling: dict = {}
@@ -252,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     for res in results.values():
         for note in res.notes:
             print(f"\n- {res.scenario.key}: {note}")
+    if report.waiting(results):
+        print(f"\n{report.waiting_line(report.waiting(results))}")
     tls_rows = report.tls_comparison(results)
     if tls_rows:
         print(
@@ -265,13 +328,21 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(report.twin_table(redis_rows, "local gate", "Redis gate"))
     client_rows = report.clients_comparison(results)
-    if client_rows:
+    if client_rows and not opts.features:  # with --features every proxy run has the clients
         print(
             "\n## 1,000 clients with limits vs SECURITY_KEY alone (same load; each against its own direct run)\n"
         )
         print(
             report.twin_table(client_rows, "SECURITY_KEY", "1,000 clients", ("SECURITY_KEY", "1,000 clients"))
         )
+    original_rows = report.original_comparison(results, opts.events)
+    if original_rows:
+        print("\n## Against the original (same load, same fake, same run)\n")
+        print(report.original_table(original_rows))
+        print("\nCPU: the proxy's gunicorn tree against the original's node process, each over its own runs. "
+              "Ratios are proxy / original: below 1, the proxy used less CPU, answered sooner or held less "
+              "memory; for throughput, above 1 is the proxy relaying more. Added p50 is each side's p50 minus "
+              f"the direct p50 of the same runs. CPU per stream is CPU per event x {opts.events} events.")  # fmt: skip
     if soak:
         print(f"\n## Memory soak ({soak['minutes']:g} min: {soak['load']})\n")
         print(f"RSS of the gunicorn tree: start {soak['start_mib']:.1f} MiB, middle {soak['middle_mib']:.1f} MiB, "
@@ -288,11 +359,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.cpu_count()})\n"
     )
     print(report.instrument_table(results))
+    if original_rows:
+        print("\nOn the original's rows, the proxy column is the original's node process.")
     for warning in report.disturbed(results) + report.not_reused(results):
         print(f"\n**Warning**: {warning}")
     print(f"\ntotal time {time.monotonic() - started:.0f} s")
     if opts.json:
-        opts.json.write_text(json.dumps(report.document(header, ceiling, results, found, soak), indent=1))
+        doc = report.document(header, ceiling, results, found, soak, opts.events)
+        opts.json.write_text(json.dumps(doc, indent=1))
         log(f"wrote {opts.json}")
     return 0  # a FAIL is a finding about the proxy, not a failure of the run
 

@@ -1,5 +1,6 @@
 """The scenarios: each starts its own fake upstream and proxy, warms up, then runs the same load through
-the proxy and directly against the fake, `runs` times, alternating which goes first.
+the proxy and directly against the fake, `runs` times, alternating which goes first. With --original,
+the original Node proxy runs beside them against the same fake, a third side in the same rotation.
 
 Every run of every side yields a flat dict of metrics (see `json_metrics`, `stream_metrics`); the
 report takes medians over runs. CPU is per owner (proxy tree, fake, load tools, this process, the
@@ -23,11 +24,13 @@ from pathlib import Path
 from bench.meter import CpuUse, Meter
 from bench.procs import (
     KEY,
+    ORIGINAL_PORT,
     FakeProc,
     FakeSettings,
     Proc,
     fake_lateness,
     pss_bytes,
+    start_original,
     start_proxy,
     start_redis,
     start_upstream,
@@ -37,6 +40,7 @@ from bench.wrk import WrkResult, wrk
 
 Metrics = dict[str, float]
 SIDES = ("proxy", "direct")
+ORIGINAL = "original"  # the third side with --original: the Node proxy this project replaces
 MIB = 2**20
 LATE_STEP_MS = 0.25  # bench.fake_upstream.LATE_STEP_MS (not imported: that module is the fake's)
 
@@ -175,6 +179,16 @@ def json_metrics(
     return metrics
 
 
+def sides(opts: argparse.Namespace) -> tuple[str, ...]:
+    return (*SIDES, ORIGINAL) if getattr(opts, "original", None) else SIDES
+
+
+def rotated(order: tuple[str, ...], i: int) -> tuple[str, ...]:
+    """Run i's order: each side goes first in turn (with two sides: alternating)."""
+    k = i % len(order)
+    return order[k:] + order[:k]
+
+
 def clients_file(workdir: Path, count: int) -> tuple[dict[str, str], str]:
     """A clients file of `count` clients, each with every limit set (high enough never to refuse the
     load, so each request pays for admitting and charging), keys as SHA-256 as operators would store
@@ -193,15 +207,34 @@ def clients_file(workdir: Path, count: int) -> tuple[dict[str, str], str]:
     return env, f"bench-client-{count // 2}-key"
 
 
+FEATURE_CLIENTS = 1000
+# Three upstream keys, distinct names (OPENAI_API_KEY is left out, so the pool is exactly these).
+UPSTREAM_KEYS = ",".join(f"k{c}=sk-bench-{c}{'0' * 16}" for c in "abc")
+
+
+def features_env(workdir: Path, opts: argparse.Namespace) -> tuple[dict[str, str | None], str]:
+    """--features: the proxy's extra environment (a clients file of 1,000 clients with every limit,
+    a pool of 3 upstream keys; the request log is on in every run) and the key the load sends (one
+    of the clients). Without --features: nothing, and SECURITY_KEY."""
+    if not getattr(opts, "features", False):
+        return {}, KEY
+    env, key = clients_file(workdir, FEATURE_CLIENTS)
+    return {**env, "OPENAI_API_KEYS": UPSTREAM_KEYS, "OPENAI_API_KEY": None}, key
+
+
 def run_json(
     sc: Scenario, opts: argparse.Namespace, workdir: Path, log: Callable[[str], None]
 ) -> ScenarioResult:
     settings = FakeSettings(latency_ms=sc.latency_ms, procs=opts.upstream_procs, tls=sc.tls)
     body = chat_body(sc.body_bytes)
-    client_env, key = clients_file(workdir, sc.clients) if sc.clients else ({}, KEY)
+    client_env, key = features_env(workdir, opts)
+    if sc.clients:
+        scenario_env, key = clients_file(workdir, sc.clients)
+        client_env = {**client_env, **scenario_env}
     payloads = {
         "proxy": json.dumps({**body, "security_key": key}).encode(),
         "direct": json.dumps(body).encode(),
+        ORIGINAL: json.dumps({**body, "security_key": KEY}).encode(),  # it has SECURITY_KEY alone
     }
     with ExitStack() as stack:
         fake = stack.enter_context(start_upstream(workdir, settings))
@@ -213,14 +246,21 @@ def run_json(
         targets = {
             "proxy": (proxy.port, "/openai", False),
             "direct": (fake.port, "/v1/chat/completions", sc.tls),
+            ORIGINAL: (ORIGINAL_PORT, "/openai", False),
         }
         conns_start = fake.stats()["connections"]  # the proxy's start-up check
+        original = start_original_beside(stack, workdir, fake, opts)
+        servers = {"proxy": proxy, ORIGINAL: original}
+        conns_original = fake.stats()["connections"] - conns_start if original else 0
 
         def once(side: str, seconds: float) -> Metrics:
             port, path, tls = targets[side]
+            server = servers.get(side)
             conns0 = fake.stats()["connections"]
             meter = Meter(
-                proxy.pid if side == "proxy" else None, fake.pid, redis_pid=redis.pid if redis else None
+                server.pid if server else None,
+                fake.pid,
+                redis_pid=redis.pid if redis and side != ORIGINAL else None,
             )
             result = wrk(
                 workdir, port, path, payloads[side], connections=sc.connections, seconds=seconds, tls=tls
@@ -228,19 +268,25 @@ def run_json(
             cpu = meter.stop()
             conns = fake.stats()["connections"] - conns0
             return json_metrics(
-                result, cpu, meter, proxy if side == "proxy" else None, conns, redis=redis is not None
+                result, cpu, meter, server, conns, redis=redis is not None and side == "proxy"
             )
 
-        warm = {side: once(side, opts.warmup_seconds) for side in SIDES}
+        warm = {side: once(side, opts.warmup_seconds) for side in sides(opts)}
         runs = []
         for i in range(opts.runs):
-            order = SIDES if i % 2 == 0 else SIDES[::-1]
-            runs.append({side: once(side, opts.seconds) for side in order})
+            runs.append({side: once(side, opts.seconds) for side in rotated(sides(opts), i)})
             p, d = runs[-1]["proxy"], runs[-1]["direct"]
             log(f"  {sc.key} run {i + 1}/{opts.runs}: proxy {p['rps']:,.0f} req/s p50 {p['p50_ms']:.2f} ms, "
                 f"direct {d['rps']:,.0f} req/s p50 {d['p50_ms']:.2f} ms; connections opened to the fake: "
                 f"{p['fake_conns']:.0f} by the proxy, {d['fake_conns']:.0f} by wrk direct")  # fmt: skip
-        notes = [tls_note(fake, conns_start, warm, runs)] if sc.tls else []
+            if original:
+                o = runs[-1][ORIGINAL]
+                log(f"  {sc.key} run {i + 1}/{opts.runs}: original {o['rps']:,.0f} req/s p50 "
+                    f"{o['p50_ms']:.2f} ms, errors {o['errors']:.0f}, CPU {o['proxy_cpu_ms_per_req']:.3f} "
+                    f"ms/req (proxy {p['proxy_cpu_ms_per_req']:.3f})")  # fmt: skip
+        notes = (
+            [tls_note(fake, conns_start, warm, runs, conns_original if original else None)] if sc.tls else []
+        )
         if redis:
             notes.append(
                 f"gate in Redis (OPENAI_PROXY_GATE_URI=redis://127.0.0.1:{redis.port}/0, a redis-server "
@@ -250,23 +296,49 @@ def run_json(
     return ScenarioResult(sc, runs, notes)
 
 
+def start_original_beside(
+    stack: ExitStack, workdir: Path, fake: FakeProc, opts: argparse.Namespace
+) -> Proc | None:
+    """With --original: the original on port 3002 against the scenario's fake, stopped with it."""
+    if not getattr(opts, "original", None):
+        return None
+    return stack.enter_context(start_original(workdir, fake, opts.max_parallel, opts.original))
+
+
 def tls_note(
-    fake: FakeProc, conns_start: int, warm: dict[str, Metrics], runs: list[dict[str, Metrics]]
+    fake: FakeProc,
+    conns_start: int,
+    warm: dict[str, Metrics],
+    runs: list[dict[str, Metrics]],
+    original_start: int | None = None,
 ) -> str:
-    """What TLS the fake negotiated, and how many connections were opened to it in the whole scenario."""
+    """What TLS the fake negotiated, and how many connections were opened to it in the whole scenario.
+    `original_start`: with --original, the connections its start-up check opened."""
     time.sleep(0.2)  # the last wrk has just closed its connections: let the fake see them go
     stats = fake.stats()
     seen = ", ".join(f"{n} x {what}" for what, n in sorted(stats["tls"].items())) or "none"
     in_runs = {side: sum(int(r[side]["fake_conns"]) for r in runs) for side in SIDES}
     proxy_total = conns_start + int(warm["proxy"]["fake_conns"]) + in_runs["proxy"]
+    original = ""
+    pools = "the proxy's pool"
+    if original_start is not None:
+        in_runs_o = sum(int(r[ORIGINAL]["fake_conns"]) for r in runs)
+        total_o = original_start + int(warm[ORIGINAL]["fake_conns"]) + in_runs_o
+        original = (
+            f"; by the original {total_o} (start-up check {original_start}, warm-up "
+            f"{warm[ORIGINAL]['fake_conns']:.0f}, measured runs {in_runs_o} for "
+            f"{sum(r[ORIGINAL]['requests'] for r in runs):,.0f} requests, trusting the CA through "
+            "NODE_EXTRA_CA_CERTS)"
+        )
+        pools = "the proxy's and the original's pools"
     return (
         f"upstream over HTTPS (certificate for 127.0.0.1 from a throwaway trustme CA, trusted by the proxy "
         f"through OPENAI_PROXY_CA_BUNDLE; TLS negotiated: {seen}). Connections opened to the fake in the "
         f"whole scenario: {stats['connections']}; by the proxy {proxy_total} (start-up check {conns_start}, "
         f"warm-up {warm['proxy']['fake_conns']:.0f}, measured runs {in_runs['proxy']} for "
         f"{sum(r['proxy']['requests'] for r in runs):,.0f} requests); by wrk direct "
-        f"{int(warm['direct']['fake_conns']) + in_runs['direct']} (warm-up included); still open at the "
-        f"end (wrk's are closed, so: the proxy's pool): {stats['connections_open']}"
+        f"{int(warm['direct']['fake_conns']) + in_runs['direct']} (warm-up included){original}; still open "
+        f"at the end (wrk's are closed, so: {pools}): {stats['connections_open']}"
     )
 
 
@@ -321,18 +393,21 @@ def stream_metrics(
     }
 
 
-def stream_plan(sc: Scenario, opts: argparse.Namespace, port: int, side: str) -> StreamPlan:
+def stream_plan(sc: Scenario, opts: argparse.Namespace, port: int, side: str, key: str = KEY) -> StreamPlan:
+    """The load of one side. The proxy and the original both relay on `/openai2` and both end a stream
+    with `data: [DONE]` (the original writes it after the upstream's last event, then ends the body)."""
     duration = opts.events * opts.gap_ms / 1000.0
+    relayed = side != "direct"
     return StreamPlan(
         port=port,
-        path="/openai2" if side == "proxy" else "/v1/responses",
-        body={**STREAM_BODY, "security_key": KEY} if side == "proxy" else dict(STREAM_BODY),
+        path="/openai2" if relayed else "/v1/responses",
+        body={**STREAM_BODY, "security_key": key} if relayed else dict(STREAM_BODY),
         streams=sc.streams,
         mode=sc.mode,
         ramp_s=opts.ramp_s if opts.ramp_s is not None else duration,
         hold_s=opts.hold_s,
         events=opts.events,
-        want_done=side == "proxy",
+        want_done=relayed,
         timeout_s=duration + 30.0,
         procs=opts.client_procs or max(1, min(os.cpu_count() or 1, math.ceil(sc.streams / 500))),
         fresh_connections=opts.fresh_connections,
@@ -343,30 +418,47 @@ def stream_plan(sc: Scenario, opts: argparse.Namespace, port: int, side: str) ->
 def run_stream(
     sc: Scenario, opts: argparse.Namespace, workdir: Path, log: Callable[[str], None]
 ) -> ScenarioResult:
-    settings = FakeSettings(events=opts.events, gap_ms=opts.gap_ms, procs=opts.upstream_procs)
-    with start_upstream(workdir, settings) as fake, start_proxy(workdir, fake, opts.max_parallel) as proxy:
-        ports = {"proxy": proxy.port, "direct": fake.port}
+    # With the original, the fake sends full Responses streams (to all three sides): the openai Node
+    # SDK's stream helper the original relays through cannot rebuild the short ones.
+    settings = FakeSettings(
+        events=opts.events,
+        gap_ms=opts.gap_ms,
+        procs=opts.upstream_procs,
+        full_stream=bool(getattr(opts, "original", None)),
+    )
+    extra_env, key = features_env(workdir, opts)
+    with ExitStack() as stack:
+        fake = stack.enter_context(start_upstream(workdir, settings))
+        proxy = stack.enter_context(start_proxy(workdir, fake, opts.max_parallel, extra_env))
+        original = start_original_beside(stack, workdir, fake, opts)
+        ports = {"proxy": proxy.port, "direct": fake.port, ORIGINAL: ORIGINAL_PORT}
+        servers = {"proxy": proxy, ORIGINAL: original}
 
         def once(side: str, hold_s: float | None = None) -> Metrics:
-            plan = stream_plan(sc, opts, ports[side], side)
+            plan = stream_plan(sc, opts, ports[side], side, key if side == "proxy" else KEY)
             if hold_s is not None:
                 plan = replace(plan, hold_s=hold_s)
+            server = servers.get(side)
             late0 = fake_lateness(fake)
-            meter = Meter(proxy.pid if side == "proxy" else None, fake.pid)
+            meter = Meter(server.pid if server else None, fake.pid)
             run = run_streams(plan, workdir)
             cpu = meter.stop()
             late = lateness_pct(late0, fake_lateness(fake), 99)
-            return stream_metrics(run, cpu, meter, proxy if side == "proxy" else None, late, opts.gap_ms)
+            return stream_metrics(run, cpu, meter, server, late, opts.gap_ms)
 
-        for side in SIDES:
+        for side in sides(opts):
             once(side, hold_s=0.0)
         runs = []
         for i in range(opts.runs):
-            order = SIDES if i % 2 == 0 else SIDES[::-1]
-            runs.append({side: once(side) for side in order})
+            runs.append({side: once(side) for side in rotated(sides(opts), i)})
             p, d = runs[-1]["proxy"], runs[-1]["direct"]
             log(f"  {sc.key} run {i + 1}/{opts.runs}: proxy first-event p99 {p['first_p99_ms']:.1f} ms, "
                 f"lost {p['lost']:.0f}; direct first-event p99 {d['first_p99_ms']:.1f} ms, lost {d['lost']:.0f}")  # fmt: skip
+            if original:
+                o = runs[-1][ORIGINAL]
+                log(f"  {sc.key} run {i + 1}/{opts.runs}: original first-event p99 {o['first_p99_ms']:.1f} ms, "
+                    f"lost {o['lost']:.0f}, CPU {o['proxy_cpu_us_per_event']:.1f} µs/event "
+                    f"(proxy {p['proxy_cpu_us_per_event']:.1f})")  # fmt: skip
         plan = stream_plan(sc, opts, 0, "proxy")
         notes = [
             f"{sc.mode}: {sc.streams} slots, {plan.procs} client process(es), "
@@ -377,6 +469,13 @@ def run_stream(
                 else "all opened at t0 on new connections"
             )
         ]
+        if original:
+            notes.append(
+                "with the original, the fake sends full Responses streams to all three sides (the output "
+                "item and its content part announced before the deltas, the whole response in "
+                "response.completed), as the openai Node SDK's stream helper the original relays through "
+                "needs; its streams end, like the proxy's, with data: [DONE]"
+            )
     return ScenarioResult(sc, runs, notes)
 
 

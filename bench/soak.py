@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from bench.procs import KEY, FakeSettings, rss_bytes, start_proxy, start_upstream
-from bench.scenarios import MIB, Scenario, chat_body, stream_plan
+from bench.procs import FakeSettings, rss_bytes, start_proxy, start_upstream
+from bench.scenarios import MIB, Scenario, chat_body, features_env, stream_plan
 from bench.sse_load import run_streams
 from bench.wrk import wrk
 
@@ -36,13 +36,17 @@ def slope_per_min(samples: list[tuple[float, float]]) -> float:
 
 def run_soak(opts: argparse.Namespace, workdir: Path, log: Callable[[str], None]) -> dict:
     seconds = opts.soak_minutes * 60.0
-    payload = json.dumps({**chat_body(), "security_key": KEY}).encode()
+    extra_env, key = features_env(workdir, opts)  # --features: as one of 1,000 clients, 3 upstream keys
+    payload = json.dumps({**chat_body(), "security_key": key}).encode()
     settings = FakeSettings(
         latency_ms=50.0, events=opts.events, gap_ms=opts.gap_ms, procs=opts.upstream_procs
     )
     samples: list[tuple[float, float]] = []
     requests = errors = streams = lost = 0
-    with start_upstream(workdir, settings) as fake, start_proxy(workdir, fake, opts.max_parallel) as proxy:
+    with (
+        start_upstream(workdir, settings) as fake,
+        start_proxy(workdir, fake, opts.max_parallel, extra_env) as proxy,
+    ):
         start = time.monotonic()
         end = start + seconds
         stop = threading.Event()
@@ -58,7 +62,8 @@ def run_soak(opts: argparse.Namespace, workdir: Path, log: Callable[[str], None]
             sc = Scenario("soak", "soak streams", "stream", streams=100, mode="steady")
             while not stop.is_set() and end - time.monotonic() > 10:
                 plan = replace(
-                    stream_plan(sc, opts, proxy.port, "proxy"), hold_s=min(50.0, end - time.monotonic() - 8)
+                    stream_plan(sc, opts, proxy.port, "proxy", key),
+                    hold_s=min(50.0, end - time.monotonic() - 8),
                 )
                 run = run_streams(plan, workdir / "soak")
                 streams += len(run.records)
