@@ -56,13 +56,18 @@ class Upstream:
         self.config = config
         self.pool = key_pool
         self.retry_sinks: list[RetrySink] = []
+        # The SDK is built on our transport from the start: a default httpx2 client would load the
+        # system's CAs into a TLS context of its own (tens of milliseconds per app) only to be
+        # replaced. The transport gets its UpstreamClient once the SDK has named its User-Agent.
+        transport = WireTransport()
+        self._http = httpx2.Client(transport=transport, timeout=None, trust_env=False)
         # The constructor key is never what upstream sees: every call sends explicit credentials.
-        sdk = openai.OpenAI(api_key="unset", base_url=config.openai_base_url, max_retries=0)
+        sdk = openai.OpenAI(
+            api_key="unset", base_url=config.openai_base_url, max_retries=0, http_client=self._http
+        )
         self.settings = ClientSettings.from_config(config, sdk.user_agent)
-        self.client = UpstreamClient(self.settings)
+        self.client = transport.client = UpstreamClient(self.settings)
         self._static_headers = [("User-Agent", sdk.user_agent), *_STATIC_HEADERS]
-        self._http = httpx2.Client(transport=WireTransport(self.client), timeout=None, trust_env=False)
-        sdk = sdk.with_options(http_client=self._http)
         self._sdk = {0: sdk, RETRIES_IDEMPOTENT: sdk.with_options(max_retries=RETRIES_IDEMPOTENT)}
 
     def credentials(

@@ -81,8 +81,8 @@ class WireStream(httpx2.SyncByteStream):
 class WireTransport(httpx2.BaseTransport):
     """httpx2 transport over `UpstreamClient`: the SDK's calls take the same road as all others."""
 
-    def __init__(self, client: UpstreamClient) -> None:
-        self.client = client
+    def __init__(self, client: UpstreamClient | None = None) -> None:
+        self.client = client  # set by `Upstream` before any call
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
         attempts = current_attempts.get()

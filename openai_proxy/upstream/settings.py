@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import ssl
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
@@ -36,11 +37,26 @@ class ProxySettings:
         return f"http://{self.host}:{self.port}"
 
 
+# Contexts made in this process, by bundle (path and the file's size and change time, so an edited
+# bundle makes a new one). Loading the system's CAs takes tens of milliseconds, and every app a process
+# builds (a host's app factory, tests) would pay it again for the same context; a context is safe to
+# share between connections and clients.
+_contexts: dict[tuple[str | None, int, int], ssl.SSLContext] = {}
+
+
 def ssl_context(ca_bundle: str | None) -> ssl.SSLContext:
     """The system's trusted CAs, plus an extra PEM bundle (a corporate or test CA) when configured."""
-    context = ssl.create_default_context()
-    if ca_bundle:
-        context.load_verify_locations(cafile=ca_bundle)
+    try:
+        seen = os.stat(ca_bundle) if ca_bundle else None
+    except OSError:
+        seen = None  # load_verify_locations says what is wrong with it
+    key = (ca_bundle, seen.st_size if seen else -1, seen.st_mtime_ns if seen else -1)
+    context = _contexts.get(key)
+    if context is None:
+        context = ssl.create_default_context()
+        if ca_bundle:
+            context.load_verify_locations(cafile=ca_bundle)
+        _contexts[key] = context
     return context
 
 
