@@ -22,7 +22,7 @@ import json
 import math
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from dataclasses import field as default_of
 from importlib import resources
@@ -245,26 +245,30 @@ def _row(
     lines: list[str],
     source: str,
     *,
-    where: int | None = None,
+    where: int | Callable[[], int | None] | None = None,
     tiers: bool = True,
     table: str | None = None,
     inside: tuple[str, ...] = (),
 ) -> tuple[ModelPrice, dict[str, ModelPrice]]:
     """One row (a model's, `[default]` when `name` is None, or the tier `inside` names), checked; and
-    its tiers."""
+    its tiers. Lines are looked up only to name one in an error (`where`, the row's line, may be a
+    function that finds it): a good file is parsed without searching its text."""
     if table is None:
         table = f"[models.{json.dumps(name)}]" if name is not None else f"[{DEFAULT_TABLE}]"
-    if where is None and name is not None:
-        where = _table_line(lines, name)
+
+    def row_line() -> int | None:
+        if callable(where):
+            return where()
+        return _table_line(lines, name) if where is None and name is not None else where
 
     def fail(reason: str, field: str | None = None) -> ConfigError:
-        line = _field_line(lines, where, field) if field else where
+        line = _field_line(lines, row_line(), field) if field else row_line()
         return ConfigError(_at(source, line, f"{table} {reason}"))
 
     def sub_line(field: str) -> int | None:
         """Where the table `field` inside this row starts: its own header, else its key."""
         header = _header_line(lines, name, (*inside, field)) if name is not None else None
-        return header or _field_line(lines, where, field)
+        return header or _field_line(lines, row_line(), field)
 
     if name is not None and not name.strip():
         raise fail("has an empty model name")
@@ -282,7 +286,7 @@ def _row(
                 value,
                 lines,
                 source,
-                where=sub_line(field),
+                where=lambda field=field: sub_line(field),
                 tiers=False,
                 table=tier_table,
                 inside=(field,),
