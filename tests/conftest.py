@@ -26,7 +26,7 @@ ISO_MS = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
 
 
 # Markers by what a test stands on, so a quick run can leave the slow real servers out:
-# `pytest -m "not gunicorn and not redis and not postgres and not browser"` (README "Development").
+# `pytest -m "not gunicorn and not redis and not postgres and not browser and not slow"` (README "Development").
 _MARKS_BY_FIXTURE = {
     "gunicorn_server": "gunicorn",
     "module_gunicorn": "gunicorn",

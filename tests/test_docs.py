@@ -191,6 +191,7 @@ def test_sdk_example_runs_with_the_official_sdk(docs_server):
     assert done.stdout == "In a peaceful grove. The end.\nword0 word1 word2 \n"
 
 
+@pytest.mark.slow
 def test_mount_example_serves_the_proxy_under_its_prefix(fake_server, tmp_path):
     try:
         from openai_proxy import OpenAIProxy  # noqa: F401

@@ -54,6 +54,7 @@ def ok_again(get) -> dict:
     return wait_until(lambda: (b := timed_health(get))["status"] == "ok" and b, interval=0.2)
 
 
+@pytest.mark.slow
 def test_health_within_a_second_while_another_connection_holds_the_sqlite_log_locked(make_app, fake):
     app = make_app()
     client = app.test_client()
@@ -108,6 +109,7 @@ def test_health_within_a_second_while_a_session_holds_the_postgresql_log_tables(
     assert store.queued == 0
 
 
+@pytest.mark.slow
 def test_health_within_a_second_when_the_log_database_accepts_and_never_answers(make_app, fake):
     # The kernel completes every TCP handshake for a listening socket; nobody ever reads or answers.
     silent = socket.create_server(("127.0.0.1", 0))

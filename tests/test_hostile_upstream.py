@@ -292,6 +292,7 @@ RETRIED_CASES = ["status_line_protocol", "chunk_size_0x", "gzip_garbage", "switc
                  "body_shorter_than_content_length"]  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", RETRIED_CASES)
 def test_malformed_answer_on_a_retried_route_is_502(client, hostile, case):
     """`GET /openai2/<id>` goes through the SDK and its retries: every attempt gets the broken answer

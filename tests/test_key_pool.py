@@ -216,6 +216,7 @@ def test_retry_after_as_an_http_date(pool_client, fake):
     assert abs(wall(health_keys(pool_client)["alpha"]["restingUntil"]) - when.timestamp()) < 0.01
 
 
+@pytest.mark.slow
 def test_back_off_doubles_without_a_rest_time_and_an_answer_ends_it(make_app, fake):
     client = make_app(OPENAI_API_KEYS=f"solo={KEY_A}", OPENAI_API_KEY=None, **PAGES).test_client()
     for expected in (1.0, 2.0, 4.0):

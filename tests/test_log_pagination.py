@@ -231,6 +231,7 @@ def open_temp_files() -> list[str]:
     return found
 
 
+@pytest.mark.slow
 def test_a_sqlite_write_keeps_no_temp_file_open(tmp_path):
     """A write transaction's statement journal outgrew SQLite's in-memory 64 KiB with the totals and
     the indexes, and became a file in TMPDIR (the upload spool's directory) for the rest of each

@@ -250,6 +250,7 @@ def test_failed_response_is_relayed_and_flagged(client, fake, records):
 # ---- time: keep-alives, no buffering, the timeout only bounds headers ---------------------------------
 
 
+@pytest.mark.slow
 def test_keepalive_while_waiting_for_first_event_and_during_gaps(make_app, fake):
     client = make_app(OPENAI_PROXY_SSE_KEEPALIVE_INTERVAL_MS="100").test_client()
     fake.push("POST", "/v1/responses", sse(response_events("m", 1), first_delay=0.45, gap=0.35))
@@ -261,6 +262,7 @@ def test_keepalive_while_waiting_for_first_event_and_during_gaps(make_app, fake)
     assert chunks[-1] == b"data: [DONE]\n\n"
 
 
+@pytest.mark.slow
 def test_events_are_relayed_as_they_arrive(client, fake):
     fake.push("POST", "/v1/responses", sse(response_events("m", 1), gap=0.6))
     timed = read_timed(stream(client))
@@ -270,6 +272,7 @@ def test_events_are_relayed_as_they_arrive(client, fake):
     assert second - first > 0.5
 
 
+@pytest.mark.slow
 def test_timeout_bounds_only_the_wait_for_headers(client, fake, records):
     fake.push("POST", "/v1/responses", sse(response_events("m", 2), first_delay=0.4, gap=0.4))
     r = stream(client, {**STREAM_BODY, "timeout": 150})

@@ -60,6 +60,7 @@ def test_timeout_decision_is_recorded(client, records, timeout, source):
     assert records[-1]["timeoutSource"] == source
 
 
+@pytest.mark.slow
 def test_query_timeout_on_get(client, fake, records):
     fake.push("GET", "/v1/responses/resp_1", delay(2), times=3)
     r = client.get(f"/openai2/resp_1?{KEY}&timeout=150")
@@ -104,6 +105,7 @@ def test_create_calls_are_never_retried(client, fake, records):
         ("POST", "/openai2/input_tokens", "POST", "/v1/responses/input_tokens"),
     ],
 )
+@pytest.mark.slow
 def test_idempotent_calls_retry_twice_and_log_each_retry(client, fake, records, caplog, method, path,
                                                          upstream_method, upstream_path):  # fmt: skip
     fake.push(upstream_method, upstream_path, error(503, "busy"), times=1)
@@ -122,6 +124,7 @@ def test_idempotent_calls_retry_twice_and_log_each_retry(client, fake, records, 
     assert '"attempt":3' in retry_lines[1]
 
 
+@pytest.mark.slow
 def test_retries_give_up_after_two(client, fake, records):
     fake.push("GET", "/v1/responses/resp_1", error(500, "down"), times=5)
     r = client.get(f"/openai2/resp_1?{KEY}")

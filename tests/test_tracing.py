@@ -237,6 +237,7 @@ def test_a_key_failover_is_two_sibling_attempts(traced, receiver, fake):
     assert server.status == "UNSET"
 
 
+@pytest.mark.slow
 def test_sdk_retries_are_sibling_attempts(traced, receiver, fake):
     app = traced()
     fake.push("GET", "/v1/responses/resp_1", error(503, "busy"), times=1)
@@ -419,6 +420,7 @@ def test_mounted_the_settings_come_from_app_config(tmp_path, fake, receiver):
 # ---- off -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_off_no_opentelemetry_module_is_loaded_and_records_say_null(tmp_path, fake):
     values = base_env(fake, OPENAI_PROXY_LOG_DB=str(tmp_path / "log.sqlite3"))
     code = f"""
@@ -452,6 +454,7 @@ def test_the_gunicorn_master_loads_no_opentelemetry_even_with_tracing_on(tmp_pat
 # ---- processes -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_process_forked_after_tracing_started_exports_its_own_spans(tmp_path, fake, receiver):
     values = base_env(
         fake, OPENAI_PROXY_LOG_DB=str(tmp_path / "log.sqlite3"), OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url
