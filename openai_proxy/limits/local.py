@@ -38,7 +38,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from openai_proxy.limits import rules
@@ -168,10 +168,11 @@ class _Table:
         """Where the reservation entries of the slot at `offset` start."""
         return self.reservations_at + (offset - HEADER_BYTES) // SLOT_BYTES * RES_BLOCK
 
-    def _entries(self, offset: int) -> list[tuple[int, bytes, float, float, int]]:
+    def _entries(self, offset: int) -> tuple[int, Iterator[tuple[bytes, float, float, int]]]:
+        """Where the slot's entries start, and the entries (worker, USD, lease end, write number),
+        read in one pass (most are empty: their worker is all zeros)."""
         block = self.block(offset)
-        return [(block + i * _ENTRY.size, *_ENTRY.unpack_from(self.map, block + i * _ENTRY.size))
-                for i in range(RES_ENTRIES)]  # fmt: skip
+        return block, _ENTRY.iter_unpack(self.map[block : block + RES_BLOCK])
 
     @staticmethod
     def _live(worker: bytes, usd: float, until: float, now: float, lease_s: float) -> bool:
@@ -180,14 +181,15 @@ class _Table:
 
     def reserved(self, offset: int, now: float, lease_s: float, except_worker: bytes) -> float:
         """USD reserved for this slot's client by every worker but `except_worker`."""
+        live = self._live
         return math.fsum(
-            usd for _, worker, usd, until, _ in self._entries(offset)
-            if worker != except_worker and self._live(worker, usd, until, now, lease_s)
+            usd for worker, usd, until, _ in self._entries(offset)[1]
+            if worker != _NO_WORKER and worker != except_worker and live(worker, usd, until, now, lease_s)
         )  # fmt: skip
 
     def reserving(self, offset: int, now: float) -> bool:
         """Whether any worker may still hold a reservation in this slot."""
-        return any(worker != _NO_WORKER and until > now for _, worker, _, until, _ in self._entries(offset))
+        return any(worker != _NO_WORKER and until > now for worker, _, until, _ in self._entries(offset)[1])
 
     def write_reservation(
         self, offset: int, worker: bytes, usd: float, seq: int, until: float, now: float, lease_s: float
@@ -195,7 +197,9 @@ class _Table:
         """Store `worker`'s total (unless a newer write of it is there); False when every entry is
         taken by live workers."""
         free = None
-        for at, found, stored_usd, stored_until, stored_seq in self._entries(offset):
+        block, entries = self._entries(offset)
+        for i, (found, stored_usd, stored_until, stored_seq) in enumerate(entries):
+            at = block + i * _ENTRY.size
             if found == worker:
                 if seq > stored_seq:
                     self._put(at, usd, until if usd > 0 else 0.0, seq)
