@@ -77,6 +77,43 @@ def test_an_unpriced_model_is_refused_for_a_budgeted_client_on_both_route_famili
     assert r.status_code == 200 and app.records[-1]["costUsd"] is None
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "named"),
+    [
+        ("/v1/images/generations", {"model": "gpt-image-1", "prompt": "a cat"}, "gpt-image-1"),
+        ("/v1/audio/speech", {"model": "tts-1", "input": "hello", "voice": "alloy"}, "tts-1"),
+        ("/v1/completions", {"model": "davinci-002", "prompt": "Say this"}, "davinci-002"),
+        ("/v1/fine_tuning/jobs", {"model": "babbage-002", "training_file": "file-abc"}, "babbage-002"),
+        # A priced model on top, an unpriced one inside a tool: the tool's model runs too.
+        ("/v1/responses", {"model": "gpt-4o-mini", "input": "draw",
+                           "tools": [{"type": "image_generation", "model": "gpt-image-1"}]}, "gpt-image-1"),
+    ],
+)  # fmt: skip
+def test_an_unpriced_model_is_refused_for_a_budgeted_client_on_every_route(
+    make_app, fake, tmp_path, path, body, named
+):
+    app = make_app(OPENAI_PROXY_CLIENTS_FILE=clients_file(tmp_path, daily_usd=5.0))
+    r = post_json(app.test_client(), path, body, headers=as_client(LIMITED_KEY))
+    assert r.status_code == 403
+    assert (r.get_json()["error"]["code"], r.get_json()["error"]["type"]) == (
+        "model_not_priced",
+        "invalid_request_error",
+    )
+    assert r.get_json()["error"]["message"].startswith(f"Model {named!r} has no price, and client 'limited'")
+    assert fake.requests == []  # upstream never saw it
+    assert (app.records[-1]["status"], app.records[-1]["result"]) == (403, "forbidden")
+
+
+def test_a_budgeted_call_that_names_no_model_is_refused(make_app, fake, tmp_path):
+    """A stored prompt chooses its model upstream: its cost could not be judged before it runs."""
+    app = make_app(OPENAI_PROXY_CLIENTS_FILE=clients_file(tmp_path, daily_usd=5.0))
+    r = post_json(app.test_client(), "/v1/responses", {"prompt": {"id": "pmpt_1"}, "input": "x"},
+                  headers=as_client(LIMITED_KEY))  # fmt: skip
+    assert r.status_code == 403 and r.get_json()["error"]["code"] == "model_not_priced"
+    assert r.get_json()["error"]["message"].startswith("The call names no model (upstream would choose one)")
+    assert fake.requests == []
+
+
 def test_a_client_with_only_rate_limits_may_call_an_unpriced_model(make_app, fake, tmp_path):
     app = make_app(OPENAI_PROXY_CLIENTS_FILE=clients_file(tmp_path, rpm=5, tpm=1000))
     r = post_json(app.test_client(), "/v1/chat/completions", {**CHAT, "model": "my-local-llama"},
