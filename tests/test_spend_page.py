@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import re
 import textwrap
-from datetime import date
+import time
+from datetime import UTC, date, datetime
 
 import pytest
 
+from openai_proxy.log import db as logdb
+from openai_proxy.log.db import Batch
+from openai_proxy.log.sql import open_database
 from openai_proxy.log.stats import BOUNDS_MS, BUCKETS, MinuteRow, SpendRow
 from openai_proxy.pages.spend import Minute, _ms_label, exact_usd, hour_chart, spend_periods, usd
 from tests.conftest import ACCESS_TOKEN, SECURITY_KEY, post_json
@@ -46,6 +50,58 @@ def test_usd_is_never_shown_as_zero_when_it_is_not():
     assert period.total.usd == "$0.000008"
     (period, *_) = spend_periods([row("2026-11-30", "a", "m", 1, 1234.5)], date(2026, 11, 30))
     assert period.total.usd == "$1,234.50"
+
+
+def test_a_cost_nobody_knows_is_a_dash_never_zero():
+    """No request of a row has a cost: a dash (and the title says why), not $0.000000, which reads
+    as free. Tokens without a cost (a re-read costs 0) are a real $0."""
+    today = date(2026, 11, 30)
+    rows = [SpendRow("2026-11-30", "a", "whisper-1", 5, 0, 0, 0, 0.0, 5),
+            # Written before a call without usage counted as unpriced: no tokens, no cost either.
+            SpendRow("2026-11-30", "a", "whisper-old", 3, 0, 0, 0, 0.0, 0),
+            SpendRow("2026-11-30", "a", "re-read", 2, 40, 0, 10, 0.0, 0),
+            SpendRow("2026-11-30", "b", "gpt-4o-mini", 1, 25, 3, 7, 7.725e-06, 0)]  # fmt: skip
+    (period, *_) = spend_periods(rows, today)
+    models = {t.name: t for t in period.models}
+    assert (models["whisper-1"].usd, models["whisper-old"].usd) == ("\u2014", "\u2014")
+    assert models["whisper-1"].usd_title.startswith("no cost")
+    assert models["re-read"].usd == "$0.000000" and models["gpt-4o-mini"].usd == "$0.000008"
+    clients = {t.name: t for t in period.clients}
+    assert clients["a"].usd == "\u2014" and clients["b"].usd == "$0.000008"
+    # Some priced, some not: the priced part, and the title says what it leaves out.
+    assert period.total.usd == "$0.000008" and period.total.unpriced == 5
+    assert period.total.usd_title == "$0.000007725 for the priced requests; 5 without a price"
+
+
+def test_a_model_whose_calls_have_no_cost_is_unpriced_in_the_spend_table(log_db, make_app):
+    """Transcriptions answered 2xx without usage have no cost (costUsd null) but ran: in both
+    backends' aggregates they count as unpriced, and /log's spend row shows a dash, not $0.000000.
+    A failed call without usage was not billed: counted, not unpriced."""
+    now = time.time()
+    if datetime.fromtimestamp(now, UTC).strftime("%H:%M") == "23:59":
+        time.sleep(61)  # the records and the page's "Today" on the same UTC day
+        now = time.time()
+    audio = {"client": "default", "endpoint": "/openai/audio/transcriptions", "model": "whisper-1",
+             "upstreamModel": "whisper-1", "durationMs": 5.0, "usage": None, "costUsd": None}  # fmt: skip
+    chat = {"client": "default", "endpoint": "/openai", "model": "gpt-4o-mini", "durationMs": 5.0,
+            "usage": {"prompt_tokens": 25, "cached_tokens": 3, "completion_tokens": 7}, "costUsd": ONE_CHAT_USD}  # fmt: skip
+    items = [("completion", {**audio, "requestId": "w1", "status": 200}, now),
+             ("completion", {**audio, "requestId": "w2", "status": 200}, now),
+             ("completion", {**audio, "requestId": "w3", "status": 502, "error": {"message": "reset"}}, now),
+             ("completion", {**chat, "requestId": "c1", "status": 200}, now)]  # fmt: skip
+    db = open_database(log_db, 1000)
+    try:
+        logdb.create_schema(db)
+        logdb.write_batch(db, Batch("h1:1:aa", 1, "h1", 1, items, 0, 0, False, now), retention=100)
+    finally:
+        db.close()
+    html = make_app(OPENAI_PROXY_LOG_DB=log_db).test_client().get("/log", headers=PAGE).get_data(as_text=True)
+    assert spend_rows(html, "model") == [
+        ["gpt-4o-mini", "1", "$0.000008", "25", "3", "7", "0"],
+        ["whisper-1", "3", "\u2014", "0", "0", "0", "2"],
+    ]
+    assert spend_rows(html, "client") == [["default", "4", "$0.000008", "25", "3", "7", "2"]]
+    assert "<strong>Today</strong>: 4 requests" in html and "2 unpriced" in html
 
 
 @pytest.mark.parametrize(
@@ -128,7 +184,7 @@ def test_log_shows_spend_per_client_and_model_and_the_chart(make_app, fake, tmp_
     ]
     assert spend_rows(html, "model") == [
         ["gpt-4o-mini", "5", "$0.000031", "100", "12", "28", "0"],
-        ["my-local-model", "1", "$0.000000", "25", "3", "7", "1"],
+        ["my-local-model", "1", "\u2014", "25", "3", "7", "1"],  # no price: unknown, not free
     ]
     # The same format in the records' cost column; no price is a dash, never 0 or an exponent.
     assert column(html, "cost") == ["\u2014", *["$0.000008"] * 4]

@@ -54,8 +54,25 @@ class Totals:
     unpriced: int = 0
 
     @property
+    def unknown(self) -> bool:
+        """Whether none of these requests has a cost: they ran without a price (unpriced), or are
+        from before unpriced counted a call without usage (no tokens either). What they cost is
+        unknown, never $0."""
+        tokens = self.prompt_tokens + self.cached_tokens + self.completion_tokens
+        return self.requests > 0 and self.cost_usd == 0 and (self.unpriced > 0 or tokens == 0)
+
+    @property
     def usd(self) -> str:
-        return usd(self.cost_usd)
+        return NO_COST if self.unknown else usd(self.cost_usd)
+
+    @property
+    def usd_title(self) -> str:
+        """What the cost shown stands for: every digit, and the requests it leaves out."""
+        if self.unknown:
+            return "no cost: no request here has a price"
+        if self.unpriced:
+            return f"{exact_usd(self.cost_usd)} for the priced requests; {self.unpriced:,} without a price"
+        return exact_usd(self.cost_usd)
 
     def add(self, row: SpendRow) -> None:
         self.requests += row.requests
