@@ -13,7 +13,7 @@ from openai_proxy.log import db as logdb
 from openai_proxy.log.db import Batch
 from openai_proxy.log.sql import open_database
 from openai_proxy.log.stats import BOUNDS_MS, BUCKETS, MinuteRow, SpendRow
-from openai_proxy.pages.spend import Minute, _ms_label, exact_usd, hour_chart, spend_periods, usd
+from openai_proxy.pages.spend import Minute, _ms_label, exact_usd, grouped, hour_chart, spend_periods, usd
 from tests.conftest import ACCESS_TOKEN, SECURITY_KEY, post_json
 from tests.support.fake_upstream import error
 from tests.support.logpage import column
@@ -114,6 +114,22 @@ def test_costs_are_fixed_point_dollars_everywhere(value, shown):
     """One format for a cost on every page: never an exponent (`5.625e-06`), never 0 for a cost."""
     assert usd(value) == shown
     assert "e" not in exact_usd(value) or value is None or value != value
+
+
+def test_counts_are_thousands_separated_and_the_latency_axis_has_one_unit():
+    assert [grouped(v) for v in (0, 9910, 1_234_567, 25.0, 2.5, "?", None)] == [
+        "0", "9,910", "1,234,567", "25", "2.5", "?", ""]  # fmt: skip
+    now = 29_000_000
+    slow = [MinuteRow(now, 2000, 0, histogram(*[100] * 1700, *[15_000] * 300))]
+    svg = str(hour_chart([Minute.of(m) for m in slow], now))
+    axis = re.findall(r'<text [^>]*class="axis"[^>]*>([^<]+)</text>', svg)
+    assert {"0", "1,000", "2,000"} <= set(axis)  # requests per minute
+    assert {"0 s", "10 s", "20 s"} <= set(axis)  # never "20 s" over "0 ms"
+    fast = [MinuteRow(now, 3, 0, histogram(100, 200, 300))]
+    axis = re.findall(
+        r'<text [^>]*class="axis"[^>]*>([^<]+)</text>', str(hour_chart([Minute.of(m) for m in fast], now))
+    )
+    assert {"0 ms", "250 ms", "500 ms"} <= set(axis) and not any(a.endswith(" s") for a in axis)
 
 
 def histogram(*durations_ms: float) -> tuple[int, ...]:

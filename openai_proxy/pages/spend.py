@@ -9,7 +9,7 @@ written into the SVG is a number we computed or a fixed label; nothing from clie
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 
@@ -32,6 +32,16 @@ def usd(value: float | None) -> str:
     if 0 < abs(value) < 0.0000005:
         return "$" + f"{value:.12f}".rstrip("0")
     return f"${value:.6f}"
+
+
+def grouped(value: object) -> str:
+    """A count as the pages write it: thousands separated (`12,345`), like the record and page
+    counts. Anything else (a count upstream reported as something odd, an unreadable `?`) as it is."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    if isinstance(value, float) and math.isfinite(value):
+        return f"{int(value):,}" if value.is_integer() else f"{value:,}"
+    return "" if value is None else str(value)
 
 
 def exact_usd(value: float | None) -> str:
@@ -156,6 +166,13 @@ def _ms_label(ms: float) -> str:
     return f"{ms / 1000:g} s" if ms >= 1000 else f"{ms:g} ms"
 
 
+def _ms_axis(top_ms: float) -> Callable[[float], str]:
+    """Labels for a latency axis up to `top_ms`, all in one unit: seconds once the top is a second."""
+    if top_ms >= 1000:
+        return lambda ms: f"{grouped(ms / 1000)} s"
+    return lambda ms: f"{grouped(ms)} ms"
+
+
 def hour_chart(minutes: Sequence[Minute], now_minute: int) -> Markup:
     """An SVG of the 60 minutes up to `now_minute`: requests per minute (bars, errors in red on top of
     them), p50 and p95 latency (lines, right axis). Minutes without traffic are gaps, not zeros."""
@@ -165,6 +182,8 @@ def hour_chart(minutes: Sequence[Minute], now_minute: int) -> Markup:
     slot = plot_w / 60
     top_requests = _nice_ceiling(max((m.requests for m in span if m), default=0))
     top_ms = _nice_ceiling(max((m.p95_ms or 0 for m in span if m), default=0))
+
+    ms_label = _ms_axis(top_ms)
 
     def y_req(value: float) -> float:
         return TOP + plot_h - plot_h * value / top_requests
@@ -181,9 +200,9 @@ def hour_chart(minutes: Sequence[Minute], now_minute: int) -> Markup:
         y = TOP + plot_h * (1 - fraction)
         parts.append(f'<line x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>')
         parts.append(f'<text x="{LEFT - 6}" y="{y + 4:.1f}" class="axis" text-anchor="end">'
-                     f"{top_requests * fraction:g}</text>")  # fmt: skip
+                     f"{grouped(top_requests * fraction)}</text>")  # fmt: skip
         parts.append(f'<text x="{WIDTH - RIGHT + 6}" y="{y + 4:.1f}" class="axis">'
-                     f"{_ms_label(top_ms * fraction)}</text>")  # fmt: skip
+                     f"{ms_label(top_ms * fraction)}</text>")  # fmt: skip
     for i, label in ((0, "-60 min"), (30, "-30 min"), (59, "now")):
         x = LEFT + slot * (i + 0.5)
         parts.append(f'<text x="{x:.1f}" y="{HEIGHT - 8}" class="axis" text-anchor="middle">{label}</text>')
@@ -193,7 +212,7 @@ def hour_chart(minutes: Sequence[Minute], now_minute: int) -> Markup:
         x = LEFT + slot * i + 1
         y = y_req(m.requests)
         parts.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{slot - 2:.1f}" height="{TOP + plot_h - y:.1f}" '
-                     f'class="req"><title>{m.requests} requests, {m.errors} errors</title></rect>')  # fmt: skip
+                     f'class="req"><title>{m.requests:,} requests, {m.errors:,} errors</title></rect>')  # fmt: skip
         if m.errors:
             ye = y_req(m.errors)
             parts.append(f'<rect x="{x:.1f}" y="{ye:.1f}" width="{slot - 2:.1f}" '

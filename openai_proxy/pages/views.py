@@ -373,6 +373,7 @@ def _log_page(level: str, title: str) -> Response:
         store=store,
         usd=spend_view.usd,
         exact_usd=spend_view.exact_usd,
+        grouped=spend_view.grouped,
         pid=os.getpid(),
         version=__version__,
     )
@@ -386,7 +387,7 @@ def _bad_query(title: str, message: str) -> Response:
     html = render_template(
         "openai_proxy/log.html", title=title, invalid=True, error=message, counters=[], dropped_by_host={},
         rejected_by_host={}, records=[], total=0, page=1, pages=1, newest=None, newer=None, older=None,
-        keys=None, reloads=None, usd=spend_view.usd, exact_usd=spend_view.exact_usd,
+        keys=None, reloads=None, usd=spend_view.usd, exact_usd=spend_view.exact_usd, grouped=spend_view.grouped,
         tabs=[(name, url_for(f".{ep}"), ep == view()) for name, ep in TABS],
         clear=url_for(f".{view()}"), signout=url_for(".signout"), endpoints=[], hosts=[],
         clients=[], spend=None, chart=None, filters=filters, hidden={}, store=state().log_store.stats(),
