@@ -209,6 +209,9 @@ def test_log_shows_spend_per_client_and_model_and_the_chart(make_app, fake, tmp_
     svg = re.search(r'<svg class="chart".*?</svg>', html, re.S).group(0)
     bars = re.findall(r"<title>(\d+) requests, (\d+) errors</title>", svg)  # one or two minutes
     assert (sum(int(n) for n, _ in bars), sum(int(e) for _, e in bars)) == (6, 1)
+    # Drawn for a wide screen and for a phone's (its labels unshrunk); one legend, in the page.
+    assert html.count('<svg class="chart"') == 2 and 'viewBox="0 0 360 200"' in html
+    assert html.count('class="legend"') == 1
     # Still no script: the chart is inline SVG under the same policy.
     assert "<script" not in html
     assert page.headers["Content-Security-Policy"].startswith("default-src 'none'")

@@ -403,7 +403,7 @@ def shown_value(text: str) -> str:
     return _CONTROL.sub("\ufffd", text)[:MAX_FILTER_CHARS]
 
 
-def _activity(st: Any) -> tuple[list[spend_view.Period] | None, Markup | None]:
+def _activity(st: Any) -> tuple[list[spend_view.Period] | None, dict[str, Markup] | None]:
     """Spend for today, 7 and 30 days and the last hour's chart, from the log's aggregates (all hosts)."""
     now = time.time()
     today = datetime.fromtimestamp(now, UTC).date()
@@ -414,7 +414,9 @@ def _activity(st: Any) -> tuple[list[spend_view.Period] | None, Markup | None]:
     except Exception:
         logger.exception("the log store's aggregates cannot be read")
         return None, None
-    chart = spend_view.hour_chart([spend_view.Minute.of(m) for m in minutes], minute)
+    shown = [spend_view.Minute.of(m) for m in minutes]
+    chart = {name: spend_view.hour_chart(shown, minute, width)
+             for name, width in (("wide", spend_view.WIDTH), ("narrow", spend_view.NARROW))}  # fmt: skip
     return spend_view.spend_periods(rows, today), chart
 
 
