@@ -359,6 +359,9 @@ def _log_page(level: str, title: str) -> Response:
         newest=None if first_page else here(),
         newer=here(after=result.newer) if result.newer else None,
         older=here(before=result.older) if result.older else None,
+        requests=result.requests,
+        elsewhere=result.elsewhere,
+        other=other_page(filters),
         tabs=[(name, url_for(f".{ep}"), ep == view()) for name, ep in TABS],
         clear=url_for(f".{view()}"),
         signout=url_for(".signout"),
@@ -380,6 +383,13 @@ def _log_page(level: str, title: str) -> Response:
         version=__version__,
     )
     return Response(html, status=200 if error is None else 503, mimetype="text/html")
+
+
+def other_page(filters: dict[str, Any]) -> tuple[str, str]:
+    """The other tab (Errors from Requests, Requests from Errors): its name, and its address with
+    the same filters, from its first page."""
+    name, endpoint = next((name, ep) for name, ep in TABS if ep != view())
+    return name, page_url(url_for(f".{endpoint}"), [(k, str(v)) for k, v in filters.items() if v])
 
 
 def _bad_query(title: str, message: str) -> Response:
