@@ -352,7 +352,7 @@ def test_secrets_are_redacted_on_the_pages(log_db, make_app, fake):
     text = client.get("/log_errors", headers=AUTH).get_data(as_text=True)
     assert "401 Incorrect API key provided: ***5678" in text
     assert "abcdefghijklmnop" not in text
-    assert "client: Bearer ***5678" in text
+    assert "client request id: Bearer ***5678" in text
 
 
 def test_filters_and_pagination(log_db, make_app, fake):
