@@ -20,6 +20,9 @@ from gevent.pywsgi import WSGIServer
 from markupsafe import escape
 
 from openai_proxy.inbound.auth import SESSION_COOKIE, session_cookie_valid, session_cookie_value
+from openai_proxy.log import db as logdb
+from openai_proxy.log.db import Batch
+from openai_proxy.log.sql import open_database
 from openai_proxy.pages.views import HTML_CSP
 from openai_proxy.runtime import write_reload_status
 from tests.conftest import ACCESS_TOKEN, ISO_MS, SECURITY_KEY, UPSTREAM_KEY, free_port, post_json
@@ -349,7 +352,7 @@ def test_secrets_are_redacted_on_the_pages(log_db, make_app, fake):
     text = client.get("/log_errors", headers=AUTH).get_data(as_text=True)
     assert "401 Incorrect API key provided: ***5678" in text
     assert "abcdefghijklmnop" not in text
-    assert "client: Bearer ***5678" in text
+    assert "client request id: Bearer ***5678" in text
 
 
 def test_filters_and_pagination(log_db, make_app, fake):
@@ -401,6 +404,52 @@ def test_filters_and_pagination(log_db, make_app, fake):
         r = client.get(f"/log?{query}", headers=AUTH)
         assert r.status_code == 400
         assert r.get_json() == expected_error(r, message, "validation_error", "OPENAI_PROXY_BAD_REQUEST")
+
+
+def count_line(html: str, where: str = "Pages") -> str:
+    """The text of a pager's count (`Pages`: above the records; `Pages, below the records`)."""
+    nav = re.search(rf'<nav class="pager[^"]*" aria-label="{where}">(.*?)</nav>', html, re.S).group(1)
+    count = re.search(r'<span class="count">(.*?)</span>', nav, re.S).group(1)
+    return " ".join(re.sub(r"<[^>]+>", "", count).split())
+
+
+def test_the_record_count_says_where_the_other_requests_are_and_the_pager_repeats_below(log_db, make_app):
+    """Request count counts both pages' requests: each page's count says how many are on the other
+    (Errors also holds retried attempts, which are records but not requests). The pager's links are
+    under the records too."""
+    now = time.time()
+
+    def completion(i: int, status: int) -> tuple:
+        return ("completion", {"requestId": f"r{i}", "status": status, "endpoint": "/openai", "client": "default",
+                               "durationMs": 1.0, "error": {"message": "no"} if status >= 400 else None}, now + i)  # fmt: skip
+
+    items = [*(completion(i, 200) for i in range(1203)), completion(9001, 502), completion(9002, 429),
+             ("retry", {"requestId": "r9002", "endpoint": "/openai", "attempt": 2, "reason": "HTTP 429"}, now)]  # fmt: skip
+    db = open_database(log_db, 1000)
+    try:
+        logdb.create_schema(db)
+        logdb.write_batch(db, Batch("h1:1:aa", 1, "h1", 1, items, 0, 0, False, now), retention=10_000)
+    finally:
+        db.close()
+    client = make_app(OPENAI_PROXY_LOG_DB=log_db).test_client()
+    html = client.get("/log", headers=AUTH).get_data(as_text=True)
+    assert count_line(html).startswith(
+        "1,203 records (2 more requests on Errors) · page 1 of 25 · 50 shown, "
+    )
+    assert '(2 more requests on <a href="/log_errors">Errors</a>)' in html
+    assert count_line(html, "Pages, below the records") == "50 shown · page 1 of 25"
+    below = html.split('aria-label="Pages, below the records"')[1].split("</nav>")[0]
+    assert '">Older →</a>' in below and link(below, "next") == link(html, "next")
+    errors = client.get("/log_errors?status=5xx", headers=AUTH).get_data(as_text=True)
+    assert count_line(errors).startswith("1 record · page 1 of 1 · 1 shown, ")  # 5xx: none on Requests
+    errors = client.get("/log_errors", headers=AUTH).get_data(as_text=True)
+    assert count_line(errors).startswith(
+        "3 records: 2 requests, 1 retried attempt (1,203 more requests on Requests) · page 1 of 1"
+    )
+    assert '<a href="/log">Requests</a>' in errors
+    # A page past the last record has no records, and no pager below them.
+    empty = client.get("/log?client=nobody", headers=AUTH).get_data(as_text=True)
+    assert "Pages, below the records" not in empty and count_line(empty) == "0 records · page 1 of 1"
 
 
 def test_health_is_cheap_and_health2_calls_upstream(client, fake):
@@ -589,7 +638,12 @@ def test_sign_in_page_through_filter_and_sign_out_in_a_real_browser(gunicorn_ser
         )  # fmt: skip
         assert ACCESS_TOKEN not in cookie["value"]
         html = browser.source
-        assert "5 records · page 1 of 3" in html and "access_token" not in html and ACCESS_TOKEN not in html
+        assert (
+            "5 records (1 more request on " in html
+            and "access_token" not in html
+            and ACCESS_TOKEN not in html
+        )
+        assert ") · page 1 of 3" in html
         assert [rid for _, rid, _ in rows(html)] == ok_ids[:2]
         assert "Request count: 6" in html  # the counters, as scripts scrape them
         # Spend and the last hour's chart, drawn on the server: rendered with no script allowed.

@@ -50,6 +50,30 @@ return {
   barFill: document.querySelector('rect.req') && getComputedStyle(document.querySelector('rect.req')).fill,
   keys: [...document.querySelectorAll('.keys-table tbody tr')].map(r => [...r.cells].map(c => c.textContent.trim())),
   files: [...document.querySelectorAll('.reload-table tbody tr')].map(r => r.textContent.replace(/\\s+/g, ' ').trim()),
+  // What a box hides sideways (scrollWidth past its width), per spend table and for the key panel.
+  spendOverflow: [...document.querySelectorAll('.spend-tables > .scroll')].map(s => s.scrollWidth - s.clientWidth),
+  keysOverflow: [...document.querySelectorAll('.keys-table')].map(t => t.parentElement.scrollWidth - t.parentElement.clientWidth),
+  // Flags (stream, 1 retry...) inside their endpoint cell and not cut; token figures not cut.
+  flags: [...document.querySelectorAll('td.c-endpoint .flag')].map(f => {
+    const cell = box(f.closest('td'));
+    return box(f).right <= cell.right + 0.5 && box(f).left >= cell.left && f.scrollWidth <= f.clientWidth;
+  }),
+  tokensCut: [...document.querySelectorAll('td.c-tokens')].filter(c => c.scrollWidth > c.clientWidth)
+                                                           .map(c => c.textContent),
+  // Every time on one line: one box, one line high.
+  timeLines: [...document.querySelectorAll('main time, tr[data-kind] summary')].map(t =>
+    [t.textContent, t.getClientRects().length, box(t).height]),
+  // The chart's label size as drawn: its font size times the scale of the SVG shown.
+  chartFont: [...document.querySelectorAll('svg.chart')].filter(c => box(c).width > 0).map(c =>
+    Math.min(...[...c.querySelectorAll('text')].map(t =>
+      parseFloat(getComputedStyle(t).fontSize) * box(c).width / c.viewBox.baseVal.width))),
+  // The pager again under the records, with the same links.
+  pagerBelow: (() => {
+    const below = document.querySelector('nav.pager-below'), table = document.querySelector('table.records');
+    return below && table && {under: box(below).top >= box(table).bottom,
+                              older: !!below.querySelector('a[rel=next]'),
+                              olderAbove: !!document.querySelector('nav.pager:not(.pager-below) a[rel=next]')};
+  })(),
 };
 """
 
@@ -122,6 +146,17 @@ def test_the_log_pages_at_desktop_and_phone_widths(server, browser, width):
         else:
             assert max(heights) <= CARD_PX, (name, max(heights))
         assert all(re.fullmatch(ISO_MS, t) for t in facts["times"]), facts["times"][:3]
+        # A time is one token: never "2026-12-07T" over "13:06:34.467Z".
+        split = [t for t in facts["timeLines"] if t[1] != 1 or t[2] >= 24]
+        assert facts["timeLines"] and split == [], (name, split)
+        # The endpoint's flags are shown whole; so are the token figures.
+        assert facts["flags"] and all(facts["flags"]), (name, facts["flags"].count(False))
+        assert facts["tokensCut"] == [], (name, facts["tokensCut"][:3])
+        assert all(n <= 0 for n in facts["keysOverflow"]), (name, facts["keysOverflow"])
+        # The pager's links under the records too.
+        below = facts["pagerBelow"]
+        assert below["under"] and below["older"] == below["olderAbove"], (name, below)
+        assert below["older"] or "?" in path, name  # thousands of records: more than a page
         if path.startswith("/log?") or path == "/log":
             # Lines are lines and bars are bars: an open polyline with a fill is a wedge.
             assert facts["fills"] == {"p50": "none", "p95": "none"}
@@ -133,6 +168,12 @@ def test_the_log_pages_at_desktop_and_phone_widths(server, browser, width):
             assert max(spend) - min(spend) < 2, spend
             if width > 1000:
                 assert facts["spendTops"][0] == facts["spendTops"][1]  # side by side
+                # ...each in its half without a sideways scrollbar (a phone's scroll: they cannot fit).
+                overflow = facts["spendOverflow"]
+                assert overflow and max(overflow) <= 0, overflow
+            # Chart labels readable where they are drawn: at least 9 px, on a phone too.
+            (font,) = facts["chartFont"]
+            assert font >= 9, (name, font)
         # The key pool and the files' last reload, beside the counters on both pages.
         alpha, beta = facts["keys"]
         assert (alpha[0], alpha[1], alpha[3], alpha[4]) == (f"{alpha_name} …abcd", "resting", "1", "1")

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import re
 import textwrap
-from datetime import date
+import time
+from datetime import UTC, date, datetime
 
 import pytest
 
+from openai_proxy.log import db as logdb
+from openai_proxy.log.db import Batch
+from openai_proxy.log.sql import open_database
 from openai_proxy.log.stats import BOUNDS_MS, BUCKETS, MinuteRow, SpendRow
-from openai_proxy.pages.spend import Minute, _ms_label, exact_usd, hour_chart, spend_periods, usd
+from openai_proxy.pages.spend import Minute, _ms_label, exact_usd, grouped, hour_chart, spend_periods, usd
 from tests.conftest import ACCESS_TOKEN, SECURITY_KEY, post_json
 from tests.support.fake_upstream import error
 from tests.support.logpage import column
@@ -48,6 +52,58 @@ def test_usd_is_never_shown_as_zero_when_it_is_not():
     assert period.total.usd == "$1,234.50"
 
 
+def test_a_cost_nobody_knows_is_a_dash_never_zero():
+    """No request of a row has a cost: a dash (and the title says why), not $0.000000, which reads
+    as free. Tokens without a cost (a re-read costs 0) are a real $0."""
+    today = date(2026, 11, 30)
+    rows = [SpendRow("2026-11-30", "a", "whisper-1", 5, 0, 0, 0, 0.0, 5),
+            # Written before a call without usage counted as unpriced: no tokens, no cost either.
+            SpendRow("2026-11-30", "a", "whisper-old", 3, 0, 0, 0, 0.0, 0),
+            SpendRow("2026-11-30", "a", "re-read", 2, 40, 0, 10, 0.0, 0),
+            SpendRow("2026-11-30", "b", "gpt-4o-mini", 1, 25, 3, 7, 7.725e-06, 0)]  # fmt: skip
+    (period, *_) = spend_periods(rows, today)
+    models = {t.name: t for t in period.models}
+    assert (models["whisper-1"].usd, models["whisper-old"].usd) == ("\u2014", "\u2014")
+    assert models["whisper-1"].usd_title.startswith("no cost")
+    assert models["re-read"].usd == "$0.000000" and models["gpt-4o-mini"].usd == "$0.000008"
+    clients = {t.name: t for t in period.clients}
+    assert clients["a"].usd == "\u2014" and clients["b"].usd == "$0.000008"
+    # Some priced, some not: the priced part, and the title says what it leaves out.
+    assert period.total.usd == "$0.000008" and period.total.unpriced == 5
+    assert period.total.usd_title == "$0.000007725 for the priced requests; 5 without a price"
+
+
+def test_a_model_whose_calls_have_no_cost_is_unpriced_in_the_spend_table(log_db, make_app):
+    """Transcriptions answered 2xx without usage have no cost (costUsd null) but ran: in both
+    backends' aggregates they count as unpriced, and /log's spend row shows a dash, not $0.000000.
+    A failed call without usage was not billed: counted, not unpriced."""
+    now = time.time()
+    if datetime.fromtimestamp(now, UTC).strftime("%H:%M") == "23:59":
+        time.sleep(61)  # the records and the page's "Today" on the same UTC day
+        now = time.time()
+    audio = {"client": "default", "endpoint": "/openai/audio/transcriptions", "model": "whisper-1",
+             "upstreamModel": "whisper-1", "durationMs": 5.0, "usage": None, "costUsd": None}  # fmt: skip
+    chat = {"client": "default", "endpoint": "/openai", "model": "gpt-4o-mini", "durationMs": 5.0,
+            "usage": {"prompt_tokens": 25, "cached_tokens": 3, "completion_tokens": 7}, "costUsd": ONE_CHAT_USD}  # fmt: skip
+    items = [("completion", {**audio, "requestId": "w1", "status": 200}, now),
+             ("completion", {**audio, "requestId": "w2", "status": 200}, now),
+             ("completion", {**audio, "requestId": "w3", "status": 502, "error": {"message": "reset"}}, now),
+             ("completion", {**chat, "requestId": "c1", "status": 200}, now)]  # fmt: skip
+    db = open_database(log_db, 1000)
+    try:
+        logdb.create_schema(db)
+        logdb.write_batch(db, Batch("h1:1:aa", 1, "h1", 1, items, 0, 0, False, now), retention=100)
+    finally:
+        db.close()
+    html = make_app(OPENAI_PROXY_LOG_DB=log_db).test_client().get("/log", headers=PAGE).get_data(as_text=True)
+    assert spend_rows(html, "model") == [
+        ["gpt-4o-mini", "1", "$0.000008", "25", "3", "7", "0"],
+        ["whisper-1", "3", "\u2014", "0", "0", "0", "2"],
+    ]
+    assert spend_rows(html, "client") == [["default", "4", "$0.000008", "25", "3", "7", "2"]]
+    assert "<strong>Today</strong>: 4 requests" in html and "2 unpriced" in html
+
+
 @pytest.mark.parametrize(
     ("value", "shown"),
     [(5.625e-06, "$0.000006"), (0.0, "$0.000000"), (0.02316, "$0.023160"), (12.5, "$12.500000"),
@@ -58,6 +114,22 @@ def test_costs_are_fixed_point_dollars_everywhere(value, shown):
     """One format for a cost on every page: never an exponent (`5.625e-06`), never 0 for a cost."""
     assert usd(value) == shown
     assert "e" not in exact_usd(value) or value is None or value != value
+
+
+def test_counts_are_thousands_separated_and_the_latency_axis_has_one_unit():
+    assert [grouped(v) for v in (0, 9910, 1_234_567, 25.0, 2.5, "?", None)] == [
+        "0", "9,910", "1,234,567", "25", "2.5", "?", ""]  # fmt: skip
+    now = 29_000_000
+    slow = [MinuteRow(now, 2000, 0, histogram(*[100] * 1700, *[15_000] * 300))]
+    svg = str(hour_chart([Minute.of(m) for m in slow], now))
+    axis = re.findall(r'<text [^>]*class="axis"[^>]*>([^<]+)</text>', svg)
+    assert {"0", "1,000", "2,000"} <= set(axis)  # requests per minute
+    assert {"0 s", "10 s", "20 s"} <= set(axis)  # never "20 s" over "0 ms"
+    fast = [MinuteRow(now, 3, 0, histogram(100, 200, 300))]
+    axis = re.findall(
+        r'<text [^>]*class="axis"[^>]*>([^<]+)</text>', str(hour_chart([Minute.of(m) for m in fast], now))
+    )
+    assert {"0 ms", "250 ms", "500 ms"} <= set(axis) and not any(a.endswith(" s") for a in axis)
 
 
 def histogram(*durations_ms: float) -> tuple[int, ...]:
@@ -128,7 +200,7 @@ def test_log_shows_spend_per_client_and_model_and_the_chart(make_app, fake, tmp_
     ]
     assert spend_rows(html, "model") == [
         ["gpt-4o-mini", "5", "$0.000031", "100", "12", "28", "0"],
-        ["my-local-model", "1", "$0.000000", "25", "3", "7", "1"],
+        ["my-local-model", "1", "\u2014", "25", "3", "7", "1"],  # no price: unknown, not free
     ]
     # The same format in the records' cost column; no price is a dash, never 0 or an exponent.
     assert column(html, "cost") == ["\u2014", *["$0.000008"] * 4]
@@ -137,6 +209,9 @@ def test_log_shows_spend_per_client_and_model_and_the_chart(make_app, fake, tmp_
     svg = re.search(r'<svg class="chart".*?</svg>', html, re.S).group(0)
     bars = re.findall(r"<title>(\d+) requests, (\d+) errors</title>", svg)  # one or two minutes
     assert (sum(int(n) for n, _ in bars), sum(int(e) for _, e in bars)) == (6, 1)
+    # Drawn for a wide screen and for a phone's (its labels unshrunk); one legend, in the page.
+    assert html.count('<svg class="chart"') == 2 and 'viewBox="0 0 360 200"' in html
+    assert html.count('class="legend"') == 1
     # Still no script: the chart is inline SVG under the same policy.
     assert "<script" not in html
     assert page.headers["Content-Security-Policy"].startswith("default-src 'none'")

@@ -557,6 +557,10 @@ class LogPage:
     )  # per host: records the database refused as they were
     older: Cursor | None = None  # where the next older page starts, if there is one
     newer: Cursor | None = None  # where the next newer page ends, if there is one
+    # Of the records that pass the filter: requests (not retried attempts, which have no status),
+    # and the requests the other level holds; None with a request id.
+    requests: int | None = None
+    elsewhere: int | None = None
 
 
 def empty_counters() -> dict[str, float]:
@@ -644,11 +648,14 @@ def read_page(db: Database, level: str, where: LogFilter, per_page: int, at: Pos
     # One read transaction, so the counters, the totals and the rows agree with each other.
     db.begin_read()
     try:
-        totals = db.execute(
-            "SELECT endpoint, client, host, status, n FROM record_totals WHERE level = ? AND n > 0", (level,)
+        # Both levels' (a small table): this page's, and how many requests the other page holds.
+        every = db.execute(
+            "SELECT level, endpoint, client, host, status, n FROM record_totals WHERE n > 0"
         ).fetchall()
-        totals = [(e, c, h, s, int(n)) for e, c, h, s, n in totals]
+        totals = [(e, c, h, s, int(n)) for lv, e, c, h, s, n in every if lv == level]
+        others = [(e, c, h, s, int(n)) for lv, e, c, h, s, n in every if lv != level]
         found = [row for row in totals if where.matches(*row[:4])]
+        found_elsewhere = [row for row in others if where.matches(*row[:4])]
         # Nothing passes the filter: no need to look (an index walk that finds nothing reads it all).
         walk = choose_walk(where, totals, at.page * per_page + 1) if db.plans_blind else None
         rows = _select_records(db, level, where, at, per_page, walk) if found or where.request_id else []
@@ -682,4 +689,6 @@ def read_page(db: Database, level: str, where: LogFilter, per_page: int, at: Pos
         {host: int(n) for host, _, n in hosts if n},
         older=Cursor(last["ts"], last["id"]) if last and older_beyond else None,
         newer=Cursor(first["ts"], first["id"]) if first and newer_beyond else None,
+        requests=None if where.request_id else sum(n for *_, status, n in found if status),
+        elsewhere=None if where.request_id else sum(n for *_, status, n in found_elsewhere if status),
     )

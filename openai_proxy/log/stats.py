@@ -35,7 +35,7 @@ SCHEMA = (
         cached_tokens BIGINT NOT NULL,
         completion_tokens BIGINT NOT NULL,
         cost_usd {float} NOT NULL,
-        unpriced BIGINT NOT NULL,  -- requests with usage but no price (costUsd null)
+        unpriced BIGINT NOT NULL,  -- requests that ran (usage, or a 2xx answer) with no cost (costUsd null)
         PRIMARY KEY (day, client, model)
     )""",
     f"""CREATE TABLE IF NOT EXISTS minute_stats (
@@ -110,6 +110,15 @@ def key_text(value: Any) -> str:
     return text.replace("\x00", "\ufffd")[:MAX_KEY_CHARS]
 
 
+def ran(entry: dict[str, Any]) -> bool:
+    """Whether a request may have been billed: upstream reported usage, or answered 2xx (a
+    transcription whose format reports no usage, a model without a price). A refused or failed
+    request without usage was not."""
+    status = entry.get("status")
+    usage = entry.get("usage")
+    return bool(isinstance(usage, dict) and usage) or (isinstance(status, int) and 200 <= status < 300)
+
+
 def aggregate(completions: Iterable[tuple[dict[str, Any], float]]) -> tuple[list[tuple], list[tuple]]:
     """(spend rows, minute rows) to add for these (entry, finished at) pairs, in key order (so that
     concurrent writers lock rows in the same order)."""
@@ -129,7 +138,7 @@ def aggregate(completions: Iterable[tuple[dict[str, Any], float]]) -> tuple[list
             row[3] += count(usage.get("completion_tokens"))
         if priced:
             row[4] += float(cost)
-        elif usage:
+        elif ran(entry):  # its cost is unknown, not 0
             row[5] += 1
         counts = minutes.setdefault(int(ts // 60), [0] * (2 + BUCKETS))
         counts[0] += 1

@@ -9,7 +9,7 @@ written into the SVG is a number we computed or a fixed label; nothing from clie
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 
@@ -34,6 +34,16 @@ def usd(value: float | None) -> str:
     return f"${value:.6f}"
 
 
+def grouped(value: object) -> str:
+    """A count as the pages write it: thousands separated (`12,345`), like the record and page
+    counts. Anything else (a count upstream reported as something odd, an unreadable `?`) as it is."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    if isinstance(value, float) and math.isfinite(value):
+        return f"{int(value):,}" if value.is_integer() else f"{value:,}"
+    return "" if value is None else str(value)
+
+
 def exact_usd(value: float | None) -> str:
     """All the digits of a cost, fixed-point (for a title: what the rounded figure stands for)."""
     if value is None or not math.isfinite(value):
@@ -54,8 +64,25 @@ class Totals:
     unpriced: int = 0
 
     @property
+    def unknown(self) -> bool:
+        """Whether none of these requests has a cost: they ran without a price (unpriced), or are
+        from before unpriced counted a call without usage (no tokens either). What they cost is
+        unknown, never $0."""
+        tokens = self.prompt_tokens + self.cached_tokens + self.completion_tokens
+        return self.requests > 0 and self.cost_usd == 0 and (self.unpriced > 0 or tokens == 0)
+
+    @property
     def usd(self) -> str:
-        return usd(self.cost_usd)
+        return NO_COST if self.unknown else usd(self.cost_usd)
+
+    @property
+    def usd_title(self) -> str:
+        """What the cost shown stands for: every digit, and the requests it leaves out."""
+        if self.unknown:
+            return "no cost: no request here has a price"
+        if self.unpriced:
+            return f"{exact_usd(self.cost_usd)} for the priced requests; {self.unpriced:,} without a price"
+        return exact_usd(self.cost_usd)
 
     def add(self, row: SpendRow) -> None:
         self.requests += row.requests
@@ -103,8 +130,10 @@ def spend_periods(rows: Iterable[SpendRow], today: date) -> list[Period]:
 
 # -- the last hour -----------------------------------------------------------------------------------
 
-WIDTH, HEIGHT = 720, 200
-LEFT, RIGHT, TOP, BOTTOM = 44, 56, 26, 26
+# Drawn twice: for a wide screen, and for a phone's (shown there instead of the wide one shrunk to
+# half, whose 11px labels would be 6px). The legend is the page's, in HTML above the chart.
+WIDTH, NARROW, HEIGHT = 720, 360, 200
+LEFT, RIGHT, TOP, BOTTOM = 44, 56, 12, 26
 
 
 @dataclass(frozen=True)
@@ -139,15 +168,26 @@ def _ms_label(ms: float) -> str:
     return f"{ms / 1000:g} s" if ms >= 1000 else f"{ms:g} ms"
 
 
-def hour_chart(minutes: Sequence[Minute], now_minute: int) -> Markup:
-    """An SVG of the 60 minutes up to `now_minute`: requests per minute (bars, errors in red on top of
-    them), p50 and p95 latency (lines, right axis). Minutes without traffic are gaps, not zeros."""
+def _ms_axis(top_ms: float) -> Callable[[float], str]:
+    """Labels for a latency axis up to `top_ms`, all in one unit: seconds once the top is a second."""
+    if top_ms >= 1000:
+        return lambda ms: f"{grouped(ms / 1000)} s"
+    return lambda ms: f"{grouped(ms)} ms"
+
+
+def hour_chart(minutes: Sequence[Minute], now_minute: int, width: int = WIDTH) -> Markup:
+    """An SVG `width` units wide of the 60 minutes up to `now_minute`: requests per minute (bars,
+    errors in red on top of them), p50 and p95 latency (lines, right axis). Minutes without traffic
+    are gaps, not zeros."""
     by_minute = {m.minute: m for m in minutes}
     span = [by_minute.get(now_minute - 59 + i) for i in range(60)]
-    plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
+    plot_w, plot_h = width - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
     slot = plot_w / 60
+    gap, dot = (2, 2) if slot >= 8 else (1, 1.5)  # between bars, and a latency point's radius
     top_requests = _nice_ceiling(max((m.requests for m in span if m), default=0))
     top_ms = _nice_ceiling(max((m.p95_ms or 0 for m in span if m), default=0))
+
+    ms_label = _ms_axis(top_ms)
 
     def y_req(value: float) -> float:
         return TOP + plot_h - plot_h * value / top_requests
@@ -156,30 +196,30 @@ def hour_chart(minutes: Sequence[Minute], now_minute: int) -> Markup:
         return TOP + plot_h - plot_h * value / top_ms
 
     parts = [
-        f'<svg class="chart" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {HEIGHT}" '
-        f'width="{WIDTH}" height="{HEIGHT}" role="img" aria-labelledby="chart-title">',
-        '<title id="chart-title">Last hour: requests per minute, errors, p50 and p95 latency</title>',
+        f'<svg class="chart" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {HEIGHT}" '
+        f'width="{width}" height="{HEIGHT}" role="img" aria-labelledby="chart-title-{width}">',
+        f'<title id="chart-title-{width}">Last hour: requests per minute, errors, p50 and p95 latency</title>',
     ]
     for fraction in (0, 0.5, 1):  # grid and both axes' labels
         y = TOP + plot_h * (1 - fraction)
-        parts.append(f'<line x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>')
+        parts.append(f'<line x1="{LEFT}" x2="{width - RIGHT}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>')
         parts.append(f'<text x="{LEFT - 6}" y="{y + 4:.1f}" class="axis" text-anchor="end">'
-                     f"{top_requests * fraction:g}</text>")  # fmt: skip
-        parts.append(f'<text x="{WIDTH - RIGHT + 6}" y="{y + 4:.1f}" class="axis">'
-                     f"{_ms_label(top_ms * fraction)}</text>")  # fmt: skip
+                     f"{grouped(top_requests * fraction)}</text>")  # fmt: skip
+        parts.append(f'<text x="{width - RIGHT + 6}" y="{y + 4:.1f}" class="axis">'
+                     f"{ms_label(top_ms * fraction)}</text>")  # fmt: skip
     for i, label in ((0, "-60 min"), (30, "-30 min"), (59, "now")):
         x = LEFT + slot * (i + 0.5)
         parts.append(f'<text x="{x:.1f}" y="{HEIGHT - 8}" class="axis" text-anchor="middle">{label}</text>')
     for i, m in enumerate(span):
         if not m or not m.requests:
             continue
-        x = LEFT + slot * i + 1
+        x = LEFT + slot * i + gap / 2
         y = y_req(m.requests)
-        parts.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{slot - 2:.1f}" height="{TOP + plot_h - y:.1f}" '
-                     f'class="req"><title>{m.requests} requests, {m.errors} errors</title></rect>')  # fmt: skip
+        parts.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{slot - gap:.1f}" height="{TOP + plot_h - y:.1f}" '
+                     f'class="req"><title>{m.requests:,} requests, {m.errors:,} errors</title></rect>')  # fmt: skip
         if m.errors:
             ye = y_req(m.errors)
-            parts.append(f'<rect x="{x:.1f}" y="{ye:.1f}" width="{slot - 2:.1f}" '
+            parts.append(f'<rect x="{x:.1f}" y="{ye:.1f}" width="{slot - gap:.1f}" '
                          f'height="{TOP + plot_h - ye:.1f}" class="err"/>')  # fmt: skip
     for name, attr in (("p50", "p50_ms"), ("p95", "p95_ms")):
         points = [
@@ -189,17 +229,7 @@ def hour_chart(minutes: Sequence[Minute], now_minute: int) -> Markup:
             path = " ".join(f"{x:.1f},{y_ms(v):.1f}" for x, v in points)
             parts.append(f'<polyline points="{path}" class="{name}"/>')
             for x, v in points:
-                parts.append(f'<circle cx="{x:.1f}" cy="{y_ms(v):.1f}" r="2" class="{name}">'
+                parts.append(f'<circle cx="{x:.1f}" cy="{y_ms(v):.1f}" r="{dot}" class="{name}">'
                              f"<title>{name} {_ms_label(round(v))}</title></circle>")  # fmt: skip
-    # The legend draws each series as it is drawn: bars as squares, latencies as lines.
-    legend = (("req", "requests / min"), ("err", "errors"), ("p50", "p50 latency"), ("p95", "p95 latency"))
-    x = LEFT
-    for css, text in legend:
-        if css in ("p50", "p95"):
-            parts.append(f'<line x1="{x}" x2="{x + 10}" y1="6" y2="6" class="key {css}"/>')
-        else:
-            parts.append(f'<rect x="{x}" y="2" width="10" height="8" class="key {css}"/>')
-        parts.append(f'<text x="{x + 14}" y="10" class="axis">{text}</text>')
-        x += 24 + 7 * len(text)
     parts.append("</svg>")
     return Markup("".join(parts))  # built from numbers and fixed labels only

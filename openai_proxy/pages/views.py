@@ -338,6 +338,7 @@ def _log_page(level: str, title: str) -> Response:
     # Fleet-wide: what every host saved in the database, plus what this worker could not save yet.
     dropped = sum(result.dropped.values()) + store["unsavedDropped"]
     first_page = at == NEWEST
+    records = [_shown(r) for r in result.records]
     html = render_template(
         "openai_proxy/log.html",
         title=title,
@@ -350,13 +351,17 @@ def _log_page(level: str, title: str) -> Response:
         ],
         dropped_by_host=result.dropped,
         rejected_by_host=result.rejected,
-        records=[_shown(r) for r in result.records],
+        records=records,
+        tokens_ch=tokens_width(records),
         total=result.total,
         page=at.page if at.before is None and at.after is None else None,
         pages=None if result.total is None else max(1, -(-result.total // per_page)),
         newest=None if first_page else here(),
         newer=here(after=result.newer) if result.newer else None,
         older=here(before=result.older) if result.older else None,
+        requests=result.requests,
+        elsewhere=result.elsewhere,
+        other=other_page(filters),
         tabs=[(name, url_for(f".{ep}"), ep == view()) for name, ep in TABS],
         clear=url_for(f".{view()}"),
         signout=url_for(".signout"),
@@ -373,10 +378,18 @@ def _log_page(level: str, title: str) -> Response:
         store=store,
         usd=spend_view.usd,
         exact_usd=spend_view.exact_usd,
+        grouped=spend_view.grouped,
         pid=os.getpid(),
         version=__version__,
     )
     return Response(html, status=200 if error is None else 503, mimetype="text/html")
+
+
+def other_page(filters: dict[str, Any]) -> tuple[str, str]:
+    """The other tab (Errors from Requests, Requests from Errors): its name, and its address with
+    the same filters, from its first page."""
+    name, endpoint = next((name, ep) for name, ep in TABS if ep != view())
+    return name, page_url(url_for(f".{endpoint}"), [(k, str(v)) for k, v in filters.items() if v])
 
 
 def _bad_query(title: str, message: str) -> Response:
@@ -386,7 +399,7 @@ def _bad_query(title: str, message: str) -> Response:
     html = render_template(
         "openai_proxy/log.html", title=title, invalid=True, error=message, counters=[], dropped_by_host={},
         rejected_by_host={}, records=[], total=0, page=1, pages=1, newest=None, newer=None, older=None,
-        keys=None, reloads=None, usd=spend_view.usd, exact_usd=spend_view.exact_usd,
+        tokens_ch=0, keys=None, reloads=None, usd=spend_view.usd, exact_usd=spend_view.exact_usd, grouped=spend_view.grouped,
         tabs=[(name, url_for(f".{ep}"), ep == view()) for name, ep in TABS],
         clear=url_for(f".{view()}"), signout=url_for(".signout"), endpoints=[], hosts=[],
         clients=[], spend=None, chart=None, filters=filters, hidden={}, store=state().log_store.stats(),
@@ -400,7 +413,7 @@ def shown_value(text: str) -> str:
     return _CONTROL.sub("\ufffd", text)[:MAX_FILTER_CHARS]
 
 
-def _activity(st: Any) -> tuple[list[spend_view.Period] | None, Markup | None]:
+def _activity(st: Any) -> tuple[list[spend_view.Period] | None, dict[str, Markup] | None]:
     """Spend for today, 7 and 30 days and the last hour's chart, from the log's aggregates (all hosts)."""
     now = time.time()
     today = datetime.fromtimestamp(now, UTC).date()
@@ -411,8 +424,13 @@ def _activity(st: Any) -> tuple[list[spend_view.Period] | None, Markup | None]:
     except Exception:
         logger.exception("the log store's aggregates cannot be read")
         return None, None
-    chart = spend_view.hour_chart([spend_view.Minute.of(m) for m in minutes], minute)
+    shown = [spend_view.Minute.of(m) for m in minutes]
+    chart = {name: spend_view.hour_chart(shown, minute, width)
+             for name, width in (("wide", spend_view.WIDTH), ("narrow", spend_view.NARROW))}  # fmt: skip
     return spend_view.spend_periods(rows, today), chart
+
+
+TOKEN_FIELDS = ("prompt_tokens", "cached_tokens", "completion_tokens")  # the tokens column: in · cached · out
 
 
 def _shown(record: dict[str, Any]) -> dict[str, Any]:
@@ -425,9 +443,21 @@ def _shown(record: dict[str, Any]) -> dict[str, Any]:
     if isinstance(retries, int) and retries > 0:  # rare: a flag says it better than a column of zeros
         flags.append(f"{retries} retr{'y' if retries == 1 else 'ies'}")
     cost = record.get("costUsd")
-    return {**record, "time": iso(record["ts"]), "flags": flags,
+    usage = record.get("usage")
+    tokens = None
+    if isinstance(usage, dict) and usage:
+        tokens = " · ".join(spend_view.grouped(usage.get(k) or 0) for k in TOKEN_FIELDS)
+    return {**record, "time": iso(record["ts"]), "flags": flags, "tokens": tokens,
             "costUsd": cost if isinstance(cost, int | float) and not isinstance(cost, bool) else None,
             "pretty": json.dumps(data, indent=2, ensure_ascii=False)}  # fmt: skip
+
+
+def tokens_width(records: list[dict[str, Any]]) -> float:
+    """How wide (in `ch`, the width of a digit) the tokens column must be for this page's figures to
+    show whole: a digit is 1ch in tabular figures; a separator (`,`, ` · `) is narrower, at most 0.6ch
+    in the usual sans fonts."""
+    texts = [r["tokens"] for r in records if r.get("tokens")]
+    return round(max((sum(1 if c.isdigit() else 0.6 for c in t) for t in texts), default=0), 1)
 
 
 def keys_panel(st: Any) -> dict[str, Any]:
