@@ -10,9 +10,9 @@ callers decide what a failure means.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
+import weakref
 from typing import Any
 
 import redis
@@ -20,6 +20,18 @@ from redis.connection import AbstractConnection
 from redis.driver_info import DriverInfo
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
+
+# Every link of this process, so a forked child drops the parent's connections (its sockets are
+# the parent's) once, at the fork, instead of each call asking for the pid.
+_LINKS: weakref.WeakSet[RedisLink] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for link in list(_LINKS):
+        link._free = []
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class RedisLink:
@@ -37,19 +49,18 @@ class RedisLink:
         )
         self._class, self._kwargs = pool.connection_class, pool.connection_kwargs
         self._free: list[AbstractConnection] = []
-        self._pid = os.getpid()
         self._shas: dict[str, str] = {}
+        _LINKS.add(self)
 
     def call(self, *args: Any) -> Any:
         """Send one command and return its reply. A connection that waited in the list and turns out
         broken (Redis restarted since) is replaced once, at once; a timeout is never repeated."""
-        if self._pid != os.getpid():  # a fork: the parent's sockets are not this process's
-            self._free, self._pid = [], os.getpid()
         for attempt in range(2):
-            conn = None
-            if attempt == 0:
-                with contextlib.suppress(IndexError):  # a dev server's threads may race for the last one
-                    conn = self._free.pop()
+            # No contextlib.suppress and no pid check (a system call) here: ~0.5 µs each, per call.
+            try:
+                conn = self._free.pop() if attempt == 0 else None
+            except IndexError:  # none free (a dev server's threads may race for the last one)
+                conn = None
             reused = conn is not None
             if conn is None:
                 conn = self._class(**self._kwargs)
