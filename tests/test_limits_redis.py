@@ -176,12 +176,12 @@ def test_a_restart_between_calls_or_lost_scripts_are_no_outage(tmp_path, redis_s
     # Two idle connections, both made stale by the restart below.
     admits = [gevent.spawn(s.admit, "c", lim, NOW) for _ in range(2)]
     gevent.joinall(admits, raise_error=True)
-    assert len(s._idle) == 2
+    assert len(s._link._free) == 2
     redis_server.stop()
     redis_server.start()  # empty, scripts gone too
     assert s.admit("c", lim, NOW) == allowed(trio("requests", 3, 2, "20s"))  # counted once, in Redis
     assert s.status()["reachable"] is True and s.status()["lastError"] is None
-    assert len(s._idle) == 1
+    assert len(s._link._free) == 1
     assert redis_server.command("SCRIPT", "FLUSH") == b"+OK\r\n"
     assert s.admit("c", lim, NOW) == allowed(trio("requests", 3, 1, "40s"))
     s.charge("c", Limits(rpm=3, daily_usd=1.0), 0, 1.0, NOW)

@@ -10,6 +10,7 @@ is still owed): a month's spend is never needed after that.
 Redis unreachable or slower than the socket timeout: the request is counted in the host's local
 store instead (still exact for this host, so the fleet is bounded by hosts x limit), the outage is
 logged once, and Redis is tried again every few seconds. A limits outage must not take the API down.
+Commands go through `openai_proxy.redis_link` (redis-py's connections without its costlier client layer).
 """
 
 from __future__ import annotations
@@ -19,16 +20,13 @@ import time
 from typing import Any
 
 import redis
-from redis.backoff import NoBackoff
-from redis.commands.core import Script
-from redis.exceptions import NoScriptError
-from redis.retry import Retry
 
 from openai_proxy.jsonio import iso_or_none
 from openai_proxy.limits import rules
 from openai_proxy.limits.local import LocalLimitStore
 from openai_proxy.limits.reservations import Ledger, Reservation
 from openai_proxy.limits.rules import ALLOWED, Admission, Limits
+from openai_proxy.redis_link import RedisLink
 
 log = logging.getLogger("openai_proxy.limits")
 
@@ -157,22 +155,7 @@ class RedisLimitStore:
         retry_after_outage_s: float = RETRY_AFTER_OUTAGE_S,
         timeout_s: float = TIMEOUT_S,
     ) -> None:
-        # No retries inside redis-py: its default (3, with back-off) would turn one dead Redis into
-        # seconds per request; the fallback below is the retry.
-        self._pool = redis.ConnectionPool.from_url(
-            uri,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-        )
-        client = redis.Redis(connection_pool=self._pool)
-        self._admit = client.register_script(ADMIT)
-        self._charge = client.register_script(CHARGE)
-        # Connections of this store, idle ones here. A call takes one for its round trip: redis-py's
-        # client and pool cost ~2x the round trip itself in CPU (a readiness poll per checkout, event
-        # hooks), more than the budget for limits, while a bare connection costs little more than it.
-        self._idle: list[redis.Connection] = []
+        self._link = RedisLink(uri, timeout_s)
         self.uri = shown_uri
         self._local = local
         self._retry_s = retry_after_outage_s
@@ -180,38 +163,6 @@ class RedisLimitStore:
         self._down_since: float | None = None  # wall clock, for status()
         self.last_error: str | None = None
         self.ledger = Ledger(self._renew)
-
-    def _run(self, script: Script, key: str, args: list[Any]) -> Any:
-        """EVALSHA `script` on one connection (loading it first if Redis lost it): one round trip."""
-        idle = self._idle
-        while True:
-            reused = bool(idle)
-            conn = idle.pop() if reused else self._pool.connection_class(**self._pool.connection_kwargs)
-            try:
-                try:
-                    conn.send_command("EVALSHA", script.sha, 1, key, *args)
-                    reply = conn.read_response()
-                except NoScriptError:  # a restarted Redis: load the script, once
-                    conn.send_command("SCRIPT", "LOAD", script.script)
-                    conn.read_response()
-                    conn.send_command("EVALSHA", script.sha, 1, key, *args)
-                    reply = conn.read_response()
-            except redis.ConnectionError:
-                conn.disconnect()
-                if not reused:
-                    raise
-                # Closed while idle (Redis restarted, an idle timeout): Redis had closed it before the
-                # command arrived, so sending it again on a new connection counts it once. The
-                # other idle connections are as stale.
-                for stale in idle:
-                    stale.disconnect()
-                idle.clear()
-                continue
-            except BaseException:
-                conn.disconnect()  # a timed-out reply may still come: never reuse this one
-                raise
-            idle.append(conn)
-            return reply
 
     def _try_redis(self) -> bool:
         if self._down_since is None:
@@ -266,7 +217,7 @@ class RedisLimitStore:
                 repr(self.ledger.lease_s),
             ]
             try:
-                reply = self._run(self._admit, KEY_PREFIX + client, args)
+                reply = self._link.script(ADMIT, KEY_PREFIX + client, *args)
             except (redis.RedisError, OSError) as exc:
                 self._failed(exc)
                 if reserving:
@@ -310,7 +261,7 @@ class RedisLimitStore:
             mine = [self._field, repr(held[1]), held[2]] if held else ["", 0, 0]
             args = [_arg(now), limits.tpm or 0, tokens if counts else 0, cost if counts else 0.0]
             try:
-                self._run(self._charge, KEY_PREFIX + client, [*args, *mine, repr(self.ledger.lease_s)])
+                self._link.script(CHARGE, KEY_PREFIX + client, *args, *mine, repr(self.ledger.lease_s))
             except (redis.RedisError, OSError) as exc:
                 self._failed(exc)  # a reservation held there lapses within its lease
             except Exception as exc:  # never fail an answer that was already served
@@ -340,7 +291,7 @@ class RedisLimitStore:
     def reserved(self, client: str, now: float | None = None) -> float:
         """USD the calls in flight of `client` hold in Redis, every worker's (for tests and pages)."""
         args = [_arg(now), 0, 0, "0", "", "", "0", "0", 0, repr(self.ledger.lease_s)]
-        reply = self._run(self._admit, KEY_PREFIX + client, args)
+        reply = self._link.script(ADMIT, KEY_PREFIX + client, *args)
         return float(reply[8])
 
     def _give_back(self, request_id: str, now: float | None) -> None:
@@ -354,7 +305,7 @@ class RedisLimitStore:
             return  # it lapses within its lease
         args = [_arg(now), 0, 0, 0.0, self._field, repr(usd), seq, repr(self.ledger.lease_s)]
         try:
-            self._run(self._charge, KEY_PREFIX + client, args)
+            self._link.script(CHARGE, KEY_PREFIX + client, *args)
         except (redis.RedisError, OSError) as exc:
             self._failed(exc)
         else:
@@ -385,7 +336,5 @@ class RedisLimitStore:
         for client, _, seq in self.ledger.snapshot():
             self._write_total(client, 0.0, seq, None)
         self.ledger.close()
-        while self._idle:
-            self._idle.pop().disconnect()
-        self._pool.disconnect()
+        self._link.close()
         self._local.close()
