@@ -30,7 +30,7 @@ from openai_proxy.config import (
     read_environment,
 )
 from openai_proxy.gate import open_gate
-from openai_proxy.keys.pool import KeyPool
+from openai_proxy.keys import open_key_pool
 from openai_proxy.limits import open_limit_store
 from openai_proxy.log import url as logurl
 from openai_proxy.log.store import LogStore
@@ -143,9 +143,7 @@ def _install(app: Flask, config: Config, prefix: str, *, whole_app: bool) -> Pro
     )
     st = app.extensions["openai_proxy"] = ProxyState(
         config=config,
-        upstream=Upstream(
-            config, KeyPool(clients.upstream_keys, runtime_dir) if clients.upstream_keys else None
-        ),
+        upstream=Upstream(config, open_key_pool(clients.upstream_keys, runtime_dir)),
         gate=gate,
         completion_log=CompletionLog(prices=prices, host=config.host_name),
         runtime_dir=runtime_dir,
