@@ -242,11 +242,14 @@ class RedisGate:
     def _new_lease_id(self) -> str:
         pid = os.getpid()
         if pid != self._pid:
-            # A fork: the parent's leases, renewer and counter are not this process's.
+            # The first lease of this process (or a fork: the parent's leases, renewer and counter
+            # are not this process's).
             with self._lock:
-                self._pid, self._held, self._stale, self._renewer = pid, set(), set(), None
-                self._prefix = f"{socket.gethostname()}:{pid}:{secrets.token_hex(2)}:"
-                self._ids = itertools.count(1)
+                if pid != self._pid:  # threads that asked at once: the first one starts the series
+                    self._held, self._stale, self._renewer = set(), set(), None
+                    self._prefix = f"{socket.gethostname()}:{pid}:{secrets.token_hex(2)}:"
+                    self._ids = itertools.count(1)
+                    self._pid = pid  # last: a thread that sees it sees the prefix and counter too
         return f"{self._prefix}{next(self._ids)}"
 
     def _hold(self, lease: str) -> None:
