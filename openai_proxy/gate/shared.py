@@ -237,7 +237,7 @@ class RedisGate:
 
     # -- leases and the renewer ---------------------------------------------------------------------
     def _script(self, text: str, *args: Any) -> Any:
-        return self._link.script(text, self.key, *args)
+        return self._link.script(text, self.key, args)
 
     def _new_lease_id(self) -> str:
         pid = os.getpid()

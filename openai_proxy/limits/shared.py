@@ -205,7 +205,7 @@ class RedisLimitStore:
                 repr(self.ledger.lease_s),
             ]
             try:
-                reply = self._link.script(ADMIT, KEY_PREFIX + client, *args)
+                reply = self._link.script(ADMIT, KEY_PREFIX + client, args)
             except (redis.RedisError, OSError) as exc:
                 self._failed(exc)
                 if reserving:
@@ -250,7 +250,7 @@ class RedisLimitStore:
             mine = [self._field, repr(held[1]), held[2]] if held else ["", 0, 0]
             args = [_arg(now), limits.tpm or 0, tokens if counts else 0, cost if counts else 0.0]
             try:
-                self._link.script(CHARGE, KEY_PREFIX + client, *args, *mine, repr(self.ledger.lease_s))
+                self._link.script(CHARGE, KEY_PREFIX + client, [*args, *mine, repr(self.ledger.lease_s)])
             except (redis.RedisError, OSError) as exc:
                 self._failed(exc)  # a reservation held there lapses within its lease
             except Exception as exc:  # never fail an answer that was already served
@@ -281,7 +281,7 @@ class RedisLimitStore:
     def reserved(self, client: str, now: float | None = None) -> float:
         """USD the calls in flight of `client` hold in Redis, every worker's (for tests and pages)."""
         args = [_arg(now), 0, 0, "0", "", "", "0", "0", 0, repr(self.ledger.lease_s)]
-        reply = self._link.script(ADMIT, KEY_PREFIX + client, *args)
+        reply = self._link.script(ADMIT, KEY_PREFIX + client, args)
         return float(reply[8])
 
     def _give_back(self, request_id: str, now: float | None) -> None:
@@ -295,7 +295,7 @@ class RedisLimitStore:
             return  # it lapses within its lease
         args = [_arg(now), 0, 0, 0.0, self._field, repr(usd), seq, repr(self.ledger.lease_s)]
         try:
-            self._link.script(CHARGE, KEY_PREFIX + client, *args)
+            self._link.script(CHARGE, KEY_PREFIX + client, args)
         except (redis.RedisError, OSError) as exc:
             self._failed(exc)
         else:
