@@ -79,6 +79,11 @@ class Config:
     clients_snapshot: str | None = None
     gate_uri: str | None = None
     gate_lease_s: int = 10
+    # Every Redis call of the gate, the client limits and the page limits: how long one may take
+    # (connect, or wait for the answer) before that Redis counts as down, and, while it is down, how
+    # often the gate and the client limits ask it again (`openai_proxy.redis_link`).
+    redis_timeout_s: float = 0.25
+    redis_retry_s: float = 1.0
     # `safety_identifier` on chat and Responses create calls (`openai_proxy.clients.safety`):
     # OPENAI_PROXY_SAFETY_IDENTIFIER=off turns it off; OPENAI_PROXY_SAFETY_SECRET keys its HMAC.
     safety_identifier: bool = True
@@ -210,6 +215,11 @@ _STR_VARS = {
     "gate_uri": ("OPENAI_PROXY_GATE_URI",),
     "safety_secret": ("OPENAI_PROXY_SAFETY_SECRET",),
 }
+# Seconds, fractions allowed; a value that is not a number > 0 stops the server.
+_SECONDS_VARS = {
+    "OPENAI_PROXY_REDIS_TIMEOUT_S": "redis_timeout_s",
+    "OPENAI_PROXY_REDIS_RETRY_S": "redis_retry_s",
+}
 _RATE_LIMIT_VARS = {
     "pages_rate_limit": "OPENAI_PROXY_PAGES_RATE_LIMIT",
     "health2_rate_limit": "OPENAI_PROXY_HEALTH2_RATE_LIMIT",
@@ -236,7 +246,13 @@ _OTEL_VARS = (*OTEL_ENDPOINT_VARS, *OTEL_HEADER_VARS, *_OTEL_PROTOCOL_VARS, "OTE
 # Every variable the proxy reads: settings may be given under these names in the environment, the
 # dotenv files, or a host app's `app.config` (there any `OTEL_*` name too).
 KNOWN_VARIABLES = frozenset(
-    [*_INT_VARS, *(name for names in _STR_VARS.values() for name in names), *_OTHER_VARS, *_OTEL_VARS]
+    [
+        *_INT_VARS,
+        *_SECONDS_VARS,
+        *(name for names in _STR_VARS.values() for name in names),
+        *_OTHER_VARS,
+        *_OTEL_VARS,
+    ]
 )
 PREFIX = "OPENAI_PROXY_"
 
@@ -389,6 +405,18 @@ def _redis_uri(var: str, raw: str) -> str:
     return raw
 
 
+def _seconds(var: str, raw: str) -> float:
+    """A number of seconds > 0 (fractions allowed). No fallback: a Redis timeout or retry interval is
+    set on purpose, for a network the default does not fit, so a typo must not quietly undo it."""
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (0 < value < math.inf):
+        raise ConfigError(f"{var}={raw!r} is not a number of seconds > 0 (such as 0.25)")
+    return value
+
+
 def _drain_delay(values: Mapping[str, str], graceful_timeout_s: int, warnings: list[str]) -> float:
     """OPENAI_PROXY_DRAIN_DELAY_S: seconds (fractions too) >= 0 and below the graceful timeout, which
     it is part of; anything else is 0 with a warning."""
@@ -522,6 +550,10 @@ def build_config(values: Mapping[str, str]) -> Config:
             kwargs[attr] = _parse_port(raw)
         else:
             kwargs[attr] = _parse_positive_int(var, raw, getattr(defaults, attr), warnings, attr)
+    for var, attr in _SECONDS_VARS.items():
+        raw = values.get(var)
+        if raw is not None and raw.strip() != "":
+            kwargs[attr] = _seconds(var, raw)
     for attr, names in _STR_VARS.items():
         for name in names:
             raw = values.get(name)

@@ -30,10 +30,10 @@ from openai_proxy.config import (
     read_environment,
 )
 from openai_proxy.gate import open_gate
-from openai_proxy.keys.pool import KeyPool
+from openai_proxy.keys import open_key_pool
 from openai_proxy.limits import open_limit_store
+from openai_proxy.log import open_log_store
 from openai_proxy.log import url as logurl
-from openai_proxy.log.store import LogStore
 from openai_proxy.objects import open_object_book
 from openai_proxy.observe.completion import CompletionLog
 from openai_proxy.observe.metrics import KeyPoolCollector, Metrics
@@ -138,14 +138,10 @@ def _install(app: Flask, config: Config, prefix: str, *, whole_app: bool) -> Pro
 
     runtime_dir = open_runtime_dir(config.runtime_dir)
     gate = open_gate(config, runtime_dir)
-    log_store = LogStore(
-        config.log_db, config.log_retention, max_queue=config.log_max_queue, host=config.host_name
-    )
+    log_store = open_log_store(config)
     st = app.extensions["openai_proxy"] = ProxyState(
         config=config,
-        upstream=Upstream(
-            config, KeyPool(clients.upstream_keys, runtime_dir) if clients.upstream_keys else None
-        ),
+        upstream=Upstream(config, open_key_pool(clients.upstream_keys, runtime_dir)),
         gate=gate,
         completion_log=CompletionLog(prices=prices, host=config.host_name),
         runtime_dir=runtime_dir,

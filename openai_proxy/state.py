@@ -14,7 +14,7 @@ from openai_proxy.clients import ClientBook
 from openai_proxy.config import Config
 from openai_proxy.gate import SlotGate
 from openai_proxy.limits import LimitStore
-from openai_proxy.log.store import LogStore
+from openai_proxy.log import RequestLog
 from openai_proxy.objects import ObjectBook
 from openai_proxy.observe.completion import CompletionLog
 from openai_proxy.observe.metrics import Metrics
@@ -38,7 +38,7 @@ class ProxyState:
     gate: SlotGate
     completion_log: CompletionLog
     runtime_dir: str
-    log_store: LogStore
+    log_store: RequestLog
     metrics: Metrics
     clients: ClientBook
     limits: LimitStore

@@ -47,6 +47,8 @@ EVERY_VARIABLE = {
     "OPENAI_PROXY_PAGES_RATE_LIMIT": ("pages_rate_limit", "10/second", "10/second"),
     "OPENAI_PROXY_HEALTH2_RATE_LIMIT": ("health2_rate_limit", "2 per minute", "2 per minute"),
     "OPENAI_PROXY_RATELIMIT_STORAGE_URI": ("ratelimit_storage_uri", "redis://r:6379", "redis://r:6379"),
+    "OPENAI_PROXY_REDIS_TIMEOUT_S": ("redis_timeout_s", "0.5", 0.5),
+    "OPENAI_PROXY_REDIS_RETRY_S": ("redis_retry_s", "2.5", 2.5),
 }
 
 

@@ -60,6 +60,34 @@ def test_a_package_face_imports_only_the_standard_library(face, tmp_path):
     assert loaded == []
 
 
+# The per-call resources and the stores with a backend behind their face, and the face's opener.
+BACKEND_FACES = {
+    "gate": "open_gate",
+    "limits": "open_limit_store",
+    "keys": "open_key_pool",
+    "log": "open_log_store",
+    "objects": "open_object_book",
+}
+
+
+@pytest.mark.parametrize(("face", "opener"), BACKEND_FACES.items())
+def test_a_backend_face_has_a_protocol_and_an_opener(face, opener):
+    tree = ast.parse((PACKAGE / face / "__init__.py").read_text())
+    functions = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+    protocols = [
+        node.name
+        for node in tree.body
+        if isinstance(node, ast.ClassDef) and any(getattr(b, "id", None) == "Protocol" for b in node.bases)
+    ]
+    assert opener in functions and protocols
+
+
+def test_the_extension_opens_backends_only_through_their_faces():
+    backends = {"gate.local", "gate.shared", "limits.local", "limits.shared", "keys.pool", "log.store",
+                "objects.book"}  # fmt: skip
+    assert _imports()["openai_proxy.extension"] & {f"openai_proxy.{b}" for b in backends} == set()
+
+
 def _module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)

@@ -46,7 +46,7 @@ class TestRedisStore(StoreContract):
 
 @pytest.fixture
 def store(redis_server, tmp_path):
-    s = open_redis(redis_server.url, str(tmp_path / "fallback"), retry_after_outage_s=0)
+    s = open_redis(redis_server.url, str(tmp_path / "fallback"), retry_s=0)
     yield s
     s.close()
 
@@ -171,17 +171,17 @@ def test_redis_down_falls_back_to_the_host_and_comes_back(store, redis_server, c
 
 
 def test_a_restart_between_calls_or_lost_scripts_are_no_outage(tmp_path, redis_server, caplog):
-    s = open_redis(redis_server.url, str(tmp_path / "fallback"), retry_after_outage_s=3600)
+    s = open_redis(redis_server.url, str(tmp_path / "fallback"), retry_s=3600)
     lim = Limits(rpm=3)
     # Two idle connections, both made stale by the restart below.
     admits = [gevent.spawn(s.admit, "c", lim, NOW) for _ in range(2)]
     gevent.joinall(admits, raise_error=True)
-    assert len(s._idle) == 2
+    assert len(s._link._free) == 2
     redis_server.stop()
     redis_server.start()  # empty, scripts gone too
     assert s.admit("c", lim, NOW) == allowed(trio("requests", 3, 2, "20s"))  # counted once, in Redis
     assert s.status()["reachable"] is True and s.status()["lastError"] is None
-    assert len(s._idle) == 1
+    assert len(s._link._free) == 1
     assert redis_server.command("SCRIPT", "FLUSH") == b"+OK\r\n"
     assert s.admit("c", lim, NOW) == allowed(trio("requests", 3, 1, "40s"))
     s.charge("c", Limits(rpm=3, daily_usd=1.0), 0, 1.0, NOW)
@@ -221,7 +221,7 @@ def test_a_stalled_redis_falls_back_within_the_timeout(store, redis_server):
 
 
 def test_redis_is_retried_only_every_few_seconds_while_down(tmp_path, redis_server):
-    s = open_redis(redis_server.url, str(tmp_path / "fallback"), retry_after_outage_s=3600)
+    s = open_redis(redis_server.url, str(tmp_path / "fallback"), retry_s=3600)
     redis_server.stop()
     assert s.admit("c", Limits(rpm=5), NOW).allowed
     redis_server.start()

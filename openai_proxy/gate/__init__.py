@@ -64,7 +64,14 @@ def open_gate(config: Config, runtime_dir: str) -> SlotGate:
         return local
     from openai_proxy.gate.shared import RedisGate  # redis-py is imported only by servers that use it
 
-    return RedisGate(config.gate_uri, config.max_parallel_requests, config.gate_lease_s, fallback=local)
+    return RedisGate(
+        config.gate_uri,
+        config.max_parallel_requests,
+        config.gate_lease_s,
+        fallback=local,
+        timeout_s=config.redis_timeout_s,
+        retry_s=config.redis_retry_s,
+    )
 
 
 class SlotGuard:

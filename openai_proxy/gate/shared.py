@@ -12,12 +12,14 @@ workers) stops renewing, so its slots come back when their leases expire: within
 `OPENAI_PROXY_GATE_LEASE_S`. Lease ids read `host:pid:nonce:n`, so
 `redis-cli ZRANGE openai-proxy:gate 0 -1 WITHSCORES` shows who holds what, and until when.
 
-Redis down or slow: every call has a 0.25 s connect and read timeout, and nothing is retried after a
-timeout (only a kept connection that Redis closed meanwhile is replaced, at once). A failure opens a circuit
-breaker: this worker takes its slots from the host's own gate (`openai_proxy.gate.local.Gate`, the same limit) without
-asking Redis, and its renewer asks Redis again every second; once Redis answers, the fleet-wide gate is
-used again. An outage therefore costs one timeout to each request in flight when it starts, and none
-after that; those requests still get their slot, from the host's gate. `/health` reports the backend,
+Redis down or slow: every call has a connect and read timeout (`OPENAI_PROXY_REDIS_TIMEOUT_S`, 0.25 s),
+and nothing is retried after a timeout (only a kept connection that Redis closed meanwhile is replaced,
+at once). A failure opens the link's breaker (`openai_proxy.redis_link.Breaker`): this worker takes its
+slots from the host's own gate (`openai_proxy.gate.local.Gate`, the same limit) without asking Redis,
+and its renewer asks Redis again every `OPENAI_PROXY_REDIS_RETRY_S` (1 s; a third of the lease if that
+is shorter); once Redis answers, the fleet-wide gate is used again. An outage therefore costs one
+timeout to each request in flight when it starts, and none after that; those requests still get their
+slot, from the host's gate. `/health` reports the backend,
 whether Redis is reachable and says `degraded` while falling back; `/metrics` has
 `openai_proxy_gate_fallback`.
 
@@ -53,14 +55,11 @@ from redis.exceptions import RedisError
 from openai_proxy.gate import Slot
 from openai_proxy.gate.local import Gate
 from openai_proxy.jsonio import iso_or_none
-from openai_proxy.redact import redact_text
-from openai_proxy.redis_link import RedisLink
+from openai_proxy.redis_link import RETRY_S, TIMEOUT_S, RedisLink
 
 log = logging.getLogger("openai_proxy.gate")
 
 KEY = "openai-proxy:gate"
-TIMEOUT_S = 0.25
-PROBE_INTERVAL_S = 1.0
 
 # Redis's clock in milliseconds (TIME is allowed in scripts since Redis 5: effects are replicated).
 _NOW = "local t = redis.call('TIME')\nlocal now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
@@ -127,6 +126,7 @@ class RedisGate:
         fallback: Gate,
         key: str = KEY,
         timeout_s: float = TIMEOUT_S,
+        retry_s: float = RETRY_S,
     ) -> None:
         self.limit = limit
         self.lease_s = lease_s
@@ -137,7 +137,8 @@ class RedisGate:
         self.on_new_peak: Callable[[int], None] | None = None
         # The host's gate reports its own (host-wide) peaks here while it stands in.
         fallback.on_new_peak = self._raise_peak
-        self._link = RedisLink(uri, timeout_s)
+        self._link = RedisLink(uri, timeout_s, retry_s)
+        self._breaker = self._link.breaker  # open: Redis failed; the host's gate stands in
         # Greenlets (or a dev server's threads) share these; the lock is never held across a Redis call.
         self._lock = threading.Lock()
         self._held: set[str] = set()  # leases this worker holds and renews
@@ -145,8 +146,6 @@ class RedisGate:
         self._renewer: threading.Thread | None = None
         self._wake = threading.Event()
         self._closed = False
-        self._down_since: float | None = None  # wall time the breaker opened; None: Redis answers
-        self._last_error: str | None = None
         self._pid = 0
         self._prefix = ""
         self._ids = itertools.count(1)
@@ -158,7 +157,7 @@ class RedisGate:
     # -- the interface ------------------------------------------------------------------------------
     def try_acquire(self) -> Slot | None:
         """A lease id, a slot of the host's gate while Redis is out, or None when the fleet is full."""
-        if self._down_since is None:
+        if self._breaker.down_since is None:
             lease = self._new_lease_id()
             try:
                 granted, busy = self._script(ACQUIRE, self.limit, self.lease_ms, lease)
@@ -185,7 +184,7 @@ class RedisGate:
             if slot not in self._held:
                 return
             self._held.discard(slot)
-            if self._down_since is not None:
+            if self._breaker.down_since is not None:
                 self._stale.add(slot)  # dropped by the renewer once Redis answers; else it expires
                 return
         try:
@@ -197,7 +196,7 @@ class RedisGate:
 
     def in_use(self) -> int:
         """Live leases of the whole fleet; the host's gate's count while Redis is out."""
-        if self._down_since is None:
+        if self._breaker.down_since is None:
             try:
                 return int(self._script(IN_USE))
             except RedisError as exc:
@@ -208,7 +207,7 @@ class RedisGate:
         return len(self._held) + self.fallback.held_here()
 
     def status(self) -> dict[str, Any]:
-        down = self._down_since
+        down = self._breaker.down_since
         return {
             "backend": "redis",
             "scope": "host" if down is not None else "fleet",
@@ -218,7 +217,7 @@ class RedisGate:
                 "uri": self.uri,
                 "reachable": down is None,
                 "unreachableSince": iso_or_none(down),
-                "lastError": self._last_error,
+                "lastError": self._breaker.last_error,
             },
         }
 
@@ -230,7 +229,7 @@ class RedisGate:
             self._held.clear()
             self._stale.clear()
         self._wake.set()
-        if held and self._down_since is None:
+        if held and self._breaker.down_since is None:
             with contextlib.suppress(RedisError):  # else they expire within the lease
                 self._link.call("ZREM", self.key, *held)
         self._link.close()
@@ -238,16 +237,19 @@ class RedisGate:
 
     # -- leases and the renewer ---------------------------------------------------------------------
     def _script(self, text: str, *args: Any) -> Any:
-        return self._link.script(text, self.key, *args)
+        return self._link.script(text, self.key, args)
 
     def _new_lease_id(self) -> str:
         pid = os.getpid()
         if pid != self._pid:
-            # A fork: the parent's leases, renewer and counter are not this process's.
+            # The first lease of this process (or a fork: the parent's leases, renewer and counter
+            # are not this process's).
             with self._lock:
-                self._pid, self._held, self._stale, self._renewer = pid, set(), set(), None
-                self._prefix = f"{socket.gethostname()}:{pid}:{secrets.token_hex(2)}:"
-                self._ids = itertools.count(1)
+                if pid != self._pid:  # threads that asked at once: the first one starts the series
+                    self._held, self._stale, self._renewer = set(), set(), None
+                    self._prefix = f"{socket.gethostname()}:{pid}:{secrets.token_hex(2)}:"
+                    self._ids = itertools.count(1)
+                    self._pid = pid  # last: a thread that sees it sees the prefix and counter too
         return f"{self._prefix}{next(self._ids)}"
 
     def _hold(self, lease: str) -> None:
@@ -266,8 +268,8 @@ class RedisGate:
 
     def _renew_loop(self) -> None:
         while True:
-            down = self._down_since is not None
-            woken = self._wake.wait(min(PROBE_INTERVAL_S, self.lease_s / 3) if down else self.lease_s / 3)
+            down = self._breaker.down_since is not None
+            woken = self._wake.wait(self._probe_interval_s() if down else self.lease_s / 3)
             self._wake.clear()
             if woken and not self._closed:
                 continue  # the breaker opened during a long renewal wait: probe at the probe interval
@@ -275,7 +277,7 @@ class RedisGate:
                 if self._closed or self._renewer is not threading.current_thread():
                     return
                 held, stale = list(self._held), list(self._stale)
-                if not held and not stale and self._down_since is None:
+                if not held and not stale and self._breaker.down_since is None:
                     self._renewer = None  # decided under the lock: the next lease starts a new one
                     return
             try:
@@ -302,13 +304,13 @@ class RedisGate:
                 )
 
     # -- the breaker --------------------------------------------------------------------------------
+    def _probe_interval_s(self) -> float:
+        """While Redis does not answer, the renewer asks it this often (renewing leases as it does)."""
+        return min(self._breaker.retry_s, self.lease_s / 3)
+
     def _failed(self, exc: Exception) -> None:
         with self._lock:
-            # Shown on /health and logged: masked like every message that leaves the process.
-            self._last_error = redact_text(f"{type(exc).__name__}: {exc}")
-            opened = self._down_since is None
-            if opened:
-                self._down_since = time.time()
+            opened = self._breaker.failed(exc)
             start = self._claim_renewer()  # it probes Redis until it answers
         if start is not None:
             start.start()
@@ -319,14 +321,14 @@ class RedisGate:
                 "gate: Redis at %s does not answer (%s): this worker uses the host's own gate "
                 "(limit %d) and asks Redis again every %g s",
                 self.uri,
-                self._last_error,
+                self._breaker.last_error,
                 self.limit,
-                PROBE_INTERVAL_S,
+                self._probe_interval_s(),
             )
 
     def _recovered(self) -> None:
         with self._lock:
-            since, self._down_since = self._down_since, None
+            since = self._breaker.answered()
         if since is not None:
             log.warning(
                 "gate: Redis at %s answers again after %.1f s: the fleet-wide gate is used again",

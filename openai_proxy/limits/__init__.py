@@ -29,8 +29,9 @@ Stores:
   it is exact and crash-safe).
 - Redis (`OPENAI_PROXY_LIMITS_URI`, else a redis:// `OPENAI_PROXY_RATELIMIT_STORAGE_URI`): exact across
   hosts. When Redis is unreachable or slow, requests are counted in the host's local store (still
-  exact per host, so the fleet is bounded per host) and Redis is tried again every few seconds: a
-  limits outage must not take the API down. `status()` says which store counts.
+  exact per host, so the fleet is bounded per host) and Redis is tried again every
+  `OPENAI_PROXY_REDIS_RETRY_S`: a limits outage must not take the API down. `status()` says which
+  store counts.
 """
 
 from __future__ import annotations
@@ -124,4 +125,6 @@ def open_limit_store(config: Config) -> LimitStore:
     from openai_proxy.limits.shared import RedisLimitStore
 
     shown = config.public_view()["limits_uri" if config.limits_uri else "ratelimit_storage_uri"]
-    return RedisLimitStore(uri, str(shown), local)
+    return RedisLimitStore(
+        uri, str(shown), local, timeout_s=config.redis_timeout_s, retry_s=config.redis_retry_s
+    )

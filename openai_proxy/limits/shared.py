@@ -7,9 +7,12 @@ round trip, atomic in Redis), which reads Redis's own clock, so hosts whose cloc
 one sliding window and one lease. Keys expire 35 days after their last use (longer while a token debt
 is still owed): a month's spend is never needed after that.
 
-Redis unreachable or slower than the socket timeout: the request is counted in the host's local
-store instead (still exact for this host, so the fleet is bounded by hosts x limit), the outage is
-logged once, and Redis is tried again every few seconds. A limits outage must not take the API down.
+Commands go through `openai_proxy.redis_link` (redis-py's connections without its costlier client
+layer), whose breaker says whether Redis answers. Redis unreachable or slower than
+`OPENAI_PROXY_REDIS_TIMEOUT_S`: the request is counted in the host's local store instead (still exact
+for this host, so the fleet is bounded by hosts x limit), the outage is logged once, and one request
+tries Redis again every `OPENAI_PROXY_REDIS_RETRY_S` while the others count locally. A limits outage
+must not take the API down.
 """
 
 from __future__ import annotations
@@ -19,22 +22,18 @@ import time
 from typing import Any
 
 import redis
-from redis.backoff import NoBackoff
-from redis.commands.core import Script
-from redis.exceptions import NoScriptError
-from redis.retry import Retry
 
 from openai_proxy.jsonio import iso_or_none
 from openai_proxy.limits import rules
 from openai_proxy.limits.local import LocalLimitStore
 from openai_proxy.limits.reservations import Ledger, Reservation
 from openai_proxy.limits.rules import ALLOWED, Admission, Limits
+from openai_proxy.redact import redact_text
+from openai_proxy.redis_link import RETRY_S, TIMEOUT_S, RedisLink
 
 log = logging.getLogger("openai_proxy.limits")
 
 KEY_PREFIX = "openai-proxy:limits:"
-TIMEOUT_S = 0.25
-RETRY_AFTER_OUTAGE_S = 5.0
 
 # Shared by both scripts: the clock, the calendar (Howard Hinnant's civil_from_days, the same UTC months
 # as Python's time.gmtime), loading and settling the state exactly as rules.settle does.
@@ -154,94 +153,34 @@ class RedisLimitStore:
         uri: str,
         shown_uri: str,
         local: LocalLimitStore,
-        retry_after_outage_s: float = RETRY_AFTER_OUTAGE_S,
+        *,
         timeout_s: float = TIMEOUT_S,
+        retry_s: float = RETRY_S,
     ) -> None:
-        # No retries inside redis-py: its default (3, with back-off) would turn one dead Redis into
-        # seconds per request; the fallback below is the retry.
-        self._pool = redis.ConnectionPool.from_url(
-            uri,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-        )
-        client = redis.Redis(connection_pool=self._pool)
-        self._admit = client.register_script(ADMIT)
-        self._charge = client.register_script(CHARGE)
-        # Connections of this store, idle ones here. A call takes one for its round trip: redis-py's
-        # client and pool cost ~2x the round trip itself in CPU (a readiness poll per checkout, event
-        # hooks), more than the budget for limits, while a bare connection costs little more than it.
-        self._idle: list[redis.Connection] = []
+        self._link = RedisLink(uri, timeout_s, retry_s)
+        self._breaker = self._link.breaker
         self.uri = shown_uri
         self._local = local
-        self._retry_s = retry_after_outage_s
-        self._retry_at = 0.0  # monotonic; while down, the next time one request tries Redis again
-        self._down_since: float | None = None  # wall clock, for status()
-        self.last_error: str | None = None
         self.ledger = Ledger(self._renew)
 
-    def _run(self, script: Script, key: str, args: list[Any]) -> Any:
-        """EVALSHA `script` on one connection (loading it first if Redis lost it): one round trip."""
-        idle = self._idle
-        while True:
-            reused = bool(idle)
-            conn = idle.pop() if reused else self._pool.connection_class(**self._pool.connection_kwargs)
-            try:
-                try:
-                    conn.send_command("EVALSHA", script.sha, 1, key, *args)
-                    reply = conn.read_response()
-                except NoScriptError:  # a restarted Redis: load the script, once
-                    conn.send_command("SCRIPT", "LOAD", script.script)
-                    conn.read_response()
-                    conn.send_command("EVALSHA", script.sha, 1, key, *args)
-                    reply = conn.read_response()
-            except redis.ConnectionError:
-                conn.disconnect()
-                if not reused:
-                    raise
-                # Closed while idle (Redis restarted, an idle timeout): Redis had closed it before the
-                # command arrived, so sending it again on a new connection counts it once. The
-                # other idle connections are as stale.
-                for stale in idle:
-                    stale.disconnect()
-                idle.clear()
-                continue
-            except BaseException:
-                conn.disconnect()  # a timed-out reply may still come: never reuse this one
-                raise
-            idle.append(conn)
-            return reply
-
-    def _try_redis(self) -> bool:
-        if self._down_since is None:
-            return True
-        if time.monotonic() < self._retry_at:
-            return False
-        self._retry_at = time.monotonic() + self._retry_s  # the others stay local while one probes
-        return True
-
     def _failed(self, exc: Exception) -> None:
-        self.last_error = f"{type(exc).__name__}: {exc}"
-        self._retry_at = time.monotonic() + self._retry_s
-        if self._down_since is None:
-            self._down_since = time.time()
+        if self._breaker.failed(exc):
             log.warning(
                 "client limits: Redis at %s failed (%s); counting on this host until it answers "
                 "(tried again every %gs)",
                 self.uri,
-                self.last_error,
-                self._retry_s,
+                self._breaker.last_error,
+                self._breaker.retry_s,
             )
 
     def _answered(self) -> None:
-        if self._down_since is not None:
+        since = self._breaker.answered()
+        if since is not None:
             log.warning(
                 "client limits: Redis at %s answers again after %.1fs; counting there again",
                 self.uri,
-                time.time() - self._down_since,
+                time.time() - since,
             )
-            self._down_since = None
 
     def admit(
         self, client: str, limits: Limits, now: float | None = None, *, reserve: Reservation | None = None
@@ -250,7 +189,7 @@ class RedisLimitStore:
         round trip). While Redis is out, the host's store decides (and holds the reservation)."""
         if not limits.any():
             return ALLOWED
-        if self._try_redis():
+        if self._breaker.may_try():
             reserving = reserve is not None and limits.budgeted()
             before, after, seq = self.ledger.add(reserve, client) if reserving else (0.0, 0.0, 0)  # type: ignore[arg-type]
             args = [
@@ -266,13 +205,14 @@ class RedisLimitStore:
                 repr(self.ledger.lease_s),
             ]
             try:
-                reply = self._run(self._admit, KEY_PREFIX + client, args)
+                reply = self._link.script(ADMIT, KEY_PREFIX + client, args)
             except (redis.RedisError, OSError) as exc:
                 self._failed(exc)
                 if reserving:
                     self.ledger.remove(reserve.request_id)  # type: ignore[union-attr]
             else:
-                self._answered()
+                if self._breaker.down_since is not None:
+                    self._answered()
                 ok, when, requests, tokens, day_usd, month_usd, day, month, held = reply
                 settled = (float(when), float(requests), float(tokens), float(day_usd), float(month_usd))
                 state = (*settled, int(day), int(month))
@@ -306,19 +246,20 @@ class RedisLimitStore:
             held = None
             if not counts:
                 return
-        if self._try_redis():
+        if self._breaker.may_try():
             mine = [self._field, repr(held[1]), held[2]] if held else ["", 0, 0]
             args = [_arg(now), limits.tpm or 0, tokens if counts else 0, cost if counts else 0.0]
             try:
-                self._run(self._charge, KEY_PREFIX + client, [*args, *mine, repr(self.ledger.lease_s)])
+                self._link.script(CHARGE, KEY_PREFIX + client, [*args, *mine, repr(self.ledger.lease_s)])
             except (redis.RedisError, OSError) as exc:
                 self._failed(exc)  # a reservation held there lapses within its lease
             except Exception as exc:  # never fail an answer that was already served
-                self.last_error = f"{type(exc).__name__}: {exc}"
+                self._breaker.last_error = redact_text(f"{type(exc).__name__}: {exc}")
                 log.exception("client limits: could not charge client %r", client)
                 return
             else:
-                self._answered()
+                if self._breaker.down_since is not None:
+                    self._answered()
                 return
         if counts:
             self._local.charge(client, limits, tokens, cost_usd, now)
@@ -340,7 +281,7 @@ class RedisLimitStore:
     def reserved(self, client: str, now: float | None = None) -> float:
         """USD the calls in flight of `client` hold in Redis, every worker's (for tests and pages)."""
         args = [_arg(now), 0, 0, "0", "", "", "0", "0", 0, repr(self.ledger.lease_s)]
-        reply = self._run(self._admit, KEY_PREFIX + client, args)
+        reply = self._link.script(ADMIT, KEY_PREFIX + client, args)
         return float(reply[8])
 
     def _give_back(self, request_id: str, now: float | None) -> None:
@@ -350,11 +291,11 @@ class RedisLimitStore:
 
     def _write_total(self, client: str, usd: float, seq: int, now: float | None) -> None:
         """This worker's reservation total for `client`, with a new lease; Redis errors are noted."""
-        if not self._try_redis():
+        if not self._breaker.may_try():
             return  # it lapses within its lease
         args = [_arg(now), 0, 0, 0.0, self._field, repr(usd), seq, repr(self.ledger.lease_s)]
         try:
-            self._run(self._charge, KEY_PREFIX + client, args)
+            self._link.script(CHARGE, KEY_PREFIX + client, args)
         except (redis.RedisError, OSError) as exc:
             self._failed(exc)
         else:
@@ -369,14 +310,14 @@ class RedisLimitStore:
         return "w:" + self.ledger.worker
 
     def status(self) -> dict[str, Any]:
-        down = self._down_since is not None
+        since = self._breaker.down_since
         return {
             "backend": "redis",
             "uri": self.uri,
-            "reachable": not down,
-            "usingFallback": down,
-            "downSince": iso_or_none(self._down_since),
-            "lastError": self.last_error,
+            "reachable": since is None,
+            "usingFallback": since is not None,
+            "downSince": iso_or_none(since),
+            "lastError": self._breaker.last_error,
             "fallback": self._local.status(),
         }
 
@@ -385,7 +326,5 @@ class RedisLimitStore:
         for client, _, seq in self.ledger.snapshot():
             self._write_total(client, 0.0, seq, None)
         self.ledger.close()
-        while self._idle:
-            self._idle.pop().disconnect()
-        self._pool.disconnect()
+        self._link.close()
         self._local.close()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from openai_proxy.log.store import LogStore
+    from openai_proxy.log import RequestLog
 
 RESPONSE = "response"
 FILE = "file"
@@ -71,7 +71,7 @@ class ObjectBook(Protocol):
     def close(self) -> None: ...
 
 
-def open_object_book(log_store: LogStore) -> ObjectBook:
+def open_object_book(log_store: RequestLog) -> ObjectBook:
     """The book, kept in the request log's database."""
     from openai_proxy.objects.book import LogObjectBook
 

@@ -21,8 +21,8 @@ from typing import Any, TypeVar
 
 import gevent
 
+from openai_proxy.log import RequestLog
 from openai_proxy.log.sql import Database
-from openai_proxy.log.store import LogStore
 from openai_proxy.objects import BookUnavailable, Owner
 
 log = logging.getLogger("openai_proxy.objects")
@@ -57,7 +57,7 @@ LOG_EVERY_S = 10.0
 class LogObjectBook:
     """`openai_proxy.objects.ObjectBook` in the log's database, with this worker's cache and pending rows."""
 
-    def __init__(self, store: LogStore) -> None:
+    def __init__(self, store: RequestLog) -> None:
         self._store = store
         store.extra_schema.extend(SCHEMA)
         store.before_close.append(self.close)

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from openai_proxy.gate import SlotGate
+from openai_proxy.keys import UpstreamKeys
 from openai_proxy.observe.prices import PriceTable
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -67,7 +68,7 @@ class GateCollector:
 class KeyPoolCollector:
     """Each upstream key's state on the host, read from the pool's shared table when scraped."""
 
-    def __init__(self, pool: Any) -> None:
+    def __init__(self, pool: UpstreamKeys) -> None:
         self.pool = pool
 
     def collect(self) -> Iterator[Any]:

@@ -4,8 +4,9 @@ Limits count per client address, per page; the sign-in form (`/signin`) counts a
 ACCESS_TOKEN there is throttled like guessing it in a page's query. Storage `memory://` (the default)
 counts in each worker process, so a client may get up to one limit per worker; a `redis://` URI
 (`OPENAI_PROXY_LIMITS_URI`, else `OPENAI_PROXY_RATELIMIT_STORAGE_URI`) makes the limits exact across
-workers and hosts. A Redis that is down or stalled costs a page at most the short socket timeout, then
-the pages count in memory until it is back. API routes and `/` are never throttled here.
+workers and hosts. A Redis that is down or stalled costs a page at most `OPENAI_PROXY_REDIS_TIMEOUT_S`,
+then the pages count in memory until it is back (flask-limiter's own fallback, which asks Redis again
+on its own schedule). API routes and `/` are never throttled here.
 """
 
 from __future__ import annotations
@@ -23,10 +24,6 @@ from openai_proxy.errors import RateLimited, render
 from openai_proxy.pages import views as pages
 
 log = logging.getLogger("openai_proxy.ratelimit")
-
-# The same bound as the client limits' Redis calls: redis-py waits forever by default, and retries 3
-# times with back-off, so a stalled Redis would stall every page.
-REDIS_TIMEOUT_S = 0.25
 
 
 def init_limiter(app: Flask, config: Config, root: Blueprint) -> Limiter:
@@ -47,9 +44,11 @@ def init_limiter(app: Flask, config: Config, root: Blueprint) -> Limiter:
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
+        # The same bound as the gate's and the client limits' Redis calls: redis-py waits forever by
+        # default, and retries 3 times with back-off, so a stalled Redis would stall every page.
         options["storage_options"] = {
-            "socket_timeout": REDIS_TIMEOUT_S,
-            "socket_connect_timeout": REDIS_TIMEOUT_S,
+            "socket_timeout": config.redis_timeout_s,
+            "socket_connect_timeout": config.redis_timeout_s,
             "retry": Retry(NoBackoff(), 0),
         }
     try:

@@ -25,7 +25,7 @@ import httpx2
 import openai
 
 from openai_proxy.config import Config
-from openai_proxy.keys.pool import KeyPool
+from openai_proxy.keys import UpstreamKeys
 from openai_proxy.upstream.call import Credentials, RetrySink, UpstreamCall, authorization
 from openai_proxy.upstream.client import UpstreamClient, UpstreamResponse
 from openai_proxy.upstream.failover import PoolCall
@@ -52,7 +52,7 @@ _SDK_METHODS = {"GET": "get", "POST": "post", "DELETE": "delete"}
 class Upstream:
     """One worker's access to the OpenAI API: a shared connection pool, two retry policies."""
 
-    def __init__(self, config: Config, key_pool: KeyPool | None = None) -> None:
+    def __init__(self, config: Config, key_pool: UpstreamKeys | None = None) -> None:
         self.config = config
         self.pool = key_pool
         self.retry_sinks: list[RetrySink] = []

@@ -30,8 +30,9 @@ from typing import Any
 import httpx2
 
 from openai_proxy import jsonio
+from openai_proxy.keys import UpstreamKeys
 from openai_proxy.keys import pool as kp
-from openai_proxy.keys.pool import KeyPool, KeysUnavailable, Lease
+from openai_proxy.keys.pool import KeysUnavailable, Lease
 from openai_proxy.keys.rest import rest_seconds
 from openai_proxy.record import RequestRecord
 from openai_proxy.upstream.call import RetrySink, report_retry
@@ -51,7 +52,7 @@ _BY_STATUS = {401: kp.UNAUTHORIZED, 403: kp.FORBIDDEN, 429: kp.RATE_LIMITED, 503
 class PoolCall:
     """One logical upstream call's use of the pool: what it may use, what it tried, its failover."""
 
-    pool: KeyPool
+    pool: UpstreamKeys
     record: RequestRecord
     path: str
     sinks: list[RetrySink]
