@@ -1,7 +1,7 @@
 """OPENAI_PROXY_LOG_DB: a SQLite file path, or a PostgreSQL URL in libpq's own form.
 
 Checked without psycopg: the gunicorn master reads the config, and a psycopg imported there, before
-the workers monkey-patch, would keep a wait function that blocks the gevent hub (see app.logsql).
+the workers monkey-patch, would keep a wait function that blocks the gevent hub (see openai_proxy.log.sql).
 """
 
 from __future__ import annotations
