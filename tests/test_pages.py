@@ -20,13 +20,11 @@ from gevent.pywsgi import WSGIServer
 from markupsafe import escape
 
 from openai_proxy.inbound.auth import SESSION_COOKIE, session_cookie_valid, session_cookie_value
-from openai_proxy.log import db as logdb
-from openai_proxy.log.db import Batch
-from openai_proxy.log.sql import open_database
 from openai_proxy.pages.views import HTML_CSP
 from openai_proxy.runtime import write_reload_status
 from tests.conftest import ACCESS_TOKEN, ISO_MS, SECURITY_KEY, UPSTREAM_KEY, free_port, post_json
 from tests.support.fake_upstream import error
+from tests.support.logfill import fill
 from tests.support.logpage import AUTH, CHAT, CLOSE, TOKEN, counters, link, rows
 from tests.support.webdriver import CHROMEDRIVER, Browser
 
@@ -425,12 +423,7 @@ def test_the_record_count_says_where_the_other_requests_are_and_the_pager_repeat
 
     items = [*(completion(i, 200) for i in range(1203)), completion(9001, 502), completion(9002, 429),
              ("retry", {"requestId": "r9002", "endpoint": "/openai", "attempt": 2, "reason": "HTTP 429"}, now)]  # fmt: skip
-    db = open_database(log_db, 1000)
-    try:
-        logdb.create_schema(db)
-        logdb.write_batch(db, Batch("h1:1:aa", 1, "h1", 1, items, 0, 0, False, now), retention=10_000)
-    finally:
-        db.close()
+    assert fill(log_db, iter(items), retention=10_000) == len(items)
     client = make_app(OPENAI_PROXY_LOG_DB=log_db).test_client()
     html = client.get("/log", headers=AUTH).get_data(as_text=True)
     assert count_line(html).startswith(

@@ -9,13 +9,11 @@ from datetime import UTC, date, datetime
 
 import pytest
 
-from openai_proxy.log import db as logdb
-from openai_proxy.log.db import Batch
-from openai_proxy.log.sql import open_database
 from openai_proxy.log.stats import BOUNDS_MS, BUCKETS, MinuteRow, SpendRow
 from openai_proxy.pages.spend import Minute, _ms_label, exact_usd, grouped, hour_chart, spend_periods, usd
 from tests.conftest import ACCESS_TOKEN, SECURITY_KEY, post_json
 from tests.support.fake_upstream import error
+from tests.support.logfill import fill
 from tests.support.logpage import column
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
@@ -89,12 +87,7 @@ def test_a_model_whose_calls_have_no_cost_is_unpriced_in_the_spend_table(log_db,
              ("completion", {**audio, "requestId": "w2", "status": 200}, now),
              ("completion", {**audio, "requestId": "w3", "status": 502, "error": {"message": "reset"}}, now),
              ("completion", {**chat, "requestId": "c1", "status": 200}, now)]  # fmt: skip
-    db = open_database(log_db, 1000)
-    try:
-        logdb.create_schema(db)
-        logdb.write_batch(db, Batch("h1:1:aa", 1, "h1", 1, items, 0, 0, False, now), retention=100)
-    finally:
-        db.close()
+    assert fill(log_db, iter(items), retention=100) == len(items)
     html = make_app(OPENAI_PROXY_LOG_DB=log_db).test_client().get("/log", headers=PAGE).get_data(as_text=True)
     assert spend_rows(html, "model") == [
         ["gpt-4o-mini", "1", "$0.000008", "25", "3", "7", "0"],
