@@ -18,6 +18,7 @@ A model is looked up by its exact name, then, for a dated snapshot without a row
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -186,11 +187,18 @@ def estimate_usage(price: ModelPrice, estimate: Estimate) -> dict[str, int | flo
     }
 
 
+@functools.cache
+def _shipped() -> PriceRows:
+    """The shipped table, parsed once per process (it is part of the installed code)."""
+    shipped = resources.files("openai_proxy").joinpath(SHIPPED_FILE).read_text("utf-8")
+    return parse_prices(shipped, f"the shipped price table openai_proxy/{SHIPPED_FILE}")
+
+
 def load_prices(path: str | None = None) -> PriceTable:
     """The shipped table, extended or overridden by the operator's file at `path`; ConfigError if
     either cannot be used, naming the file, the line and what is wrong."""
-    shipped = resources.files("openai_proxy").joinpath(SHIPPED_FILE).read_text("utf-8")
-    prices = parse_prices(shipped, f"the shipped price table openai_proxy/{SHIPPED_FILE}")
+    prices = PriceRows()
+    prices.update(_shipped())  # a copy: the operator's rows go over it, not into the shared one
     if path:
         source = f"{PRICES_VAR}={path!r}"
         try:
