@@ -86,11 +86,15 @@ class SecretRegistry:
     def replace(self, group: Hashable, values: Iterable[str | None]) -> None:
         """Make `values` (empty ones ignored) the secrets of `group`; no values drops the group."""
         kept = tuple(v for v in values if v)
+        # Copied, never changed in place: an app's finalizer (`weakref.finalize`, run by the garbage
+        # collector at any allocation) may replace a group while this one is still being built.
+        groups = dict(self._groups)
         if kept:
-            self._groups[group] = kept
+            groups[group] = kept
         else:
-            self._groups.pop(group, None)
-        self.entries = _secrets(v for group_values in self._groups.values() for v in group_values)
+            groups.pop(group, None)
+        self._groups = groups
+        self.entries = _secrets(v for group_values in groups.values() for v in group_values)
 
 
 # Process-wide, like the log handlers that use it: a log line has no app to ask for its secrets.
