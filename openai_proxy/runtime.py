@@ -253,6 +253,7 @@ class ServerRuntime:
         # Records still queued in this worker reach the shared log store before the worker is gone.
         state = getattr(worker.wsgi, "extensions", {}).get("openai_proxy")
         if state is not None:
+            state.metrics.tally.flush()  # this turn's counts, before the worker's files are final
             state.log_store.close()
             if state.tracing is not None:
                 state.tracing.close()  # spans still queued in this worker go out too

@@ -5,6 +5,12 @@ the runtime dir); `/metrics`, served by any worker, merges them all. prometheus_
 variable once, when first imported, to choose where values live: gunicorn.conf.py sets it in the
 master before forking; a lone process (tests, a dev server) sets it here, before the first import.
 Request metrics are fed from the completion record (one sink), so routes never touch them.
+
+A request changes about ten values; in multiprocess mode each change is a locked write to the
+worker's memory-mapped file. They are added up in memory instead and written once per turn of the
+event loop (`Tally`): the requests a turn finishes cost one write per value they touched, and a
+reader in this worker (`exposition`, `key_calls_by_key`) writes what is pending first. Nothing waits
+longer than the worker's current turn, so a scrape that follows an answer still counts it.
 """
 
 from __future__ import annotations
@@ -36,6 +42,36 @@ def multiprocess_dir(runtime_dir: str) -> str:
         os.environ[MULTIPROC_ENV] = path
     os.makedirs(path, exist_ok=True)
     return path
+
+
+class Tally:
+    """Pending increments of prometheus_client values, written once per turn of the event loop.
+
+    Keys are the value objects behind metric children (a counter's or gauge's value, a histogram's
+    sum and bucket values): adding to them is what `inc`, `dec` and `observe` do, one lock and one
+    file write each. Here a request's changes are summed in a dict, and `flush` (scheduled on the
+    gevent loop at the first change of a turn, and called by readers) writes each once.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[Any, float] = {}
+        self._armed = False
+
+    def add(self, value: Any, amount: float) -> None:
+        pending = self._pending
+        pending[value] = pending.get(value, 0.0) + amount
+        if not self._armed:
+            self._armed = True
+            import gevent
+
+            gevent.get_hub().loop.run_callback(self.flush)
+
+    def flush(self) -> None:
+        self._armed = False
+        pending, self._pending = self._pending, {}
+        for value, amount in pending.items():
+            if amount:
+                value.inc(amount)
 
 
 class GateCollector:
@@ -108,6 +144,7 @@ class Metrics:
         self._collectors: list[Any] = []
         self._models: set[str] = set()
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+        self.tally = Tally()
         reg = self._own
         route = ["route"]
         self.requests = Counter("openai_proxy_requests", "API requests by route, method, HTTP status and result",
@@ -158,32 +195,34 @@ class Metrics:
 
     def limit_rejected(self, client: str, limit: str) -> None:
         """A client's request was refused by its own limit (names come from the clients file only)."""
-        self._child(self.limit_rejections, client, limit).inc()
+        self._inc(self.limit_rejections, (client, limit))
 
     def request_started(self) -> None:
         """An API request began (its completion record will end it in `observe`)."""
-        self.in_flight.inc()
+        self.tally.add(self._in_flight_value, 1.0)
 
     def observe(self, entry: dict[str, Any]) -> None:
         """Completion sink: count one finished API request."""
-        self.in_flight.dec()
+        add = self.tally.add
+        add(self._in_flight_value, -1.0)
         route = entry.get("endpoint") or "unknown"
         status = str(entry.get("status") or 0)
         client = entry.get("client") or "none"
-        self._child(
-            self.requests, route, entry.get("method") or "", status, entry.get("result") or "unknown", client
-        ).inc()
-        self._child(self.duration, route).observe((entry.get("durationMs") or 0.0) / 1000.0)
+        self._inc(
+            self.requests,
+            (route, entry.get("method") or "", status, entry.get("result") or "unknown", client),
+        )
+        self._observe(self.duration, route, (entry.get("durationMs") or 0.0) / 1000.0)
         if entry.get("upstreamMs") is not None:
-            self._child(self.upstream_duration, route).observe(entry["upstreamMs"] / 1000.0)
+            self._observe(self.upstream_duration, route, entry["upstreamMs"] / 1000.0)
         if entry.get("overloaded"):
-            self._child(self.overloads, route).inc()
+            self._inc(self.overloads, (route,))
         if entry.get("cancelled"):
-            self._child(self.cancellations, route).inc()
+            self._inc(self.cancellations, (route,))
         if entry.get("retries"):
-            self._child(self.retries, route).inc(entry["retries"])
+            self._inc(self.retries, (route,), entry["retries"])
         for attempt in entry.get("attempts") or ():
-            self._child(self.key_calls, attempt["key"], attempt["outcome"]).inc()
+            self._inc(self.key_calls, (attempt["key"], attempt["outcome"]))
         # Usage of calls that name a model: a retrieved response's usage was counted when it was made.
         usage, model = entry.get("usage"), entry.get("model")
         if usage and model:
@@ -193,7 +232,7 @@ class Metrics:
                 # A count past 2**53 (upstream nonsense) would leave the series a float that no
                 # later count can move: left out, like the log's aggregates leave it out.
                 if isinstance(tokens, int) and 0 < tokens < MAX_TOKENS:
-                    self._child(self.tokens, model, kind, client).inc(tokens)
+                    self._inc(self.tokens, (model, kind, client), tokens)
         if usage:
             self._count_cost(entry, client)
 
@@ -202,25 +241,39 @@ class Metrics:
         name = entry.get("upstreamModel") or entry.get("model")
         priced = self.prices.row_name(name) if self.prices else None
         if cost is None:
-            self._child(self.unpriced, client, priced or "other").inc()
+            self._inc(self.unpriced, (client, priced or "other"))
         elif cost > 0:
-            self._child(self.cost, client, priced or "other").inc(cost)
+            self._inc(self.cost, (client, priced or "other"), cost)
 
     def log_record_dropped(self) -> None:
         """The log store's queue was full (its database slow or unreachable): one record lost."""
-        self.log_dropped.inc()
+        self.tally.add(self.log_dropped._value, 1.0)
 
     def log_records_rejected(self, n: int) -> None:
         """The log's database refused `n` records of a batch as they were (the rest was written)."""
-        self.log_rejected.inc(n)
+        self.tally.add(self.log_rejected._value, float(n))
 
-    def _child(self, metric: Any, *labels: str) -> Any:
+    def _child(self, metric: Any, labels: tuple[str, ...]) -> Any:
         # `labels()` locks and builds its key on every call; this runs once per request, so reuse.
         key = (metric, labels)
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = metric.labels(*labels)
         return child
+
+    # Children's value objects (`_value`; a histogram's `_sum`, `_buckets` and `_upper_bounds`) are
+    # what their own `inc` and `observe` add to; the tally adds to them once per loop turn instead.
+    def _inc(self, metric: Any, labels: tuple[str, ...], amount: float = 1.0) -> None:
+        self.tally.add(self._child(metric, labels)._value, amount)
+
+    def _observe(self, metric: Any, route: str, seconds: float) -> None:
+        child = self._child(metric, (route,))
+        add = self.tally.add
+        add(child._sum, seconds)
+        for bound, bucket in zip(child._upper_bounds, child._buckets, strict=True):
+            if seconds <= bound:
+                add(bucket, 1.0)
+                break
 
     def _model_label(self, model: str) -> str:
         # Model names come from clients: cap the series a worker can create.
@@ -230,9 +283,14 @@ class Metrics:
             self._models.add(model)
         return model
 
+    @property
+    def _in_flight_value(self) -> Any:
+        return self.in_flight._value
+
     def key_calls_by_key(self) -> dict[str, dict[str, int]]:
         """Per pool key: upstream attempts and the 429s among them (rate limited or out of quota),
         every worker of this server since it started (`openai_proxy_upstream_key_calls_total`)."""
+        self.tally.flush()
         if self._own is not None:
             metrics = self._own.collect()
         else:
@@ -260,6 +318,7 @@ class Metrics:
         from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
         from prometheus_client.multiprocess import MultiProcessCollector
 
+        self.tally.flush()
         registry = self._own
         if registry is None:
             registry = CollectorRegistry()
