@@ -121,6 +121,17 @@ def test_every_redis_client_takes_the_settings(make_app, redis_server):
     st.limits.close()
 
 
+def test_replies_are_parsed_by_hiredis(make_app, redis_server):
+    from redis._parsers import _HiredisParser
+
+    app = make_app(OPENAI_PROXY_GATE_URI=redis_server.url, OPENAI_PROXY_LIMITS_URI=redis_server.url)
+    st = app.extensions["openai_proxy"]
+    for link in (st.gate._link, st.limits._link):
+        assert link.call("PING") == b"PONG"
+        assert [type(c._parser) for c in link._free] == [_HiredisParser]
+    st.limits.close()
+
+
 def test_the_gate_and_the_limits_use_a_redis_that_is_back_within_the_retry_interval(make_app, redis_server):
     retry_s = 0.3
     app = make_app(
