@@ -366,8 +366,12 @@ def _register_record_hooks(api: Blueprint, state: ProxyState, prefix: str) -> No
         response.call_on_close(lambda: state.completion_log.emit(rec))
         limit_headers = getattr(ctx, "ratelimit_headers", None)
         if limit_headers:
-            # set(), not add(): on /v1 they replace upstream's, which describe the organisation's
-            # limits, not this client's.
+            # On /v1 they replace upstream's, which describe the organisation's limits, not this
+            # client's. One pass over the headers finds those (set() would scan them once per name).
+            present = set(headers.keys(lower=True))
             for name, value in limit_headers:
-                headers.set(name, value)
+                if name.lower() in present:
+                    headers.set(name, value)
+                else:
+                    headers.add(name, value)
         return response
