@@ -46,10 +46,11 @@ _UNREAD = Estimate(input_tokens=0, output_tokens=DEFAULT_MAX_OUTPUT_TOKENS)
 
 def admit(record: RequestRecord) -> None:
     """Check the client's model allowlist and limits once per request; raise Forbidden/ClientLimited."""
-    client: Client | None = g.get("client")
-    if client is None or g.get("admitted"):
+    ctx = g._get_current_object()  # type: ignore[attr-defined]  # one trip through the proxy, not four
+    client: Client | None = ctx.get("client")
+    if client is None or ctx.get("admitted"):
         return
-    g.admitted = True
+    ctx.admitted = True
     judge_models(client, record)
     limits = client.limits
     if not limits.any():
@@ -59,7 +60,7 @@ def admit(record: RequestRecord) -> None:
     if limits.budgeted() and record.billable:
         reservation = Reservation(record.request_id, reserve_usd(st, client, record))
     decision = st.limits.admit(client.name, limits, reserve=reservation)
-    g.ratelimit_headers = decision.headers
+    ctx.ratelimit_headers = decision.headers
     if not decision.allowed:
         limit = decision.limit or "requests"
         st.metrics.limit_rejected(client.name, limit)
