@@ -9,6 +9,7 @@ import gevent
 import pytest
 import requests
 
+from openai_proxy.observe.metrics import LATENCY_BUCKETS
 from tests.conftest import SECURITY_KEY, post_json
 from tests.support.fake_upstream import delay, error
 from tests.support.logpage import AUTH, CHAT, CLOSE
@@ -55,6 +56,44 @@ def test_metrics_count_requests_from_the_completion_records(client, fake):
     # The gauge is the process's (every app a test builds adds to it): these requests left none in flight.
     assert delta("openai_proxy_requests_in_flight") == 0
     assert value(after, "openai_proxy_gate_slots_limit") == 32
+
+
+def _entry(**changes) -> dict:
+    entry = {"endpoint": "/openai", "method": "POST", "status": 200, "result": "ok", "client": "c",
+             "durationMs": 120.0, "upstreamMs": 100.0, "usage": None, "model": "gpt-4o-mini"}  # fmt: skip
+    return {**entry, **changes}
+
+
+def test_a_loop_turns_requests_are_written_once_per_value(client):
+    metrics = client.application.extensions["openai_proxy"].metrics
+    metrics.observe(_entry())
+    gevent.sleep(0)  # the turn ends: the children exist and are written
+    counter = metrics._child(metrics.requests, ("/openai", "POST", "200", "ok", "c"))._value
+    bucket = metrics._child(metrics.duration, ("/openai",))._buckets[LATENCY_BUCKETS.index(0.25)]
+    writes: list[tuple[str, float]] = []
+    for name, target in (("requests", counter), ("bucket", bucket)):
+        real = target.inc
+        target.inc = lambda amount, name=name, real=real: (writes.append((name, amount)), real(amount))
+    for _ in range(3):
+        metrics.request_started()
+        metrics.observe(_entry())
+    assert writes == []  # held while the turn lasts
+    gevent.sleep(0)
+    assert sorted(writes) == [("bucket", 3.0), ("requests", 3.0)]
+
+
+def test_a_scrape_writes_what_its_worker_holds_first(client):
+    metrics = client.application.extensions["openai_proxy"].metrics
+    before = samples(metrics.exposition()[0].decode())
+    for _ in range(2):
+        metrics.request_started()
+        metrics.observe(_entry(client="scraped"))
+    metrics.request_started()  # one still in flight
+    after = samples(metrics.exposition()[0].decode())  # no turn of the loop ended meanwhile
+    assert value(after, "openai_proxy_requests_total", client="scraped") == 2
+    in_flight = "openai_proxy_requests_in_flight"
+    assert value(after, in_flight) - value(before, in_flight) == 1
+    metrics.observe(_entry(client="scraped"))
 
 
 @pytest.mark.gunicorn
