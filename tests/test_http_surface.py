@@ -48,12 +48,28 @@ def assert_request_id(response):
         lambda c: c.options(
             "/openai", headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
         ),
+        lambda c: post_json(c, "/openai", CHAT_BODY, headers={"Origin": "https://app.example"}),
+        lambda c: post_json(
+            c,
+            "/openai",
+            CHAT_BODY,
+            headers={"Origin": "https://app.example", "Access-Control-Request-Private-Network": "true"},
+        ),
     ],
 )
 def test_every_response_has_request_id_and_cors(client, call):
     r = call(client)
     assert_request_id(r)
     assert_cors(r)
+
+
+def test_a_request_asking_about_private_networks_gets_flask_cors_answer(client):
+    # The fixed headers are added only where flask-cors would add exactly them; this one it answers.
+    ask = {"Origin": "https://app.example", "Access-Control-Request-Private-Network": "true"}
+    assert post_json(client, "/openai", CHAT_BODY, headers=ask).headers.getlist(
+        "Access-Control-Allow-Private-Network"
+    ) == ["false"]
+    assert "Access-Control-Allow-Private-Network" not in post_json(client, "/openai", CHAT_BODY).headers
 
 
 def test_incoming_request_id_is_echoed(client, records):
