@@ -82,6 +82,17 @@ def test_a_loop_turns_requests_are_written_once_per_value(client):
     assert sorted(writes) == [("bucket", 3.0), ("requests", 3.0)]
 
 
+def test_a_change_from_another_thread_is_written_at_once(client):
+    metrics = client.application.extensions["openai_proxy"].metrics
+    metrics.log_record_dropped()
+    gevent.sleep(0)
+    dropped = metrics.log_dropped._value
+    before = dropped.get()
+    thread = gevent.get_hub().threadpool.spawn(metrics.log_record_dropped)
+    thread.get()
+    assert dropped.get() == before + 1  # no loop turn of that thread would ever write it
+
+
 def test_a_scrape_writes_what_its_worker_holds_first(client):
     metrics = client.application.extensions["openai_proxy"].metrics
     before = samples(metrics.exposition()[0].decode())

@@ -16,6 +16,7 @@ longer than the worker's current turn, so a scrape that follows an answer still 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -56,8 +57,14 @@ class Tally:
     def __init__(self) -> None:
         self._pending: dict[Any, float] = {}
         self._armed = False
+        # The thread whose event loop writes the pending values (the worker's, where requests run);
+        # a change made in any other thread is written at once.
+        self._thread = threading.get_ident()
 
     def add(self, value: Any, amount: float) -> None:
+        if threading.get_ident() != self._thread:
+            value.inc(amount)
+            return
         pending = self._pending
         pending[value] = pending.get(value, 0.0) + amount
         if not self._armed:
