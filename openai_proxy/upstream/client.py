@@ -123,7 +123,9 @@ class UpstreamResponse(HTTPSocketPoolResponse):
         self._undecoded = b""
         self._since_yield = 0
         self._view: Headers | None = None
-        self._sock_timeout: float | None = None
+        # One timer per response, started around each wait for body bytes: a socket timeout would make
+        # gevent build a new Timeout (and its loop watcher) on every wait, i.e. on every stream event.
+        self._wait_timer: gevent.Timeout | None = None
         super().__init__(sock, client.pool, block_size=RECV, method=method)
         self._check_codings()
 
@@ -210,17 +212,24 @@ class UpstreamResponse(HTTPSocketPoolResponse):
         if sock is None:
             raise UpstreamClosed("the upstream connection is already closed")
         wanted = timeout if timeout is not None else self._read_timeout
-        if wanted != self._sock_timeout:  # a stream sets it once, not per event
-            sock.settimeout(wanted)
-            self._sock_timeout = wanted
+        timer = self._wait_timer
+        if timer is None or timer.seconds != wanted:  # a stream sets it once, not per event
+            if timer is not None:
+                timer.close()
+            timer = self._wait_timer = gevent.Timeout(wanted)
+        timer.start()
         try:
             data = sock.recv(RECV)
-        except TimeoutError:
+        except gevent.Timeout as exc:
+            if exc is not timer:
+                raise
             if timeout is not None:
                 return False
             raise httpx2.ReadTimeout("upstream went silent in the middle of its response") from None
         except OSError as exc:
             raise UpstreamClosed(f"reading from upstream failed: {exc}") from exc
+        finally:
+            timer.cancel()
         self._since_yield += len(data)
         if self._since_yield >= YIELD_EVERY:
             self._since_yield = 0
@@ -287,10 +296,9 @@ class UpstreamResponse(HTTPSocketPoolResponse):
         return body
 
     def release(self) -> None:
-        sock = self._sock
-        if sock is not None and self._sock_timeout is not None:
-            sock.settimeout(None)  # pooled connections carry no timeout (see UpstreamClient)
-            self._sock_timeout = None
+        timer, self._wait_timer = self._wait_timer, None
+        if timer is not None:
+            timer.close()
         super().release()
 
     def close(self) -> None:
