@@ -31,7 +31,7 @@ from openai_proxy.errors import BadRequest, ClientLimited, Forbidden, UnpricedMo
 from openai_proxy.limits import Reservation
 from openai_proxy.limits.rules import RESERVED_RETRY_S
 from openai_proxy.record import RequestRecord
-from openai_proxy.state import ProxyState, state
+from openai_proxy.state import ProxyState, app_context, state
 from openai_proxy.usage import DEFAULT_MAX_OUTPUT_TOKENS, Estimate
 
 _WHAT = {
@@ -46,7 +46,7 @@ _UNREAD = Estimate(input_tokens=0, output_tokens=DEFAULT_MAX_OUTPUT_TOKENS)
 
 def admit(record: RequestRecord) -> None:
     """Check the client's model allowlist and limits once per request; raise Forbidden/ClientLimited."""
-    ctx = g._get_current_object()  # type: ignore[attr-defined]  # one trip through the proxy, not four
+    ctx = app_context().g  # looked up once, not through the `g` proxy four times
     client: Client | None = ctx.get("client")
     if client is None or ctx.get("admitted"):
         return

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from flask import g, request
-from flask.globals import _cv_app
 from werkzeug.datastructures import FileStorage, MultiDict
 
 from openai_proxy import jsonio
@@ -23,7 +22,7 @@ from openai_proxy.inbound.multipart import Spool, read_limited_form
 from openai_proxy.inbound.validation import header_value
 from openai_proxy.record import RequestRecord, TimeoutDecision
 from openai_proxy.redact import mask_in_this_request
-from openai_proxy.state import state
+from openai_proxy.state import app_context, state
 from openai_proxy.upstream import Credentials
 
 # Never forwarded upstream, whatever the route.
@@ -42,12 +41,8 @@ class ApiRequest:
 
 
 def record() -> RequestRecord:
-    """The completion record of the current API request (from the context variable behind `g`,
-    as `state()` does: cheaper than the proxy, and asked for several times a request)."""
-    ctx = _cv_app.get(None)
-    if ctx is None:
-        raise RuntimeError("no API request is being served here")
-    return ctx.g.record
+    """The completion record of the current API request."""
+    return app_context().g.record
 
 
 def decide_timeout(raw: Any, default_ms: int, max_ms: int) -> TimeoutDecision:
